@@ -1,0 +1,248 @@
+"""Model configuration: a frozen, validated dataclass resolved from an `ml_collections` dict.
+
+Config files in `configs/` build a `ConfigDict` whose `model` field holds the raw values; the model
+only ever sees the resolved `ModelConfig`. The layer schedule is stored as a pattern (prefix,
+repeating cycle, tail) so `--config.model.num_layers=N` just works; `compress_ratios` (length L+1,
+last entry = the MTP layer) is derived from it, in the format of the published `config.json`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+LAYER_KINDS = ("swa", "csa", "hca")
+ATTENTION_IMPLEMENTATIONS = ("reference", "xla")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+DTYPES = ("float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the field and the allowed values."""
+
+
+def _fail(field: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"model.{field}={value!r} is invalid: {allowed}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """One transformer layer: its attention kind and how its MoE routes."""
+    index: int
+    kind: str          # "swa" | "csa" | "hca"
+    routing: str       # "hash" | "score"
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerGroups:
+    """How the L layers execute: unrolled head, a scan over `num_cycles` repeats of the cycle, tail.
+
+    Compile time grows with the number of distinct layers in `head + cycle + tail`, not with L.
+    """
+    head: tuple[LayerSpec, ...]
+    cycle: tuple[LayerSpec, ...]       # specs of the first repeat; repeat r adds r*len(cycle)
+    num_cycles: int
+    tail: tuple[LayerSpec, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Every architectural hyper-parameter of a DeepSeek-V4-style model (spec §2.1)."""
+    vocab_size: int = 129280
+    hidden_size: int = 4096
+    num_layers: int = 43
+    num_heads: int = 64
+    head_dim: int = 512
+    rope_head_dim: int = 64
+    q_lora_rank: int = 1024
+    o_groups: int = 8
+    o_lora_rank: int = 1024
+    sliding_window: int = 128
+    # Layer schedule as a pattern; kinds are "swa" (window only), "csa", "hca".
+    layer_prefix: tuple[str, ...] = ("swa", "swa")
+    layer_cycle: tuple[str, ...] = ("csa", "hca")
+    layer_tail: tuple[str, ...] = ("csa",)
+    compress_ratio_csa: int = 4
+    compress_ratio_hca: int = 128
+    # Lightning indexer (CSA layers).
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    index_topk: int = 512
+    # DeepSeekMoE.
+    n_routed_experts: int = 256
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 6
+    moe_intermediate_size: int = 2048
+    num_hash_layers: int = 3
+    routed_scaling_factor: float = 1.5
+    swiglu_limit: float = 10.0
+    # mHC.
+    hc_mult: int = 4
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    rms_norm_eps: float = 1e-6
+    # RoPE: plain theta for SWA-only layers and MTP; compress theta (+YaRN) for CSA/HCA layers.
+    rope_theta: float = 10000.0
+    compress_rope_theta: float = 160000.0
+    yarn: bool = True
+    yarn_factor: float = 16.0
+    yarn_original_max_position: int = 65536
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    # Multi-token prediction (depth 0 or 1); the MTP block is an SWA-only layer.
+    mtp_depth: int = 1
+    # Numerics and execution.
+    dtype: str = "float32"             # compute dtype of activations and matmuls
+    param_dtype: str = "float32"
+    attention_impl: str | None = None  # None = best available for the backend
+    remat: str = "none"
+    init_std: float = 0.02
+    hc_alpha_init: float = 0.1         # spec §3: gating factors start small (value unpublished)
+
+    # ------------------------------------------------------------------ derived properties
+    @property
+    def layer_kinds(self) -> tuple[str, ...]:
+        body = self.num_layers - len(self.layer_prefix) - len(self.layer_tail)
+        reps, rest = divmod(body, len(self.layer_cycle))
+        return (tuple(self.layer_prefix) + tuple(self.layer_cycle) * reps
+                + tuple(self.layer_cycle[:rest]) + tuple(self.layer_tail))
+
+    @property
+    def layers(self) -> tuple[LayerSpec, ...]:
+        return tuple(LayerSpec(i, k, "hash" if i < self.num_hash_layers else "score")
+                     for i, k in enumerate(self.layer_kinds))
+
+    @property
+    def compress_ratios(self) -> tuple[int, ...]:
+        """Per layer, plus one trailing 0 for the MTP layer (the published config.json format)."""
+        return tuple(self.ratio_of(k) for k in self.layer_kinds) + (0,)
+
+    def ratio_of(self, kind: str) -> int:
+        return {"swa": 0, "csa": self.compress_ratio_csa, "hca": self.compress_ratio_hca}[kind]
+
+    @property
+    def layer_groups(self) -> LayerGroups:
+        """Split the schedule into an unrolled head, a scanned cycle and an unrolled tail.
+
+        The scan starts at the first cycle boundary at or after both the prefix and the hash
+        layers (hash layers carry a token->expert table instead of a bias, so they differ).
+        """
+        layers = self.layers
+        p = len(self.layer_cycle)
+        start = len(self.layer_prefix)
+        while start < self.num_hash_layers:
+            start += p
+        end_of_cycles = self.num_layers - len(self.layer_tail)
+        n = max(0, (end_of_cycles - start) // p)
+        if n < 2:  # nothing worth scanning: unroll everything
+            return LayerGroups(head=layers, cycle=(), num_cycles=0, tail=())
+        stop = start + n * p
+        return LayerGroups(head=layers[:start], cycle=layers[start:start + p], num_cycles=n,
+                           tail=layers[stop:])
+
+    @property
+    def rope_dims_indexer(self) -> int:
+        return self.rope_head_dim
+
+    # ------------------------------------------------------------------ validation
+    def __post_init__(self):
+        for name in ("layer_prefix", "layer_cycle", "layer_tail"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        positive = ("vocab_size", "hidden_size", "num_layers", "num_heads", "head_dim",
+                    "rope_head_dim", "q_lora_rank", "o_groups", "o_lora_rank", "sliding_window",
+                    "index_n_heads", "index_head_dim", "n_routed_experts",
+                    "num_experts_per_tok", "moe_intermediate_size", "hc_mult",
+                    "hc_sinkhorn_iters")
+        for f in positive:
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                _fail(f, v, "must be an integer >= 1")
+        if self.index_topk < 1:
+            _fail("index_topk", self.index_topk, "must be >= 1")
+        for name in ("layer_prefix", "layer_cycle", "layer_tail"):
+            for k in getattr(self, name):
+                if k not in LAYER_KINDS:
+                    _fail(name, getattr(self, name), f"layer kinds must be one of {LAYER_KINDS}")
+        if not self.layer_cycle:
+            _fail("layer_cycle", self.layer_cycle, "must name at least one layer kind")
+        fixed = len(self.layer_prefix) + len(self.layer_tail)
+        if self.num_layers < fixed:
+            _fail("num_layers", self.num_layers,
+                  f"must be >= len(layer_prefix) + len(layer_tail) = {fixed}")
+        if self.num_heads % self.o_groups:
+            _fail("o_groups", self.o_groups, f"must divide num_heads={self.num_heads}")
+        if self.rope_head_dim % 2 or self.rope_head_dim > self.head_dim:
+            _fail("rope_head_dim", self.rope_head_dim,
+                  f"must be even and <= head_dim={self.head_dim}")
+        if self.rope_head_dim > self.index_head_dim:
+            _fail("rope_head_dim", self.rope_head_dim,
+                  f"must be <= index_head_dim={self.index_head_dim} (the indexer ropes it too)")
+        for f in ("compress_ratio_csa", "compress_ratio_hca"):
+            if getattr(self, f) < 2:
+                _fail(f, getattr(self, f), "must be an integer >= 2")
+        if self.num_experts_per_tok > self.n_routed_experts:
+            _fail("num_experts_per_tok", self.num_experts_per_tok,
+                  f"must be <= n_routed_experts={self.n_routed_experts}")
+        if self.n_shared_experts not in (0, 1):
+            _fail("n_shared_experts", self.n_shared_experts, "allowed values: 0, 1")
+        if not 0 <= self.num_hash_layers <= self.num_layers:
+            _fail("num_hash_layers", self.num_hash_layers, f"must be in [0, {self.num_layers}]")
+        if self.mtp_depth not in (0, 1):
+            _fail("mtp_depth", self.mtp_depth, "allowed values: 0, 1")
+        if self.dtype not in DTYPES:
+            _fail("dtype", self.dtype, f"allowed values: {DTYPES}")
+        if self.param_dtype not in DTYPES:
+            _fail("param_dtype", self.param_dtype, f"allowed values: {DTYPES}")
+        if self.attention_impl not in ATTENTION_IMPLEMENTATIONS + (None,):
+            _fail("attention_impl", self.attention_impl,
+                  f"allowed values: {ATTENTION_IMPLEMENTATIONS + (None,)}")
+        if self.remat not in REMAT_POLICIES:
+            _fail("remat", self.remat, f"allowed values: {REMAT_POLICIES}")
+        if self.yarn and (self.yarn_factor <= 0 or self.yarn_original_max_position < 1):
+            _fail("yarn_factor", self.yarn_factor, "YaRN needs factor > 0 and an original length >= 1")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+        """Build from a mapping (e.g. `ConfigDict.model`); unknown keys are errors."""
+        d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown model config field(s) {unknown}; known fields: {sorted(known)}")
+        if "compress_ratios" in d:
+            raise ConfigError("model.compress_ratios is derived from layer_prefix/layer_cycle/"
+                              "layer_tail; set those instead")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **kw) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)
+
+
+def schedule_from_ratios(ratios, ratio_csa: int = 4, ratio_hca: int = 128):
+    """(prefix, cycle, tail) pattern reproducing a per-layer `compress_ratios` list (without MTP).
+
+    Used when importing a Hugging Face config: finds the 2-periodic (or 1-periodic) body.
+    """
+    to_kind = {0: "swa", ratio_csa: "csa", ratio_hca: "hca"}
+    kinds = []
+    for i, r in enumerate(ratios):
+        if r not in to_kind:
+            raise ConfigError(f"compress_ratios[{i}]={r} is invalid: allowed values {sorted(to_kind)}")
+        kinds.append(to_kind[r])
+    best = None
+    for p in (1, 2, 3, 4):
+        for pre in range(0, len(kinds)):
+            cyc = kinds[pre:pre + p]
+            if len(cyc) < p:
+                break
+            j = pre
+            while j + p <= len(kinds) and kinds[j:j + p] == cyc:
+                j += p
+            cand = (tuple(kinds[:pre]), tuple(cyc), tuple(kinds[j:]))
+            cost = len(cand[0]) + len(cand[2]) + p
+            if best is None or cost < best[0]:
+                best = (cost, cand)
+    return best[1]

@@ -1,0 +1,89 @@
+"""Attention block for every layer kind (SWA-only, CSA, HCA), spec §4."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sparse_lm.config import ModelConfig
+from sparse_lm.model.compressor import Compressor
+from sparse_lm.model.indexer import Indexer
+from sparse_lm.model.layers import RMSNorm, constant, param
+from sparse_lm.ops.attention import sparse_attention
+from sparse_lm.ops.compress import entry_visibility
+from sparse_lm.ops.indexer import compressed_attention_mass, indexer_objective
+from sparse_lm.ops.norms import rms_norm
+from sparse_lm.ops.rope import Yarn, apply_rope, inv_frequencies
+
+
+def rope_table(cfg: ModelConfig, kind: str) -> np.ndarray:
+    """SWA-only layers and MTP: theta=rope_theta, never YaRN. CSA/HCA: compress theta (+YaRN)."""
+    if kind == "swa":
+        return inv_frequencies(cfg.rope_head_dim, cfg.rope_theta)
+    yarn = Yarn(cfg.yarn_factor, cfg.yarn_original_max_position, cfg.yarn_beta_fast,
+                cfg.yarn_beta_slow) if cfg.yarn else None
+    return inv_frequencies(cfg.rope_head_dim, cfg.compress_rope_theta, yarn)
+
+
+class Attention(nnx.Module):
+    """Low-rank query with a shared latent, one shared K=V head, joint window+compressed
+    attention with sinks, output de-rotation and grouped low-rank output projection."""
+
+    def __init__(self, cfg: ModelConfig, kind: str, *, rngs: nnx.Rngs):
+        d, h, hd, std = cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.init_std
+        g = cfg.o_groups
+        self.wq_a = param(rngs, (d, cfg.q_lora_rank), ("embed", "q_lora"), std)
+        self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, "q_lora")
+        self.wq_b = param(rngs, (cfg.q_lora_rank, h * hd), ("q_lora", "heads"), std)
+        self.wkv = param(rngs, (d, hd), ("embed", "kv"), std)
+        self.kv_norm = RMSNorm(hd, cfg.rms_norm_eps, "kv")
+        self.wo_a = param(rngs, (g, h // g * hd, cfg.o_lora_rank), ("o_groups", "heads", "o_lora"), std)
+        self.wo_b = param(rngs, (g * cfg.o_lora_rank, d), ("o_lora", "embed"), std)
+        self.sink = constant((h,), ("heads",), 0.0)
+        self.kind = kind
+        self.ratio = cfg.ratio_of(kind)
+        self.compressor = (Compressor(d, hd, self.ratio, kind == "csa", eps=cfg.rms_norm_eps,
+                                      init_std=std, rngs=rngs) if kind != "swa" else None)
+        self.indexer = Indexer(cfg, rngs=rngs) if kind == "csa" else None
+        self.cfg = cfg
+
+    def __call__(self, x, positions, segment_ids=None, *, sparse: bool = True,
+                 implementation: str | None = None):
+        """x [B, S, d] (normed) -> (out [B, S, d], stats).
+
+        sparse=False makes CSA attend every visible entry (the indexer warm-up stage). stats:
+        indexer_kl (the indexer's training objective) and indexer_recall (share of the dense
+        attention mass on compressed entries that the top-k keeps); zeros for non-CSA layers.
+        """
+        cfg = self.cfg
+        b, s, _ = x.shape
+        h, hd = cfg.num_heads, cfg.head_dim
+        dt = x.dtype
+        inv_freq = rope_table(cfg, self.kind)
+        q_latent = self.q_norm(x @ self.wq_a[...].astype(dt))
+        q = (q_latent @ self.wq_b[...].astype(dt)).reshape(b, s, h, hd)
+        q = apply_rope(rms_norm(q, None, cfg.rms_norm_eps), positions, inv_freq)
+        kv = apply_rope(self.kv_norm(x @ self.wkv[...].astype(dt)), positions, inv_freq)
+        entries = valid = topk = scores = None
+        if self.compressor is not None:
+            entries, valid = self.compressor(x, positions, inv_freq, segment_ids)
+            if self.indexer is not None:
+                scores, topk = self.indexer(x, q_latent, positions, inv_freq, segment_ids)
+        o, lse = sparse_attention(q, kv, self.sink[...], window=cfg.sliding_window, scale=hd ** -0.5,
+                                  segment_ids=segment_ids, compressed=entries,
+                                  compressed_valid=valid, ratio=self.ratio,
+                                  topk_idx=topk if sparse else None,
+                                  implementation=implementation or cfg.attention_impl,
+                                  return_lse=True)
+        stats = {"indexer_kl": jnp.zeros((), jnp.float32), "indexer_recall": jnp.zeros((), jnp.float32)}
+        if scores is not None and scores.shape[-1] > 0:
+            sg = jax.lax.stop_gradient
+            visible = entry_visibility(s, self.ratio, valid, segment_ids)
+            mass = compressed_attention_mass(sg(q), sg(entries), sg(lse), visible, hd ** -0.5)
+            kl, recall = indexer_objective(scores, mass, visible, topk)
+            stats = {"indexer_kl": kl, "indexer_recall": recall}
+        o = apply_rope(o, positions, inv_freq, inverse=True)
+        g = cfg.o_groups
+        u = jnp.einsum("bsgi,gio->bsgo", o.reshape(b, s, g, h // g * hd), self.wo_a[...].astype(dt))
+        return u.reshape(b, s, -1) @ self.wo_b[...].astype(dt), stats

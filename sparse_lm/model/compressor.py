@@ -1,0 +1,36 @@
+"""Compressor module: projections + gate bias + norm around `ops.compress.compress`."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from sparse_lm.model.layers import RMSNorm, constant, param
+from sparse_lm.ops.compress import compress, entry_positions
+from sparse_lm.ops.rope import apply_rope
+
+
+class Compressor(nnx.Module):
+    """Compress [B, S, d] hidden states into [B, S // ratio, out_dim] entries (normed, RoPE'd).
+
+    overlap=True is the CSA form (two channel halves: [previous window | current window]).
+    """
+
+    def __init__(self, d: int, out_dim: int, ratio: int, overlap: bool, *, eps: float,
+                 init_std: float, rngs: nnx.Rngs):
+        width = (2 if overlap else 1) * out_dim
+        self.wkv = param(rngs, (d, width), ("embed", "kv"), init_std)
+        self.wgate = param(rngs, (d, width), ("embed", "kv"), init_std)
+        self.ape = constant((ratio, width), (None, "kv"), 0.0)
+        self.norm = RMSNorm(out_dim, eps, "kv")
+        self.ratio, self.overlap = ratio, overlap
+
+    def __call__(self, x, positions, inv_freq, segment_ids=None):
+        """x [B, S, d] -> entries [B, N, out_dim] (x's dtype), valid [B, N]."""
+        xf = x.astype(jnp.float32)
+        kv = xf @ self.wkv[...].astype(jnp.float32)
+        gate = xf @ self.wgate[...].astype(jnp.float32)
+        pooled, valid = compress(kv, gate, self.ape[...], ratio=self.ratio, overlap=self.overlap,
+                                 segment_ids=segment_ids)
+        entries = self.norm(pooled.astype(x.dtype))
+        entries = apply_rope(entries, entry_positions(positions, self.ratio), inv_freq)
+        return entries, valid

@@ -1,0 +1,43 @@
+"""Lightning indexer module (CSA layers): picks the top-k compressed entries per query."""
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from sparse_lm.config import ModelConfig
+from sparse_lm.model.compressor import Compressor
+from sparse_lm.model.layers import param
+from sparse_lm.ops.compress import entry_visibility
+from sparse_lm.ops.indexer import indexer_scores, select_topk
+from sparse_lm.ops.rope import apply_rope
+
+
+class Indexer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        nh, hd = cfg.index_n_heads, cfg.index_head_dim
+        self.wq_b = param(rngs, (cfg.q_lora_rank, nh * hd), ("q_lora", "index_heads"), cfg.init_std)
+        self.weights_proj = param(rngs, (cfg.hidden_size, nh), ("embed", "index_heads"), cfg.init_std)
+        self.compressor = Compressor(cfg.hidden_size, hd, cfg.compress_ratio_csa, True,
+                                     eps=cfg.rms_norm_eps, init_std=cfg.init_std, rngs=rngs)
+        self.n_heads, self.head_dim, self.topk = nh, hd, cfg.index_topk
+        self.ratio = cfg.compress_ratio_csa
+
+    def scores(self, x, q_latent, positions, inv_freq, segment_ids=None):
+        """Indexer scores [B, S, N] fp32 (-inf where not visible)."""
+        b, s, _ = x.shape
+        q = (q_latent @ self.wq_b[...].astype(x.dtype)).reshape(b, s, self.n_heads, self.head_dim)
+        q = apply_rope(q, positions, inv_freq)
+        w = (x @ self.weights_proj[...].astype(x.dtype)) * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
+        keys, valid = self.compressor(x, positions, inv_freq, segment_ids)
+        visible = entry_visibility(s, self.ratio, valid, segment_ids)
+        return indexer_scores(q, w, keys, visible)
+
+    def __call__(self, x, q_latent, positions, inv_freq, segment_ids=None):
+        """(scores [B, S, N], top-k indices [B, S, min(k, N)] int32, -1 where fewer are visible).
+
+        The inputs are detached: the indexer learns only through its KL objective, never from the
+        language-model loss (top-k has no gradient anyway).
+        """
+        scores = self.scores(jax.lax.stop_gradient(x), jax.lax.stop_gradient(q_latent), positions,
+                             inv_freq, segment_ids)
+        return scores, select_topk(jax.lax.stop_gradient(scores), self.topk)

@@ -1,0 +1,57 @@
+"""DeepSeekMoE module: router (score or hash), routed experts, one shared expert."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from sparse_lm.config import ModelConfig
+from sparse_lm.model.layers import HashTable, RouterBias, param
+from sparse_lm.ops import moe as moe_ops
+
+
+class MoE(nnx.Module):
+    def __init__(self, cfg: ModelConfig, routing: str, *, rngs: nnx.Rngs, hash_seed: int = 0):
+        d, e, i, std = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.init_std
+        self.gate = param(rngs, (d, e), ("embed", "exp"), std)
+        if routing == "score":
+            self.bias = RouterBias(jnp.zeros((e,), jnp.float32), out_sharding=("exp",),
+                                   eager_sharding=False)
+        else:
+            table = moe_ops.balanced_hash_table(cfg.vocab_size, e, cfg.num_experts_per_tok, hash_seed)
+            self.tid2eid = HashTable(jnp.asarray(table), out_sharding=("vocab", None),
+                                     eager_sharding=False)
+        self.w_gate = param(rngs, (e, d, i), ("exp", "embed", "mlp"), std)
+        self.w_up = param(rngs, (e, d, i), ("exp", "embed", "mlp"), std)
+        self.w_down = param(rngs, (e, i, d), ("exp", "mlp", "embed"), std)
+        if cfg.n_shared_experts:
+            self.shared_gate = param(rngs, (d, i), ("embed", "mlp"), std)
+            self.shared_up = param(rngs, (d, i), ("embed", "mlp"), std)
+            self.shared_down = param(rngs, (i, d), ("mlp", "embed"), std)
+        self.routing = routing
+        self.cfg = cfg
+
+    def __call__(self, u, token_ids):
+        """u [B, S, d] (normed), token_ids [B, S] -> (y [B, S, d], stats).
+
+        stats: expert_counts [E] (assignments), balance_loss (scalar, 0 for hash layers).
+        """
+        cfg = self.cfg
+        b, s, d = u.shape
+        flat = u.reshape(b * s, d)
+        scores = moe_ops.affinities(flat, self.gate[...])
+        if self.routing == "score":
+            idx = moe_ops.select_by_score(scores, self.bias[...], cfg.num_experts_per_tok)
+        else:
+            idx = moe_ops.select_by_hash(token_ids.reshape(-1), self.tid2eid[...])
+        weights = moe_ops.combine_weights(scores, idx, cfg.routed_scaling_factor)
+        y = moe_ops.experts_dropless(flat, idx, weights, self.w_gate[...], self.w_up[...],
+                                     self.w_down[...], cfg.swiglu_limit)
+        if cfg.n_shared_experts:
+            y = y + moe_ops.ffn(flat, self.shared_gate[...], self.shared_up[...],
+                                self.shared_down[...], cfg.swiglu_limit)
+        balance = (moe_ops.sequence_balance_loss(scores.reshape(b, s, -1), idx.reshape(b, s, -1),
+                                                 cfg.num_experts_per_tok)
+                   if self.routing == "score" else jnp.zeros((), jnp.float32))
+        stats = {"expert_counts": moe_ops.expert_counts(idx, cfg.n_routed_experts),
+                 "balance_loss": balance}
+        return y.reshape(b, s, d), stats

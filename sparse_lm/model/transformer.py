@@ -1,0 +1,195 @@
+"""The DeepSeek-V4 model: embedding -> 4 mHC streams -> L blocks -> hc_head -> norm -> head, + MTP.
+
+Layers run in groups (config `layer_groups`): an unrolled head (prefix and hash-routed layers), a
+`lax.scan` over stacked parameters of the repeating cycle, an unrolled tail, then the MTP block.
+Compile time therefore grows with the number of distinct layers, not with L.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sparse_lm.config import ModelConfig
+from sparse_lm.model.block import Block
+from sparse_lm.model.layers import RMSNorm, dtype_of, param
+from sparse_lm.model.mhc import HcHead
+
+REMAT = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+@dataclasses.dataclass
+class ModelOutput:
+    """Per-layer arrays have one row per layer in order, plus one for the MTP block.
+
+    logits [B, S, V]; mtp_logits [B, S, V] or None (position i predicts token i+2);
+    expert_counts [L(+1), E]; balance_loss [L(+1)] (0 for hash layers);
+    indexer_kl, indexer_recall [L(+1)] (0 for non-CSA layers).
+    """
+    logits: jax.Array
+    mtp_logits: jax.Array | None
+    expert_counts: jax.Array
+    balance_loss: jax.Array
+    indexer_kl: jax.Array
+    indexer_recall: jax.Array
+
+
+jax.tree_util.register_dataclass(ModelOutput, data_fields=[f.name for f in dataclasses.fields(ModelOutput)],
+                                 meta_fields=[])
+
+
+class Cycle(nnx.Module):
+    """One repeat of the layer cycle (e.g. CSA then HCA); stacked and scanned by the model."""
+
+    def __init__(self, cfg: ModelConfig, kinds: tuple[str, ...], *, rngs: nnx.Rngs):
+        self.blocks = nnx.List([Block(cfg, k, "score", rngs=rngs) for k in kinds])
+
+    def __call__(self, x, token_ids, positions, segment_ids, *, sparse, implementation):
+        stats = []
+        for block in self.blocks:
+            x, st = block(x, token_ids, positions, segment_ids, sparse=sparse,
+                          implementation=implementation)
+            stats.append(st)
+        return x, jax.tree.map(lambda *a: jnp.stack(a), *stats)
+
+
+class MTP(nnx.Module):
+    """Depth-1 multi-token prediction block (spec §9); shares embedding and head with the model."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        self.enorm = RMSNorm(d, cfg.rms_norm_eps, "embed")
+        self.hnorm = RMSNorm(d, cfg.rms_norm_eps, "embed")
+        self.w_e = param(rngs, (d, d), ("embed", "embed_out"), cfg.init_std)
+        self.w_h = param(rngs, (d, d), ("embed", "embed_out"), cfg.init_std)
+        self.block = Block(cfg, "swa", "score", rngs=rngs)
+        self.hc_head = HcHead(cfg, rngs=rngs)
+        self.norm = RMSNorm(d, cfg.rms_norm_eps, "embed")
+
+    def __call__(self, streams, next_embed, next_ids, positions, segment_ids, *, implementation):
+        """streams [B, S, n, d] (main model, before hc_head); next_embed [B, S, d] -> [B, S, d]."""
+        dt = streams.dtype
+        e = self.enorm(next_embed) @ self.w_e[...].astype(dt)
+        h = self.hnorm(streams) @ self.w_h[...].astype(dt)
+        x = e[:, :, None, :] + h
+        x, stats = self.block(x, next_ids, positions, segment_ids, implementation=implementation)
+        return self.norm(self.hc_head(x)), stats
+
+
+def _stack_cycles(cfg: ModelConfig, kinds, n: int, rngs: nnx.Rngs) -> Cycle:
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(r):
+        return Cycle(cfg, kinds, rngs=r)
+    return make(rngs)
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """[B, S] segment ids -> position of each token inside its document."""
+    s = segment_ids.shape[1]
+    t = jnp.arange(s)[None, :]
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                              segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    first = jax.lax.cummax(jnp.where(starts, t, 0), axis=1)
+    return t - first
+
+
+class DeepseekV4(nnx.Module):
+    """`logits = model(input_ids)` with int32 [B, S] ids gives [B, S, vocab] logits."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, v = cfg.hidden_size, cfg.vocab_size
+        groups = cfg.layer_groups
+        self.embed = param(rngs, (v, d), ("vocab", "embed"), cfg.init_std)
+        self.head_layers = nnx.List([Block(cfg, l.kind, l.routing, rngs=rngs, hash_seed=l.index)
+                                     for l in groups.head])
+        self.cycles = (_stack_cycles(cfg, tuple(l.kind for l in groups.cycle), groups.num_cycles, rngs)
+                       if groups.num_cycles else None)
+        self.tail_layers = nnx.List([Block(cfg, l.kind, l.routing, rngs=rngs, hash_seed=l.index)
+                                     for l in groups.tail])
+        self.hc_head = HcHead(cfg, rngs=rngs)
+        self.norm = RMSNorm(d, cfg.rms_norm_eps, "embed")
+        self.lm_head = param(rngs, (d, v), ("embed", "vocab"), cfg.init_std)
+        self.mtp = MTP(cfg, rngs=rngs) if cfg.mtp_depth else None
+        self.cfg = cfg
+
+    # ------------------------------------------------------------------ pieces
+    def _checkpointed(self, module, *args, **static):
+        """Call `module(*args, **static)` under the configured remat policy."""
+        policy = REMAT[self.cfg.remat]
+        if policy is None:
+            return module(*args, **static)
+        graphdef, state = nnx.split(module)
+
+        def f(state, *args):
+            return nnx.merge(graphdef, state)(*args, **static)
+        return jax.checkpoint(f, policy=policy)(state, *args)
+
+    def _run_cycles(self, x, token_ids, positions, segment_ids, static):
+        graphdef, state = nnx.split(self.cycles)
+        policy = REMAT[self.cfg.remat]
+
+        def body(x, layer_state):
+            return nnx.merge(graphdef, layer_state)(x, token_ids, positions, segment_ids, **static)
+        if policy is not None:
+            body = jax.checkpoint(body, policy=policy)
+        return jax.lax.scan(body, x, state)   # stats: [num_cycles, len(cycle), ...]
+
+    def logits_from_hidden(self, h):
+        return h @ self.lm_head[...].astype(h.dtype)
+
+    # ------------------------------------------------------------------ forward
+    def __call__(self, input_ids, positions=None, segment_ids=None, *, sparse: bool = True,
+                 implementation: str | None = None, return_aux: bool = False) -> Any:
+        """input_ids [B, S] int -> logits [B, S, V] (or a ModelOutput with return_aux=True).
+
+        positions default to 0..S-1, or to the position inside each document when segment_ids
+        (packed documents, [B, S]) are given. sparse=False: CSA attends every visible entry.
+        """
+        cfg = self.cfg
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [B, S], got shape {input_ids.shape}")
+        b, s = input_ids.shape
+        if positions is None:
+            positions = (segment_positions(segment_ids) if segment_ids is not None
+                         else jnp.broadcast_to(jnp.arange(s), (b, s)))
+        dt = dtype_of(cfg.dtype)
+        static = dict(sparse=sparse, implementation=implementation)
+        emb = self.embed[...]
+        x = jnp.take(emb, input_ids, axis=0).astype(dt)
+        x = jnp.broadcast_to(x[:, :, None, :], (b, s, cfg.hc_mult, cfg.hidden_size))
+        stats = []
+        for block in self.head_layers:
+            x, st = self._checkpointed(block, x, input_ids, positions, segment_ids, **static)
+            stats.append(jax.tree.map(lambda a: a[None], st))
+        if self.cycles is not None:
+            x, st = self._run_cycles(x, input_ids, positions, segment_ids, static)
+            stats.append(jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), st))
+        for block in self.tail_layers:
+            x, st = self._checkpointed(block, x, input_ids, positions, segment_ids, **static)
+            stats.append(jax.tree.map(lambda a: a[None], st))
+        logits = self.logits_from_hidden(self.norm(self.hc_head(x)))
+        if not return_aux:
+            return logits
+        mtp_logits = None
+        if self.mtp is not None:
+            next_ids = jnp.pad(input_ids[:, 1:], ((0, 0), (0, 1)))
+            next_embed = jnp.take(emb, next_ids, axis=0).astype(dt)
+            h, st = self.mtp(x, next_embed, next_ids, positions, segment_ids,
+                             implementation=implementation)
+            mtp_logits = self.logits_from_hidden(h)
+            stats.append(jax.tree.map(lambda a: a[None], st))
+        stats = jax.tree.map(lambda *a: jnp.concatenate(a), *stats)
+        return ModelOutput(logits, mtp_logits, **stats)
+
+
+def build_model(cfg: ModelConfig, seed: int = 0) -> DeepseekV4:
+    return DeepseekV4(cfg, rngs=nnx.Rngs(seed))

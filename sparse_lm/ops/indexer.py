@@ -1,0 +1,65 @@
+"""Lightning indexer (spec §6): ReLU multi-head scores over compressed keys, then top-k.
+
+Top-k picks are indices into the compressed entries; an unused pick is -1 (never clamped to 0:
+entry 0 is a real entry). `lax.top_k` breaks ties by the lower index.
+"""
+import jax
+import jax.numpy as jnp
+
+
+def indexer_scores(q: jax.Array, weights: jax.Array, keys: jax.Array,
+                   visible: jax.Array) -> jax.Array:
+    """I[b,t,s] = sum_h w[b,t,h] * relu(q[b,t,h] . k[b,s]); invisible entries get -inf.
+
+    q [B, S, Hi, Di], weights [B, S, Hi] (already scaled), keys [B, N, Di], visible [B, S, N].
+    Returns [B, S, N] fp32.
+    """
+    dots = jnp.einsum("bthd,bsd->bths", q.astype(jnp.float32), keys.astype(jnp.float32))
+    scores = jnp.einsum("bths,bth->bts", jax.nn.relu(dots), weights.astype(jnp.float32))
+    return jnp.where(visible, scores, -jnp.inf)
+
+
+def select_topk(scores: jax.Array, k: int) -> jax.Array:
+    """[B, S, N] scores (-inf = not visible) -> [B, S, min(k, N)] int32 indices, -1 where unused."""
+    n = scores.shape[-1]
+    k_eff = min(k, n)
+    if k_eff == 0:
+        return jnp.zeros(scores.shape[:-1] + (0,), jnp.int32)
+    vals, idx = jax.lax.top_k(scores, k_eff)
+    return jnp.where(jnp.isfinite(vals), idx, -1).astype(jnp.int32)
+
+
+def compressed_attention_mass(q: jax.Array, entries: jax.Array, lse: jax.Array,
+                              visible: jax.Array, scale: float) -> jax.Array:
+    """Probability the main attention puts on each compressed entry, summed over heads.
+
+    q [B, S, H, D], entries [B, N, D], lse [B, S, H] of the joint softmax, visible [B, S, N]
+    -> [B, S, N] fp32 (0 where not visible).
+    """
+    logits = jnp.einsum("bshd,bnd->bshn", q.astype(jnp.float32), entries.astype(jnp.float32)) * scale
+    p = jnp.exp(logits - lse[..., None])
+    return jnp.where(visible, jnp.sum(p, axis=2), 0.0)
+
+
+def indexer_objective(scores: jax.Array, mass: jax.Array, visible: jax.Array,
+                      selected: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """KL(target || softmax(scores)) and the recall of the selection.
+
+    scores [B, S, N] (-inf where invisible); mass [B, S, N] dense attention mass on entries;
+    selected [B, S, K] top-k indices (-1 = none). The KL target is `mass` L1-normalised over the
+    visible entries (the V3.2 recipe applied to compressed entries, spec §6). Recall = share of
+    that mass on the selected entries. Both are means over queries that see at least one entry.
+    """
+    mass = jax.lax.stop_gradient(mass)
+    total = jnp.sum(mass, axis=-1)
+    has = jnp.any(visible, axis=-1) & (total > 0)
+    target = mass / jnp.where(has, total, 1.0)[..., None]
+    logq = jax.nn.log_softmax(jnp.where(visible, scores, -1e30), axis=-1)
+    kl_rows = jnp.sum(jnp.where(visible & (target > 0),
+                                target * (jnp.log(jnp.maximum(target, 1e-30)) - logq), 0.0), axis=-1)
+    n = scores.shape[-1]
+    picked = jnp.sum(jax.nn.one_hot(selected, n, dtype=jnp.float32), axis=-2) > 0
+    recall_rows = jnp.sum(jnp.where(picked, target, 0.0), axis=-1)
+    count = jnp.maximum(jnp.sum(has), 1)
+    return (jnp.sum(jnp.where(has, kl_rows, 0.0)) / count,
+            jnp.sum(jnp.where(has, recall_rows, 0.0)) / count)

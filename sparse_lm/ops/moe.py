@@ -1,0 +1,103 @@
+"""DeepSeekMoE routing and expert computation (spec §8), dropless.
+
+Router math is fp32. Selection uses `affinity + bias` (score layers) or a fixed token->experts
+table (hash layers); the combine weights always come from the unbiased affinities, normalised over
+the chosen experts and multiplied by the route scale.
+"""
+import jax
+import jax.numpy as jnp
+
+
+def affinities(u: jax.Array, gate_w: jax.Array) -> jax.Array:
+    """u [T, d], gate_w [d, E] -> sqrt(softplus(u @ gate_w)) [T, E] fp32 (>= 0)."""
+    logits = u.astype(jnp.float32) @ gate_w.astype(jnp.float32)
+    return jnp.sqrt(jax.nn.softplus(logits))
+
+
+def select_by_score(scores: jax.Array, bias: jax.Array, k: int) -> jax.Array:
+    """[T, E] affinities + [E] bias -> [T, k] int32 expert ids (bias only affects the choice)."""
+    _, idx = jax.lax.top_k(scores + bias.astype(jnp.float32), k)
+    return idx.astype(jnp.int32)
+
+
+def select_by_hash(token_ids: jax.Array, table: jax.Array) -> jax.Array:
+    """token_ids [T] int, table [vocab, k] -> [T, k] int32: routing by token id alone."""
+    return table[token_ids].astype(jnp.int32)
+
+
+def combine_weights(scores: jax.Array, idx: jax.Array, route_scale: float) -> jax.Array:
+    """[T, E] affinities, [T, k] chosen ids -> [T, k] weights s/sum(s) * route_scale."""
+    chosen = jnp.take_along_axis(scores, idx, axis=-1)
+    return chosen / (jnp.sum(chosen, axis=-1, keepdims=True) + 1e-20) * route_scale
+
+
+def swiglu(h_gate: jax.Array, h_up: jax.Array, limit: float) -> jax.Array:
+    """silu(min(gate, limit)) * clip(up, -limit, limit), in fp32 (the clamp is asymmetric)."""
+    g = jnp.minimum(h_gate.astype(jnp.float32), limit)
+    up = jnp.clip(h_up.astype(jnp.float32), -limit, limit)
+    return jax.nn.silu(g) * up
+
+
+def ffn(u, w_gate, w_up, w_down, limit: float):
+    """Dense SwiGLU expert (the shared expert). u [T, d]; w_gate/w_up [d, I]; w_down [I, d]."""
+    dt = u.dtype
+    h = swiglu(u @ w_gate.astype(dt), u @ w_up.astype(dt), limit)
+    return h.astype(dt) @ w_down.astype(dt)
+
+
+def experts_dropless(u, idx, weights, w_gate, w_up, w_down, limit: float):
+    """Routed experts without capacity limits: sort assignments by expert, grouped matmuls
+    (`lax.ragged_dot`), weight, scatter-add back.
+
+    u [T, d]; idx, weights [T, k]; w_gate/w_up [E, d, I]; w_down [E, I, d] -> [T, d] (u's dtype).
+    """
+    t, k = idx.shape
+    e = w_gate.shape[0]
+    dt = u.dtype
+    flat = idx.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    token_of = order // k
+    group_sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
+    x = u[token_of]
+    h = swiglu(jax.lax.ragged_dot(x, w_gate.astype(dt), group_sizes),
+               jax.lax.ragged_dot(x, w_up.astype(dt), group_sizes), limit)
+    h = h * weights.reshape(-1)[order][:, None].astype(jnp.float32)
+    y = jax.lax.ragged_dot(h.astype(dt), w_down.astype(dt), group_sizes)
+    return jnp.zeros((t, u.shape[-1]), jnp.float32).at[token_of].add(y.astype(jnp.float32)).astype(dt)
+
+
+def experts_dense_reference(u, idx, weights, w_gate, w_up, w_down, limit: float):
+    """Every expert on every token, combined by a [T, E] weight matrix. Obviously correct, O(E)."""
+    e = w_gate.shape[0]
+    comb = jnp.sum(jax.nn.one_hot(idx, e, dtype=jnp.float32) * weights[..., None], axis=1)  # [T, E]
+    h = swiglu(jnp.einsum("td,edi->tei", u, w_gate), jnp.einsum("td,edi->tei", u, w_up), limit)
+    y = jnp.einsum("tei,eid->ted", h * comb[..., None], w_down.astype(jnp.float32))
+    return jnp.sum(y, axis=1).astype(u.dtype)
+
+
+def expert_counts(idx: jax.Array, num_experts: int) -> jax.Array:
+    """[..., k] expert ids -> [E] float32 number of assignments per expert."""
+    return jnp.bincount(idx.reshape(-1), length=num_experts).astype(jnp.float32)
+
+
+def sequence_balance_loss(scores: jax.Array, idx: jax.Array, k: int) -> jax.Array:
+    """Sequence-wise balance loss sum_i f_i P_i, averaged over sequences (spec §8.7, without alpha).
+
+    scores [B, S, E] affinities; idx [B, S, k]. f_i = E/(k S) #{t: i chosen}, P_i = mean_t s_i/sum_j s_j.
+    """
+    b, s, e = scores.shape
+    f = jnp.sum(jax.nn.one_hot(idx, e, dtype=jnp.float32), axis=(1, 2)) * (e / (k * s))  # [B, E]
+    p = jnp.mean(scores / (jnp.sum(scores, axis=-1, keepdims=True) + 1e-20), axis=1)     # [B, E]
+    return jnp.mean(jnp.sum(jax.lax.stop_gradient(f) * p, axis=-1))
+
+
+def balanced_hash_table(vocab: int, num_experts: int, k: int, seed: int = 0):
+    """[vocab, k] int32 table of k distinct experts per token, every expert used equally often
+    (up to one). A from-scratch training choice (spec §8.9); released checkpoints ship their own.
+    """
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    experts = rng.permutation(num_experts)
+    slots = np.arange(vocab)[:, None] * k + np.arange(k)[None, :]     # consecutive, wrapping
+    table = experts[slots % num_experts]
+    return table[rng.permutation(vocab)].astype(np.int32)
