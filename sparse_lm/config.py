@@ -205,13 +205,13 @@ class ModelConfig:
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
         """Build from a mapping (e.g. `ConfigDict.model`); unknown keys are errors."""
         d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
+        if "compress_ratios" in d:
+            raise ConfigError("model.compress_ratios is derived from layer_prefix/layer_cycle/"
+                              "layer_tail; set those instead")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"unknown model config field(s) {unknown}; known fields: {sorted(known)}")
-        if "compress_ratios" in d:
-            raise ConfigError("model.compress_ratios is derived from layer_prefix/layer_cycle/"
-                              "layer_tail; set those instead")
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
