@@ -1,0 +1,70 @@
+"""Block sizes of the CSA token-sparse attention kernels: a frozen dataclass, validated up front."""
+from __future__ import annotations
+
+import dataclasses
+
+
+def _is_pow2(x: int) -> bool:
+    return x > 0 and (x & (x - 1)) == 0
+
+
+def next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseAttentionConfig:
+    """Tile sizes. One instance serves both backends; each uses the fields it needs.
+
+    block_q:    queries per TPU program (multiple of 8: the lse/out blocks' sublane tile). The
+                window slab DMA'd per program is block_q + window - 1 (rounded up) rows, so a
+                small block_q wastes little window compute; the GPU kernel runs one query per
+                program (all heads on the matmul M dimension) and ignores it.
+    block_k:    selected compressed rows gathered per step (TPU: multiple of 128 when compiled,
+                the lane tile of the [heads, block_k] logits; GPU: power of two >= 16, the
+                Triton dot minimum). The top-k list is padded with -1 to a multiple of it.
+    num_warps, num_stages: Triton launch parameters (GPU only).
+    vmem_limit_bytes: Mosaic scoped-VMEM limit (TPU only; None = compiler default).
+    """
+    block_q: int = 8
+    block_k: int = 128
+    num_warps: int = 4
+    num_stages: int = 1
+    vmem_limit_bytes: int | None = None
+
+    def __post_init__(self):
+        for name in ("block_q", "block_k", "num_warps", "num_stages"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"SparseAttentionConfig.{name}={v!r} is invalid: must be an int >= 1")
+        if self.block_q % 8:
+            raise ValueError(f"SparseAttentionConfig.block_q={self.block_q} is invalid: must be a "
+                             "multiple of 8 (TPU sublane tile of the per-query outputs)")
+        if not _is_pow2(self.num_warps):
+            raise ValueError(f"SparseAttentionConfig.num_warps={self.num_warps} must be a power of 2")
+        if self.vmem_limit_bytes is not None and self.vmem_limit_bytes < (1 << 20):
+            raise ValueError(f"SparseAttentionConfig.vmem_limit_bytes={self.vmem_limit_bytes} is "
+                             "invalid: None or at least 1 MiB")
+
+    def validate_for(self, backend: str, *, compiled: bool) -> None:
+        """Check the tile constraints of a backend ("tpu" or "gpu"); interpret mode has none
+        beyond the ones checked at construction."""
+        if not compiled:
+            return
+        if backend == "tpu" and self.block_k % 128:
+            raise ValueError(f"SparseAttentionConfig.block_k={self.block_k} is invalid for the "
+                             "compiled TPU kernel: must be a multiple of 128 (lane tile)")
+        if backend == "gpu" and (not _is_pow2(self.block_k) or self.block_k < 16):
+            raise ValueError(f"SparseAttentionConfig.block_k={self.block_k} is invalid for the "
+                             "compiled GPU kernel: must be a power of two >= 16 (Triton dot tile)")
+
+
+def default_config(backend: str, *, compiled: bool, num_selected: int) -> SparseAttentionConfig:
+    """Defaults per backend, shrunk for small top-k so interpret-mode tests stay cheap."""
+    if backend == "tpu":
+        bk = 128 if compiled else min(128, max(8, next_pow2(num_selected)))
+        return SparseAttentionConfig(block_q=8, block_k=bk)
+    bk = 64 if compiled else min(64, next_pow2(num_selected))
+    if compiled:
+        bk = max(bk, 16)
+    return SparseAttentionConfig(block_q=8, block_k=bk, num_warps=4, num_stages=1)
