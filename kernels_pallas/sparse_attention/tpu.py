@@ -322,7 +322,7 @@ def _bwd_kernel(*refs, lay: _Layout, scale: float, has_seg: bool):
 
 
 def csa_bwd_tpu(q, kv, compressed, topk_idx, sink, out, lse, dout, *, window, scale,
-                segment_ids, cfg: SparseAttentionConfig, interpret: bool):
+                segment_ids, cfg: SparseAttentionConfig, interpret: bool, dlse=None):
     """Gradients (dq, dkv, dcompressed, dsink) of `csa_fwd_tpu`.
 
     Scatter-free kernel: each program writes dq of its queries, the dK partial of its window
@@ -335,7 +335,7 @@ def csa_bwd_tpu(q, kv, compressed, topk_idx, sink, out, lse, dout, *, window, sc
     qp, kvp, idx, idx_v, seg = _prepare(lay, q, kv, topk_idx, segment_ids)
     has_seg = seg is not None
     ds = lay.sp - lay.s
-    delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)   # [B,S,H]
+    delta = softmax_delta(out, dout, dlse)
     dop = jnp.pad(dout.astype(q.dtype), ((0, 0), (0, ds), (0, 0), (0, 0)))
     lsep = jnp.pad(lse, ((0, 0), (0, ds), (0, 0)), constant_values=LSE_PAD)[..., None]
     dltp = jnp.pad(delta, ((0, 0), (0, ds), (0, 0)))[..., None]
@@ -383,6 +383,13 @@ def scatter_rows(rows, idx, n):
     bidx = jnp.broadcast_to(jnp.arange(b)[:, None, None], tgt.shape)
     acc = jnp.zeros((b, n + 1, rows.shape[-1]), jnp.float32)
     return acc.at[bidx, tgt].add(rows.astype(jnp.float32))[:, :n]
+
+
+def softmax_delta(out, dout, dlse=None):
+    """delta [B,S,H] = rowsum(dO * O) - dlse: with it, dlogit_j = P_j (dO.v_j - delta) covers
+    the cotangents of both outputs (d lse / d logit_j = P_j)."""
+    delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+    return delta if dlse is None else delta - dlse.astype(jnp.float32)
 
 
 def dsink_from_stats(sink, lse, delta):

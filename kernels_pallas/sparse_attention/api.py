@@ -1,0 +1,145 @@
+"""Entry point of the CSA core: window + listed compressed entries + per-head sink, one softmax.
+
+    out, lse = csa_attention(q, kv, compressed, topk_idx, sink, window=W, scale=s,
+                             segment_ids=None, implementation=None, interpret=None, config=None)
+
+Semantics are those of `sparse_lm.ops.attention.sparse_attention(..., topk_idx=...,
+implementation="reference", return_lse=True)`: query t attends raw keys t-W+1..t of its own
+segment, the compressed entries listed in topk_idx[b, t] (-1 = none; a duplicate listing counts
+twice; the list is trusted, no visibility check) and a sink logit per head that only enters the
+denominator. V = K (one shared head). lse includes the sink.
+
+Implementations: "reference" (dense masked jnp), "xla" (gathered jnp), "pallas_tpu" (Mosaic),
+"pallas_gpu" (Pallas Triton). None = "pallas_tpu" on TPU, "pallas_gpu" on GPU, "xla" on CPU
+(Pallas runs only interpreted there; ask for a pallas_* implementation to interpret it).
+`interpret=None` = interpret iff the backend is CPU. Everything is validated before a kernel
+is traced.
+"""
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels_pallas import compat
+from kernels_pallas.sparse_attention import reference
+from kernels_pallas.sparse_attention.config import SparseAttentionConfig, default_config
+from kernels_pallas.sparse_attention.vjp import Static, csa_pallas
+
+IMPLEMENTATIONS = ("reference", "xla", "pallas_tpu", "pallas_gpu")
+_DEFAULT = {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}
+_log = logging.getLogger(__name__)
+_logged: set[str] = set()
+
+
+def default_implementation(platform: str | None = None) -> str:
+    platform = platform or compat.backend()
+    impl = _DEFAULT.get(platform, "xla")
+    if platform not in _DEFAULT and platform not in _logged:
+        _logged.add(platform)
+        _log.info("csa_attention: no compiled Pallas kernel for platform %r; using %r",
+                  platform, impl)
+    return impl
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def validate_inputs(q, kv, compressed, topk_idx, sink, *, window, scale, segment_ids=None):
+    """Raises ValueError/TypeError naming the offending argument. Index values are checked
+    (-1 <= idx < N) when topk_idx is concrete; under `jit` only shapes and dtypes can be."""
+    if q.ndim != 4:
+        raise ValueError(f"q has shape {q.shape}: expected [B, S, H, D]")
+    b, s, h, d = q.shape
+    if not jnp.issubdtype(q.dtype, jnp.floating):
+        raise TypeError(f"q has dtype {q.dtype}: expected a floating dtype")
+    if kv.shape != (b, s, d):
+        raise ValueError(f"kv has shape {kv.shape}: expected [B, S, D] = {(b, s, d)} "
+                         "(one shared KV head)")
+    if compressed.ndim != 3 or compressed.shape[0] != b or compressed.shape[2] != d:
+        raise ValueError(f"compressed has shape {compressed.shape}: expected [B={b}, N, D={d}]")
+    if compressed.shape[1] < 1:
+        raise ValueError("compressed has N = 0 entries: expected N >= 1")
+    for name, x in (("kv", kv), ("compressed", compressed)):
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype}: expected q's dtype {q.dtype}")
+    if topk_idx.dtype != jnp.int32:
+        raise TypeError(f"topk_idx has dtype {topk_idx.dtype}: expected int32 (-1 = no entry)")
+    if topk_idx.ndim != 3 or topk_idx.shape[:2] != (b, s) or topk_idx.shape[2] < 1:
+        raise ValueError(f"topk_idx has shape {topk_idx.shape}: expected [B={b}, S={s}, K>=1]")
+    if sink.shape != (h,):
+        raise ValueError(f"sink has shape {sink.shape}: expected [H] = {(h,)}")
+    if not isinstance(window, (int, np.integer)) or isinstance(window, bool) or window < 1:
+        raise ValueError(f"window={window!r} is invalid: expected an int >= 1")
+    if not np.isfinite(float(scale)) or float(scale) <= 0:
+        raise ValueError(f"scale={scale!r} is invalid: expected a finite float > 0")
+    if segment_ids is not None:
+        if segment_ids.shape != (b, s):
+            raise ValueError(f"segment_ids has shape {segment_ids.shape}: expected [B, S] = "
+                             f"{(b, s)}")
+        if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+            raise TypeError(f"segment_ids has dtype {segment_ids.dtype}: expected an integer dtype")
+    if _is_concrete(topk_idx):
+        idx = np.asarray(topk_idx)
+        n = compressed.shape[1]
+        lo, hi = int(idx.min()), int(idx.max())
+        if hi >= n:
+            raise ValueError(f"topk_idx holds {hi}, out of range for N={n} compressed entries "
+                             "(valid: 0..N-1, and -1 for none)")
+        if lo < -1:
+            raise ValueError(f"topk_idx holds {lo}: the only negative value allowed is -1 (none)")
+
+
+def _validate_kernel_shapes(implementation, q, compiled):
+    """Tile constraints of the compiled kernels (interpret mode accepts any size)."""
+    if not compiled:
+        return
+    h, d = q.shape[2], q.shape[3]
+    if implementation == "pallas_tpu":
+        sub = 8 * (4 // jnp.dtype(q.dtype).itemsize)
+        if h % sub:
+            raise ValueError(f"num heads H={h} is unsupported by the compiled TPU kernel for "
+                             f"{q.dtype}: must be a multiple of {sub} (sublane tile)")
+        if d % 128:
+            raise ValueError(f"head dim D={d} is unsupported by the compiled TPU kernel: must be "
+                             "a multiple of 128 (lane tile)")
+    elif implementation == "pallas_gpu":
+        for name, v in (("num heads H", h), ("head dim D", d)):
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"{name}={v} is unsupported by the compiled GPU kernel: must be "
+                                 "a power of two >= 16 (Triton dot tiles)")
+
+
+def csa_attention(q: jax.Array, kv: jax.Array, compressed: jax.Array, topk_idx: jax.Array,
+                  sink: jax.Array, *, window: int, scale: float,
+                  segment_ids: jax.Array | None = None, implementation: str | None = None,
+                  interpret: bool | None = None, config: SparseAttentionConfig | None = None):
+    """q [B,S,H,D], kv [B,S,D], compressed [B,N,D], topk_idx [B,S,K] int32, sink [H] fp32
+    -> (out [B,S,H,D] in q's dtype, lse [B,S,H] fp32). Differentiable in q, kv, compressed, sink."""
+    if implementation is None:
+        implementation = default_implementation()
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation={implementation!r} is invalid: allowed values "
+                         f"{IMPLEMENTATIONS + (None,)}")
+    if config is not None and not isinstance(config, SparseAttentionConfig):
+        raise TypeError(f"config={config!r} is invalid: expected a SparseAttentionConfig or None")
+    validate_inputs(q, kv, compressed, topk_idx, sink, window=window, scale=scale,
+                    segment_ids=segment_ids)
+    if implementation == "reference":
+        return reference.csa_reference(q, kv, compressed, topk_idx, sink, window=window,
+                                       scale=scale, segment_ids=segment_ids)
+    if implementation == "xla":
+        return reference.csa_xla(q, kv, compressed, topk_idx, sink, window=window, scale=scale,
+                                 segment_ids=segment_ids)
+    interpret = compat.resolve_interpret(interpret)
+    # (Compiling for a backend other than the default one is allowed: TPU AOT from a CPU host.)
+    backend = "tpu" if implementation == "pallas_tpu" else "gpu"
+    _validate_kernel_shapes(implementation, q, compiled=not interpret)
+    if config is None:
+        config = default_config(backend, compiled=not interpret, num_selected=topk_idx.shape[-1])
+    config.validate_for(backend, compiled=not interpret)
+    st = Static(implementation, int(window), float(scale), config, interpret)
+    return csa_pallas(q, kv, compressed, topk_idx, sink.astype(jnp.float32), segment_ids, st)
