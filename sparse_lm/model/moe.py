@@ -44,8 +44,9 @@ class MoE(nnx.Module):
         else:
             idx = moe_ops.select_by_hash(token_ids.reshape(-1), self.tid2eid[...])
         weights = moe_ops.combine_weights(scores, idx, cfg.routed_scaling_factor)
-        y = moe_ops.experts_dropless(flat, idx, weights, self.w_gate[...], self.w_up[...],
-                                     self.w_down[...], cfg.swiglu_limit)
+        experts = moe_ops.EXPERT_IMPLEMENTATIONS[cfg.moe_impl]
+        y = experts(flat, idx, weights, self.w_gate[...], self.w_up[...], self.w_down[...],
+                    cfg.swiglu_limit)
         if cfg.n_shared_experts:
             y = y + moe_ops.ffn(flat, self.shared_gate[...], self.shared_up[...],
                                 self.shared_down[...], cfg.swiglu_limit)

@@ -66,6 +66,45 @@ def experts_dropless(u, idx, weights, w_gate, w_up, w_down, limit: float):
     return jnp.zeros((t, u.shape[-1]), jnp.float32).at[token_of].add(y.astype(jnp.float32)).astype(dt)
 
 
+def experts_blocked(u, idx, weights, w_gate, w_up, w_down, limit: float, block: int = 128):
+    """Routed experts without capacity limits, as batched matmuls over fixed-size row blocks.
+
+    Assignments are sorted by expert and each expert's rows are padded to a multiple of `block`;
+    every block then multiplies by its expert's matrices (gathered per block). The number of
+    blocks is static (ceil(T*k/block) + E), so the padding costs at most E blocks. Same result
+    as `experts_dropless`; on XLA:CPU it is several times faster than `lax.ragged_dot`.
+
+    u [T, d]; idx, weights [T, k]; w_gate/w_up [E, d, I]; w_down [E, I, d] -> [T, d] (u's dtype).
+    """
+    t, k = idx.shape
+    e = w_gate.shape[0]
+    dt = u.dtype
+    n = t * k
+    nb = -(-n // block) + e
+    flat = idx.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    expert_sorted = flat[order]
+    sizes = jnp.bincount(flat, length=e)
+    padded = -(-sizes // block) * block
+    start = jnp.cumsum(sizes) - sizes
+    padded_end = jnp.cumsum(padded)
+    dest = (padded_end - padded)[expert_sorted] + jnp.arange(n) - start[expert_sorted]
+    token_of = order // k
+    src = jnp.full((nb * block,), t, jnp.int32).at[dest].set(token_of.astype(jnp.int32))
+    x = jnp.concatenate([u, jnp.zeros((1, u.shape[1]), dt)])[src].reshape(nb, block, -1)
+    block_expert = jnp.minimum(jnp.searchsorted(padded_end, jnp.arange(nb) * block, side="right"),
+                               e - 1)
+    h = swiglu(jnp.einsum("bcd,bdi->bci", x, w_gate.astype(dt)[block_expert]),
+               jnp.einsum("bcd,bdi->bci", x, w_up.astype(dt)[block_expert]), limit)
+    y = jnp.einsum("bci,bid->bcd", h.astype(dt), w_down.astype(dt)[block_expert])
+    y = y.reshape(nb * block, -1)[dest].astype(jnp.float32)
+    y = y * weights.reshape(-1)[order][:, None].astype(jnp.float32)
+    return jnp.zeros((t, u.shape[-1]), jnp.float32).at[token_of].add(y).astype(dt)
+
+
+EXPERT_IMPLEMENTATIONS = {"ragged_dot": experts_dropless, "blocked": experts_blocked}
+
+
 def experts_dense_reference(u, idx, weights, w_gate, w_up, w_down, limit: float):
     """Every expert on every token, combined by a [T, E] weight matrix. Obviously correct, O(E)."""
     e = w_gate.shape[0]
