@@ -52,7 +52,7 @@ def _csa_bwd(st, res, cts):
     _, bwd = _KERNELS[st.implementation]
     dq, dkv, dc, dsink = bwd(q, kv, compressed, topk_idx, sink, out, lse, dout,
                              segment_ids=segment_ids, dlse=dlse, **_kw(st))
-    return dq, dkv, dc, dsink, None, None
+    return dq, dkv, dc, None, dsink, None
 
 
 csa_pallas.defvjp(_csa_fwd, _csa_bwd)
