@@ -32,8 +32,8 @@ def _loss_and_grads(fn, q, kv, comp, sink, dout, dlse):
     def loss(q, kv, comp, sink):
         out, lse = fn(q, kv, comp, sink)
         return (jnp.sum(out.astype(jnp.float32) * dout) + jnp.sum(lse * dlse)), (out, lse)
-    (_, (out, lse)), grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(
-        q, kv, comp, sink)
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
+    (_, (out, lse)), grads = step(q, kv, comp, sink)   # one compile: much faster than eager
     return out, lse, grads
 
 
@@ -100,9 +100,9 @@ def test_duplicate_listing_counts_twice():
     q, kv, comp, _, sink, _ = csa_inputs(5, b=1, s=4, h=2, d=8, n=3, k=2)
     once = jnp.array([[[1, -1]] * 4], jnp.int32)
     twice = jnp.array([[[1, 1]] * 4], jnp.int32)
-    kw = dict(window=2, scale=0.3, implementation="pallas_tpu", interpret=True)
-    o1, _ = csa_attention(q, kv, comp, once, sink, **kw)
-    o2, _ = csa_attention(q, kv, comp, twice, sink, **kw)
+    run = jax.jit(lambda idx: csa_attention(q, kv, comp, idx, sink, window=2, scale=0.3,
+                                            implementation="pallas_tpu", interpret=True)[0])
+    o1, o2 = run(once), run(twice)
     r2, _ = csa_reference(q, kv, comp, twice, sink, window=2, scale=0.3)
     assert float(jnp.max(jnp.abs(o1 - o2))) > 1e-3
     assert_close("out", o2, r2, 1e-5)
@@ -117,7 +117,8 @@ def test_interpret_none_means_interpret_on_cpu_and_default_is_xla():
     kw = dict(window=3, scale=0.35, segment_ids=seg)
     want = csa_reference(q, kv, comp, idx, sink, **kw)
     for impl in (None, "pallas_gpu"):  # None -> xla on CPU; pallas with interpret=None runs
-        got = csa_attention(q, kv, comp, idx, sink, implementation=impl, **kw)
+        got = jax.jit(lambda q: csa_attention(q, kv, comp, idx, sink, implementation=impl,
+                                              **kw))(q)
         assert_close("out", got[0], want[0], 1e-5)
         assert_close("lse", got[1], want[1], 1e-5)
 
