@@ -1,0 +1,147 @@
+"""Entry point: block-sparse attention over `[window keys | compressed entries]` (HCA and SWA).
+
+    out, lse = block_sparse_attention(q, kv, sink, window=W, scale=D**-0.5,
+                                      compressed=c, compressed_valid=v, ratio=m,
+                                      segment_ids=seg)
+
+equals `sparse_lm.ops.attention.sparse_attention(..., topk_idx=None, implementation="reference",
+return_lse=True)`: query t attends raw keys t-W+1..t of its own document and every visible
+compressed entry (e < (t+1)//m, valid, same document), plus a per-head sink logit; one shared
+K = V head (MQA). The dense causal baseline is the same call with window >= S and no entries.
+
+implementation: "tpu" (Mosaic TPU kernel), "gpu" (Pallas Triton kernel), "reference" (pure jnp),
+or None = the kernel for the default backend ("tpu" on TPU, "gpu" on GPU, "tpu" interpreted on
+CPU). interpret: None = interpret iff the default backend is CPU.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels_pallas import compat
+from kernels_pallas.block_sparse_attention import mask as mask_lib
+from kernels_pallas.block_sparse_attention import reference, vjp
+from kernels_pallas.block_sparse_attention.config import BlockSizes, default_block_sizes
+from kernels_pallas.block_sparse_attention.plan import Plan
+
+IMPLEMENTATIONS = ("tpu", "gpu", "reference")
+
+
+def default_implementation(backend: str | None = None) -> str:
+    backend = backend or compat.backend()
+    return "gpu" if backend == "gpu" else "tpu"
+
+
+def block_sparse_attention(q: jax.Array, kv: jax.Array, sink: jax.Array, *, window: int,
+                           scale: float, compressed: jax.Array | None = None,
+                           compressed_valid: jax.Array | None = None, ratio: int = 0,
+                           segment_ids: jax.Array | None = None, implementation: str | None = None,
+                           interpret: bool | None = None, config: BlockSizes | None = None):
+    """q [B, S, H, D]; kv [B, S, D] (q's dtype); sink [H]; compressed [B, N, D] | None;
+    compressed_valid [B, N] bool | None (None = every entry valid: the fastest path, since
+    positionally full blocks then need no mask); ratio >= 1 with entries; segment_ids [B, S] int
+    | None. Returns (out [B, S, H, D] in q's dtype, lse [B, S, H] fp32, sink included).
+    Differentiable in q, kv, compressed and sink."""
+    _validate(q, kv, sink, window, scale, compressed, compressed_valid, ratio, segment_ids)
+    if implementation is None:
+        implementation = default_implementation()
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation={implementation!r} is invalid: allowed values "
+                         f"{IMPLEMENTATIONS + (None,)}")
+    if implementation == "reference":
+        return reference.attention(q, kv, sink, window=window, scale=scale, compressed=compressed,
+                                   compressed_valid=compressed_valid, ratio=ratio,
+                                   segment_ids=segment_ids)
+    interpret = compat.resolve_interpret(interpret)
+    b, s, h, d = q.shape
+    if config is None:
+        config = default_block_sizes(implementation, num_heads=h, compiled=not interpret)
+    elif not isinstance(config, BlockSizes):
+        raise TypeError(f"config={config!r} is invalid: expected a BlockSizes or None")
+    if not interpret:  # compiled (possibly ahead of time for another platform than the host)
+        config.check_tiling(implementation, num_heads=h, head_dim=d,
+                            itemsize=jnp.dtype(q.dtype).itemsize)
+    n = 0 if compressed is None else compressed.shape[1]
+    geom = mask_lib.make_geometry(s, int(window), n, int(ratio) if n else 0,
+                                  q_multiple=config.q_multiple, kv_multiple=config.kv_multiple)
+    plan = Plan(geom=geom, num_heads=h, head_dim=d, scale=float(scale), blocks=config,
+                platform=implementation, interpret=interpret,
+                has_segments=segment_ids is not None,
+                always_mask=segment_ids is not None or (n > 0 and compressed_valid is not None))
+    # Build the maps now so that a geometry the packed form cannot hold fails before any launch.
+    for bq, bk in (config.fwd, config.dq):
+        plan.query_map(bq, bk)
+    plan.key_map(*config.dkv)
+
+    q2, keys, kpos, kseg, qseg = _operands(plan, q, kv, compressed, compressed_valid, segment_ids)
+    out2, lse2 = vjp.attention_core(plan, q2, keys, sink.astype(jnp.float32), kpos, kseg, qseg)
+    out = out2.reshape(b, geom.q_pad, h, d)[:, :s]
+    lse = lse2.reshape(b, geom.q_pad, h)[:, :s]
+    return out, lse
+
+
+def _operands(plan: Plan, q, kv, compressed, compressed_valid, segment_ids):
+    """Pad and lay out the kernel operands (see `Plan`)."""
+    g = plan.geom
+    b, s, h, d = q.shape
+    n = g.num_entries
+    q2 = jnp.pad(q, ((0, 0), (0, g.q_pad - s), (0, 0), (0, 0))).reshape(b, g.q_pad * h, d)
+    parts = [jnp.pad(kv, ((0, 0), (0, g.win_pad - s), (0, 0)))]
+    if n:
+        parts.append(jnp.pad(compressed.astype(kv.dtype), ((0, 0), (0, g.comp_pad - n), (0, 0))))
+    keys = jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+    kpos_static, _ = mask_lib.key_intervals(g)
+    kpos = jnp.broadcast_to(jnp.asarray(kpos_static), (b, g.num_keys))
+    if n and compressed_valid is not None:
+        valid = jnp.pad(compressed_valid.astype(bool), ((0, 0), (0, g.comp_pad - n)))
+        kpos = kpos.at[:, g.win_pad:].set(
+            jnp.where(valid, kpos[:, g.win_pad:], mask_lib.NEVER))
+    kseg = qseg = None
+    if segment_ids is not None:
+        seg = segment_ids.astype(jnp.int32)
+        qseg = jnp.repeat(jnp.pad(seg, ((0, 0), (0, g.q_pad - s)), constant_values=-1), h, axis=1)
+        kparts = [jnp.pad(seg, ((0, 0), (0, g.win_pad - s)), constant_values=-1)]
+        if n:
+            first = np.minimum(np.arange(n) * g.ratio, s - 1)   # entries past S are never visible
+            kparts.append(jnp.pad(seg[:, first], ((0, 0), (0, g.comp_pad - n)),
+                                  constant_values=-1))
+        kseg = jnp.concatenate(kparts, axis=1)
+    return q2, keys, kpos.astype(jnp.int32), kseg, qseg
+
+
+def _validate(q, kv, sink, window, scale, compressed, compressed_valid, ratio, segment_ids):
+    if q.ndim != 4:
+        raise ValueError(f"q has shape {q.shape}, expected [B, S, H, D]")
+    b, s, h, d = q.shape
+    if not jnp.issubdtype(q.dtype, jnp.floating):
+        raise TypeError(f"q has dtype {q.dtype}, expected a floating dtype")
+    if kv.shape != (b, s, d):
+        raise ValueError(f"kv has shape {kv.shape}, expected {(b, s, d)} (one shared K = V head)")
+    if kv.dtype != q.dtype:
+        raise TypeError(f"kv has dtype {kv.dtype}, expected q's dtype {q.dtype}")
+    if sink.shape != (h,):
+        raise ValueError(f"sink has shape {sink.shape}, expected ({h},) (one logit per head)")
+    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
+        raise ValueError(f"window={window!r} is invalid: must be an int >= 1")
+    if not isinstance(scale, (float, int, np.floating)) or isinstance(scale, bool) or scale <= 0:
+        raise ValueError(f"scale={scale!r} is invalid: must be a positive Python float")
+    if compressed is not None:
+        if compressed.ndim != 3 or compressed.shape[0] != b or compressed.shape[2] != d:
+            raise ValueError(f"compressed has shape {compressed.shape}, expected [B={b}, N, D={d}]")
+        if not jnp.issubdtype(compressed.dtype, jnp.floating):
+            raise TypeError(f"compressed has dtype {compressed.dtype}, expected a floating dtype")
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, np.integer)) or ratio < 1:
+            raise ValueError(f"ratio={ratio!r} is invalid with compressed entries: must be an "
+                             "int >= 1")
+        if compressed_valid is not None:
+            n = compressed.shape[1]
+            if compressed_valid.shape != (b, n) or compressed_valid.dtype != jnp.bool_:
+                raise ValueError(f"compressed_valid has shape {compressed_valid.shape} and dtype "
+                                 f"{compressed_valid.dtype}, expected bool [B={b}, N={n}]")
+    elif compressed_valid is not None:
+        raise ValueError("compressed_valid given without compressed entries")
+    if segment_ids is not None:
+        if segment_ids.shape != (b, s) or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+            raise ValueError(f"segment_ids has shape {segment_ids.shape} and dtype "
+                             f"{segment_ids.dtype}, expected integer [B={b}, S={s}]")
