@@ -25,12 +25,16 @@ class SparseAttentionConfig:
                 Triton dot minimum). The top-k list is padded with -1 to a multiple of it.
     num_warps, num_stages: Triton launch parameters (GPU only).
     vmem_limit_bytes: Mosaic scoped-VMEM limit (TPU only; None = compiler default).
+    bwd_block_s: queries per TPU backward kernel call (multiple of block_q). The TPU backward
+                writes fp32 dK rows [chunk, K, D] before XLA scatter-adds them, so the chunk
+                bounds that buffer; None = about 1 GiB of it.
     """
     block_q: int = 8
     block_k: int = 128
     num_warps: int = 4
     num_stages: int = 1
     vmem_limit_bytes: int | None = None
+    bwd_block_s: int | None = None
 
     def __post_init__(self):
         for name in ("block_q", "block_k", "num_warps", "num_stages"):
@@ -40,6 +44,11 @@ class SparseAttentionConfig:
         if self.block_q % 8:
             raise ValueError(f"SparseAttentionConfig.block_q={self.block_q} is invalid: must be a "
                              "multiple of 8 (TPU sublane tile of the per-query outputs)")
+        if self.bwd_block_s is not None and (not isinstance(self.bwd_block_s, int)
+                                             or self.bwd_block_s < 1
+                                             or self.bwd_block_s % self.block_q):
+            raise ValueError(f"SparseAttentionConfig.bwd_block_s={self.bwd_block_s!r} is invalid: "
+                             f"None or a positive multiple of block_q={self.block_q}")
         if not _is_pow2(self.num_warps):
             raise ValueError(f"SparseAttentionConfig.num_warps={self.num_warps} must be a power of 2")
         if self.vmem_limit_bytes is not None and self.vmem_limit_bytes < (1 << 20):

@@ -53,11 +53,12 @@ def _dot(a, b):
 class _Layout:
     """Static geometry shared by forward and backward."""
 
-    def __init__(self, q_shape, num_selected, window, cfg: SparseAttentionConfig):
+    def __init__(self, q_shape, num_selected, window, cfg: SparseAttentionConfig,
+                 q_multiple: int | None = None):
         b, s, h, d = q_shape
         self.b, self.s, self.h, self.d = b, s, h, d
         self.bq, self.bk = cfg.block_q, cfg.block_k
-        self.sp = _round_up(s, self.bq)
+        self.sp = _round_up(s, q_multiple or self.bq)   # q_multiple: a multiple of block_q
         self.nq = self.sp // self.bq
         self.kp = _round_up(num_selected, self.bk)
         self.nc = self.kp // self.bk
@@ -246,17 +247,18 @@ def csa_fwd_tpu(q, kv, compressed, topk_idx, sink, *, window, scale, segment_ids
 
 def _bwd_kernel(*refs, lay: _Layout, scale: float, has_seg: bool):
     if has_seg:
-        (idx_s, idx_v, qseg, kseg, sink_ref, q_ref, do_ref, lse_ref, dlt_ref, kv_hbm, c_hbm,
-         dq_ref, dslab_ref, dc_hbm, slab, gbuf, stage, sem, dq_scr) = refs
+        (j0_ref, idx_s, idx_v, qseg, kseg, sink_ref, q_ref, do_ref, lse_ref, dlt_ref, kv_hbm,
+         c_hbm, dq_ref, dslab_ref, dc_hbm, slab, gbuf, stage, sem, dq_scr) = refs
     else:
-        (idx_s, idx_v, sink_ref, q_ref, do_ref, lse_ref, dlt_ref, kv_hbm, c_hbm,
+        (j0_ref, idx_s, idx_v, sink_ref, q_ref, do_ref, lse_ref, dlt_ref, kv_hbm, c_hbm,
          dq_ref, dslab_ref, dc_hbm, slab, gbuf, stage, sem, dq_scr) = refs
         qseg = kseg = None
     del sink_ref  # dsink is computed outside from lse and delta
     b, j = pl.program_id(0), pl.program_id(1)
+    jg = j0_ref[0] + j                      # global query block (this call covers one chunk)
     nsteps = lay.bq * lay.nc
     slab_copy = pltpu.make_async_copy(
-        kv_hbm.at[b, pl.ds(pl.multiple_of(j * lay.bq, 8), lay.slab)], slab, sem.at[2])
+        kv_hbm.at[b, pl.ds(pl.multiple_of(jg * lay.bq, 8), lay.slab)], slab, sem.at[2])
     slab_copy.start()
     gather = _Gather(lay, b, idx_s, c_hbm, gbuf, sem)
     gather.start(0, 0)
@@ -292,7 +294,7 @@ def _bwd_kernel(*refs, lay: _Layout, scale: float, has_seg: bool):
         def _():
             keys = slab[...].astype(q_ref.dtype)
             s = _dot_nt(q_ref[i], keys) * scale
-            dq, dk = grads(i, s, _window_valid(lay, j, i, kseg, qseg), keys)
+            dq, dk = grads(i, s, _window_valid(lay, jg, i, kseg, qseg), keys)
             dq_scr[...] = dq
             dslab_ref[...] += dk
 
@@ -311,7 +313,7 @@ def _bwd_kernel(*refs, lay: _Layout, scale: float, has_seg: bool):
 
         @pl.when(c == lay.nc - 1)
         def _():
-            dq_ref[i] = dq_scr[...]
+            dq_ref[i] = dq_scr[...].astype(dq_ref.dtype)
 
         return carry
 
@@ -321,17 +323,30 @@ def _bwd_kernel(*refs, lay: _Layout, scale: float, has_seg: bool):
             out_copy(nsteps - back, (nsteps - back) % 2).wait()
 
 
+def bwd_chunk_queries(lay: _Layout, cfg: SparseAttentionConfig) -> int:
+    """Queries per backward kernel call: bounds the fp32 [chunk, K, D] dK-row buffer (~1 GiB by
+    default), a multiple of block_q, no larger than the padded sequence."""
+    if cfg.bwd_block_s is not None:
+        chunk = cfg.bwd_block_s
+    else:
+        chunk = max(lay.bq, ((1 << 30) // (lay.kp * lay.d * 4)) // lay.bq * lay.bq)
+    return min(chunk, _round_up(lay.s, lay.bq))
+
+
 def csa_bwd_tpu(q, kv, compressed, topk_idx, sink, out, lse, dout, *, window, scale,
                 segment_ids, cfg: SparseAttentionConfig, interpret: bool, dlse=None):
     """Gradients (dq, dkv, dcompressed, dsink) of `csa_fwd_tpu`.
 
     Scatter-free kernel: each program writes dq of its queries, the dK partial of its window
-    slab ([B, nq, slab, D]) and the dK rows of every (query, listed entry) pair ([B, S, K, D],
+    slab ([B, nq, slab, D]) and the dK rows of every (query, listed entry) pair ([B, chunk, K, D],
     fp32, written to HBM by DMA); XLA then scatter-adds the slabs into dkv and the rows into
-    dcompressed (duplicates and overlap accumulate by construction). dsink needs no kernel:
-    dsink[h] = -sum_{b,t} exp(sink[h] - lse[b,t,h]) * delta[b,t,h], delta = rowsum(dO * O).
+    dcompressed (duplicates and overlap accumulate by construction). The queries are processed in
+    chunks (`bwd_chunk_queries`) by a loop around the kernel so the dK-row buffer stays bounded.
+    dsink needs no kernel: dsink[h] = -sum_{b,t} exp(sink[h] - lse[b,t,h]) * delta[b,t,h].
     """
-    lay = _Layout(q.shape, topk_idx.shape[-1], window, cfg)
+    lay0 = _Layout(q.shape, topk_idx.shape[-1], window, cfg)
+    chunk = bwd_chunk_queries(lay0, cfg)
+    lay = _Layout(q.shape, topk_idx.shape[-1], window, cfg, q_multiple=chunk)
     qp, kvp, idx, idx_v, seg = _prepare(lay, q, kv, topk_idx, segment_ids)
     has_seg = seg is not None
     ds = lay.sp - lay.s
@@ -340,21 +355,20 @@ def csa_bwd_tpu(q, kv, compressed, topk_idx, sink, out, lse, dout, *, window, sc
     lsep = jnp.pad(lse, ((0, 0), (0, ds), (0, 0)), constant_values=LSE_PAD)[..., None]
     dltp = jnp.pad(delta, ((0, 0), (0, ds), (0, 0)))[..., None]
     sink_col = sink.astype(jnp.float32).reshape(lay.h, 1)
-    in_specs = _specs(lay, has_seg) + [
+    n_chunks, cq = lay.sp // chunk, chunk // lay.bq          # chunks; query blocks per chunk
+    in_specs = [pl.BlockSpec(memory_space=compat.SMEM)] + _specs(lay, has_seg) + [
         _q_spec(lay), _q_spec(lay), _col_spec(lay), _col_spec(lay),
         pl.BlockSpec(memory_space=compat.ANY), pl.BlockSpec(memory_space=compat.ANY)]
-    args = [idx, idx_v] + (list(seg) if has_seg else []) + [sink_col, qp, dop, lsep, dltp, kvp,
-                                                            _wide(compressed)]
-    dq, dslab, dcrows = pl.pallas_call(
+    call = pl.pallas_call(
         functools.partial(_bwd_kernel, lay=lay, scale=float(scale), has_seg=has_seg),
-        grid=(lay.b, lay.nq),
+        grid=(lay.b, cq),
         in_specs=in_specs,
         out_specs=[_q_spec(lay),
                    pl.BlockSpec((None, None, lay.slab, lay.d), lambda b, j: (b, j, 0, 0)),
                    pl.BlockSpec(memory_space=compat.ANY)],
-        out_shape=[jax.ShapeDtypeStruct((lay.b, lay.sp, lay.h, lay.d), jnp.float32),
-                   jax.ShapeDtypeStruct((lay.b, lay.nq, lay.slab, lay.d), jnp.float32),
-                   jax.ShapeDtypeStruct((lay.b, lay.sp, lay.kp, lay.d), jnp.float32)],
+        out_shape=[jax.ShapeDtypeStruct((lay.b, chunk, lay.h, lay.d), q.dtype),
+                   jax.ShapeDtypeStruct((lay.b, cq, lay.slab, lay.d), jnp.float32),
+                   jax.ShapeDtypeStruct((lay.b, chunk, lay.kp, lay.d), jnp.float32)],
         scratch_shapes=[pltpu.VMEM((lay.slab, lay.d), jnp.float32),
                         pltpu.VMEM((2, lay.bk, lay.d), jnp.float32),
                         pltpu.VMEM((2, lay.bk, lay.d), jnp.float32),
@@ -364,16 +378,36 @@ def csa_bwd_tpu(q, kv, compressed, topk_idx, sink, out, lse, dout, *, window, sc
                                                    cfg.vmem_limit_bytes),
         interpret=interpret,
         name="csa_bwd_tpu",
-    )(*args)
-    # Window slabs -> dkv (padded coordinates: slab row r of block j is padded row j*bq + r).
-    rows = (jnp.arange(lay.nq) * lay.bq)[:, None] + jnp.arange(lay.slab)[None, :]
-    dkvp = jnp.zeros((lay.b, lay.wp + lay.sp, lay.d), jnp.float32)
-    dkvp = dkvp.at[:, rows.reshape(-1)].add(dslab.reshape(lay.b, -1, lay.d))
-    dkv = dkvp[:, lay.wp:lay.wp + lay.s]
-    dcomp = scatter_rows(dcrows, idx, compressed.shape[1])
+    )
+    comp32 = _wide(compressed)
+    n = compressed.shape[1]
+    slab_rows = (jnp.arange(cq) * lay.bq)[:, None] + jnp.arange(lay.slab)[None, :]   # [cq, slab]
+
+    def rows_of(x, c0, size):
+        return lax.dynamic_slice_in_dim(x, c0, size, axis=1)
+
+    def body(ci, carry):
+        dq_all, dkvp, dcomp = carry
+        q0, j0 = ci * chunk, ci * cq
+        chunk_seg = [] if not has_seg else [rows_of(seg[0], j0, cq), rows_of(seg[1], j0, cq)]
+        idx_c = rows_of(idx, q0, chunk)
+        args = ([jnp.reshape(j0, (1,)).astype(jnp.int32), idx_c, rows_of(idx_v, q0, chunk)]
+                + chunk_seg + [sink_col, rows_of(qp, q0, chunk), rows_of(dop, q0, chunk),
+                               rows_of(lsep, q0, chunk), rows_of(dltp, q0, chunk), kvp, comp32])
+        dq, dslab, dcrows = call(*args)
+        dq_all = lax.dynamic_update_slice_in_dim(dq_all, dq, q0, axis=1)
+        # Window slabs -> dkv (padded rows: slab row r of global block jg is row jg*bq + r).
+        dkvp = dkvp.at[:, (q0 + slab_rows).reshape(-1)].add(dslab.reshape(lay.b, -1, lay.d))
+        dcomp = dcomp + scatter_rows(dcrows, idx_c, n)
+        return dq_all, dkvp, dcomp
+
+    init = (jnp.zeros((lay.b, lay.sp, lay.h, lay.d), q.dtype),
+            jnp.zeros((lay.b, lay.wp + lay.sp, lay.d), jnp.float32),
+            jnp.zeros((lay.b, n, lay.d), jnp.float32))
+    dq, dkvp, dcomp = lax.fori_loop(0, n_chunks, body, init)
     dsink = dsink_from_stats(sink, lse, delta)
-    return dq[:, :lay.s].astype(q.dtype), dkv.astype(kv.dtype), dcomp.astype(compressed.dtype), \
-        dsink.astype(sink.dtype)
+    return (dq[:, :lay.s], dkvp[:, lay.wp:lay.wp + lay.s].astype(kv.dtype),
+            dcomp.astype(compressed.dtype), dsink.astype(sink.dtype))
 
 
 def scatter_rows(rows, idx, n):

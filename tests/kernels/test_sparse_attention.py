@@ -16,10 +16,11 @@ IMPLS = ["pallas_tpu", "pallas_gpu"]
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 
 # name -> (shape kwargs, window, segments, config). block_q=8 and S=19/21 make S ragged;
-# block_k=4 with K=5/6 gives two chunks, the second one half -1 padding.
+# block_k=4 with K=5/6 gives two chunks, the second one half -1 padding; bwd_block_s=8 runs the
+# TPU backward in 3 query chunks.
 CASES = {
     "batch2_ragged": (dict(b=2, s=19, h=4, d=16, n=7, k=5), 4, None,
-                      SparseAttentionConfig(block_q=8, block_k=4)),
+                      SparseAttentionConfig(block_q=8, block_k=4, bwd_block_s=8)),
     "batch1_packed": (dict(b=1, s=21, h=4, d=16, n=6, k=6), 6, [5, 9, 4],
                       SparseAttentionConfig(block_q=8, block_k=4)),
     "window1_single_chunk": (dict(b=1, s=9, h=2, d=8, n=3, k=3), 1, None, None),
