@@ -89,7 +89,8 @@ def _fwd_kernel(*refs, lay, scale, has_seg):
     else:
         q_ref, kv_ref, c_ref, idx_ref, sink_ref, o_ref, lse_ref = refs
         seg_ref = None
-    b, t = pl.program_id(0), pl.program_id(1)
+    pid = pl.program_id(0)            # 1-D grid: CUDA's 2nd/3rd grid dims stop at 65535
+    b, t = pid // lay.s, pid % lay.s
     qi = compat.triton_load(q_ref.at[b, t, :, :])                          # [H, D]
 
     def update(carry, s, valid, vals):
@@ -126,7 +127,7 @@ def csa_fwd_gpu(q, kv, compressed, topk_idx, sink, *, window, scale, segment_ids
     args = [q, kvp, compressed, idx, sink.astype(jnp.float32)] + ([segp] if has_seg else [])
     out, lse = pl.pallas_call(
         functools.partial(_fwd_kernel, lay=lay, scale=float(scale), has_seg=has_seg),
-        grid=(lay.b, lay.s),
+        grid=(lay.b * lay.s,),
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                    jax.ShapeDtypeStruct((lay.b, lay.s, lay.h), jnp.float32)],
         compiler_params=None if interpret else compat.triton_compiler_params(
@@ -155,7 +156,8 @@ def _bwd_kernel(*refs, lay, scale, has_seg, interpret):
         (q_ref, do_ref, lse_ref, dlt_ref, kv_ref, c_ref, idx_ref, _dkv0, _dc0,
          dq_ref, dkv_ref, dc_ref) = refs
         seg_ref = None
-    b, t = pl.program_id(0), pl.program_id(1)
+    pid = pl.program_id(0)            # 1-D grid: CUDA's 2nd/3rd grid dims stop at 65535
+    b, t = pid // lay.s, pid % lay.s
     qi = compat.triton_load(q_ref.at[b, t, :, :])
     doi = compat.triton_load(do_ref.at[b, t, :, :])
     lse = compat.triton_load(lse_ref.at[b, t, :])
@@ -200,7 +202,7 @@ def csa_bwd_gpu(q, kv, compressed, topk_idx, sink, out, lse, dout, *, window, sc
     dq, dkvp, dc = pl.pallas_call(
         functools.partial(_bwd_kernel, lay=lay, scale=float(scale), has_seg=has_seg,
                           interpret=interpret),
-        grid=(lay.b, lay.s),
+        grid=(lay.b * lay.s,),
         out_shape=[jax.ShapeDtypeStruct(q.shape, jnp.float32),
                    jax.ShapeDtypeStruct(dkv0.shape, jnp.float32),
                    jax.ShapeDtypeStruct(dc0.shape, jnp.float32)],
