@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# GPU checks the lead runs on the GPU machine (JAX 0.11.2 + CUDA + Triton there):
+#     bash tools/gpu_check.sh            # every section
+#     bash tools/gpu_check.sh csa        # only the named sections
+# Each kernel owns one section (a function below); add yours to SECTIONS. Compiled, not
+# interpreted: JAX_PLATFORMS=cuda. Logs go to $OUT (the device tool's output folder) or
+# ./gpu_check_out. Exit status: non-zero if any section failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+PYTHON=${PYTHON:-python}
+export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda}
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+LOG_DIR=${OUT:-$REPO/gpu_check_out}
+mkdir -p "$LOG_DIR"
+
+environment() {
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+  "$PYTHON" -c 'import jax, jaxlib; print("jax", jax.__version__, "jaxlib", jaxlib.__version__, jax.devices())'
+}
+
+# --- CSA token-sparse attention (kernels_pallas/sparse_attention) ------------------------------
+# Compiled Pallas-Triton kernels vs the reference, forward and gradients (fp32 1e-5, bf16 2e-2).
+# --noconftest: tests/conftest.py pulls in model presets (ml_collections), not needed here.
+csa() {
+  if [ "$JAX_PLATFORMS" != cpu ] && ! "$PYTHON" -c 'import jax, sys; sys.exit(not any(
+      d.platform == "gpu" for d in jax.devices()))' 2>/dev/null; then
+    echo "no GPU visible to JAX (JAX_PLATFORMS=$JAX_PLATFORMS): the compiled tests would only skip"
+    return 1
+  fi
+  "$PYTHON" -m pytest -q -p no:cacheprovider --noconftest -rs \
+    tests/kernels/test_sparse_attention_gpu.py 2>&1 | tee "$LOG_DIR/csa_pytest.log"
+  local rc=${PIPESTATUS[0]}
+  if [ -f experiments/bench_attention.py ]; then
+    "$PYTHON" -m experiments.bench_attention 2>&1 | tee "$LOG_DIR/bench_attention.log"
+    rc=$(( rc || PIPESTATUS[0] ))
+  else
+    echo "experiments/bench_attention.py not present: benchmark skipped"
+  fi
+  return "$rc"
+}
+
+SECTIONS=(csa)
+
+main() {
+  local wanted=("$@") failed=()
+  [ ${#wanted[@]} -eq 0 ] && wanted=("${SECTIONS[@]}")
+  environment 2>&1 | tee "$LOG_DIR/environment.log"
+  for s in "${wanted[@]}"; do
+    if ! declare -F "$s" >/dev/null; then
+      echo "unknown section '$s': known sections are ${SECTIONS[*]}" >&2; exit 2
+    fi
+    echo "=== $s ==="
+    "$s" || failed+=("$s")
+  done
+  if [ ${#failed[@]} -gt 0 ]; then
+    echo "FAILED sections: ${failed[*]} (logs in $LOG_DIR)"; exit 1
+  fi
+  echo "all sections passed (logs in $LOG_DIR)"
+}
+
+main "$@"
