@@ -22,10 +22,11 @@ def sinkhorn(logits: jax.Array, iters: int, eps: float) -> jax.Array:
     """
     m = jax.nn.softmax(logits, axis=-1) + eps
     m = m / (m.sum(axis=-2, keepdims=True) + eps)
-    for _ in range(iters - 1):
+
+    def round_(m, _):  # a loop, not unrolled: unrolled, the backward pass compiles ~10x slower
         m = m / (m.sum(axis=-1, keepdims=True) + eps)
-        m = m / (m.sum(axis=-2, keepdims=True) + eps)
-    return m
+        return m / (m.sum(axis=-2, keepdims=True) + eps), None
+    return jax.lax.scan(round_, m, None, length=iters - 1)[0]
 
 
 def hc_weights(x, fn, base, scale, *, n: int, norm_eps: float, hc_eps: float, sinkhorn_iters: int):
