@@ -72,7 +72,7 @@ def _set(tree: dict, path: Sequence, value):
 
 def _get(tree, path: Sequence):
     for k in path:
-        tree = tree[k]
+        tree = tree[k] if k in tree else tree[str(k)]   # orbax metadata keys are strings
     return tree
 
 

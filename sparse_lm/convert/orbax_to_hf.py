@@ -1,0 +1,60 @@
+"""Export a sparse_lm checkpoint (written by hf_to_orbax) as a Hugging Face DeepSeek-V4 checkpoint.
+
+    python -m sparse_lm.convert.orbax_to_hf --ckpt CKPT --out DIR \
+        [--format=transformers|official] [--dtype=keep|bfloat16|float32] [--max-shard-gb=5]
+
+Writes config.json (layer_types, compress_rates, rope_parameters, ... as transformers 5.23.0
+reads them, plus compress_ratios) and safetensors shards with model.safetensors.index.json.
+--format=transformers uses transformers' tensor names (loadable by `DeepseekV4ForCausalLM`, which
+ignores the `mtp.0.*` tensors); --format=official uses the release names (per-expert w1/w2/w3).
+Tensors are written unquantised. Nothing is left at --out unless the export succeeded.
+"""
+from __future__ import annotations
+
+import os
+
+from absl import app, flags
+from flax import nnx
+
+from sparse_lm.convert.core import atomic_directory, restore_checkpoint, write_hf
+
+def export(ckpt: str, out: str, *, scheme: str = "transformers", dtype=None,
+           max_shard_bytes: int = 5 * 2**30, progress: bool = True) -> list[str]:
+    """Library form of the CLI: our checkpoint -> HF directory at `out` (atomic)."""
+    if os.path.exists(out):
+        raise FileExistsError(f"--out {out} already exists; remove it or choose another path")
+    model, cfg = restore_checkpoint(ckpt)
+    pure = nnx.to_pure_dict(nnx.state(model))
+    files = []
+    atomic_directory(out, lambda tmp: files.extend(
+        write_hf(pure, cfg, tmp, scheme=scheme, dtype=dtype, max_shard_bytes=max_shard_bytes,
+                 progress=progress)))
+    return files
+
+
+def define_flags():
+    """Command-line flags (defined only when run as a program, so the module imports cleanly)."""
+    global _CKPT, _OUT, _FORMAT, _DTYPE, _SHARD, _QUIET
+    _CKPT = flags.DEFINE_string("ckpt", None, "sparse_lm checkpoint directory (from hf_to_orbax)")
+    _OUT = flags.DEFINE_string("out", None, "output Hugging Face directory (must not exist)")
+    _FORMAT = flags.DEFINE_enum("format", "transformers", ["transformers", "official"],
+                                "tensor naming scheme")
+    _DTYPE = flags.DEFINE_enum("dtype", "keep", ["keep", "bfloat16", "float32"], "tensor dtype")
+    _SHARD = flags.DEFINE_float("max-shard-gb", 5.0, "maximum shard size in GiB")
+    _QUIET = flags.DEFINE_bool("quiet", False, "no progress bar")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if not _CKPT.value or not _OUT.value:
+        raise app.UsageError("--ckpt and --out are required")
+    files = export(_CKPT.value, _OUT.value, scheme=_FORMAT.value,
+                   dtype=None if _DTYPE.value == "keep" else _DTYPE.value,
+                   max_shard_bytes=int(_SHARD.value * 2**30), progress=not _QUIET.value)
+    print(f"wrote {_OUT.value}: config.json + {len(files)} safetensors file(s)")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
