@@ -11,7 +11,7 @@ import dataclasses
 from typing import Any, Mapping
 
 LAYER_KINDS = ("swa", "csa", "hca")
-ATTENTION_IMPLEMENTATIONS = ("reference", "xla")
+ATTENTION_IMPLEMENTATIONS = ("reference", "xla", "pallas")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16")
 MOE_IMPLEMENTATIONS = ("ragged_dot", "blocked")

@@ -12,6 +12,10 @@ Implementations (same function, same results):
   "reference": dense masked attention over all S window keys and all N entries; obviously correct.
   "xla":       window as a blocked band (cost S*2W), top-k entries gathered per query (S*k), HCA
                dense over the S/m' entries; nothing is S x S.
+  "pallas":    the kernels of `kernels_pallas`: the token-sparse CSA kernel when entries are
+               listed, the block-sparse kernel otherwise (HCA, SWA, dense CSA). Compiled on TPU
+               (Mosaic) and GPU (Triton); interpreted on CPU (slow: for tests).
+None picks "pallas" on TPU and GPU and "xla" on CPU (logged once per platform).
 """
 from __future__ import annotations
 
@@ -23,14 +27,16 @@ import jax.numpy as jnp
 
 from sparse_lm.ops.compress import entry_visibility
 
-IMPLEMENTATIONS = ("reference", "xla")
+IMPLEMENTATIONS = ("reference", "xla", "pallas")
 _log = logging.getLogger(__name__)
 
 
 @functools.cache
 def default_implementation(platform: str) -> str:
-    """Best available implementation for a backend (Pallas kernels are selected here once they exist)."""
-    return "xla"
+    """Best available implementation for a backend: the Pallas kernels where they compile."""
+    impl = "pallas" if platform in ("tpu", "gpu") else "xla"
+    _log.info("sparse_attention: platform %r -> implementation %r", platform, impl)
+    return impl
 
 
 def sparse_attention(q: jax.Array, kv: jax.Array, sink: jax.Array, *, window: int, scale: float,
@@ -58,7 +64,7 @@ def sparse_attention(q: jax.Array, kv: jax.Array, sink: jax.Array, *, window: in
             raise ValueError(f"topk_idx has shape {topk_idx.shape}, expected [B={b}, S={s}, K]")
     elif topk_idx is not None:
         raise ValueError("topk_idx given without compressed entries")
-    fn = _reference if implementation == "reference" else _xla
+    fn = {"reference": _reference, "xla": _xla, "pallas": _pallas}[implementation]
     out, lse = fn(q, kv, sink, window=window, scale=scale, segment_ids=segment_ids,
                   compressed=compressed, compressed_valid=compressed_valid, ratio=ratio,
                   topk_idx=topk_idx)
@@ -166,3 +172,22 @@ def _xla(q, kv, sink, *, window, scale, segment_ids, compressed, compressed_vali
         out = out[:, :s] + oc
     out = out[:, :s]
     return out.astype(q.dtype), lse.reshape(b, nb * w, h)[:, :s]
+
+
+def _pallas(q, kv, sink, *, window, scale, segment_ids, compressed, compressed_valid, ratio,
+            topk_idx):
+    # Imported here so that the model core does not depend on the kernels package at import time.
+    platform = jax.default_backend()
+    if compressed is not None and compressed.shape[1] == 0:
+        compressed = compressed_valid = topk_idx = None   # too short for one entry: window only
+    if topk_idx is not None and topk_idx.shape[-1] > 0:
+        from kernels_pallas.sparse_attention import api as csa
+        impl = "pallas_gpu" if platform == "gpu" else "pallas_tpu"
+        return csa.csa_attention(q, kv, compressed, topk_idx, sink, window=window, scale=scale,
+                                 segment_ids=segment_ids, implementation=impl)
+    from kernels_pallas.block_sparse_attention import api as bsa
+    impl = "gpu" if platform == "gpu" else "tpu"
+    return bsa.block_sparse_attention(q, kv, sink, window=window, scale=scale,
+                                      compressed=compressed, compressed_valid=compressed_valid,
+                                      ratio=ratio if compressed is not None else 0,
+                                      segment_ids=segment_ids, implementation=impl)

@@ -125,3 +125,13 @@ def test_logits_shape_and_dtype(tiny_model):
     assert logits.shape == (3, 10, 256) and logits.dtype == jnp.float32
     with pytest.raises(ValueError, match=r"input_ids must be \[B, S\]"):
         tiny_model(jnp.zeros((10,), jnp.int32))
+
+
+def test_pallas_kernels_inside_the_model_match_xla():
+    """implementation="pallas" (interpreted on CPU) runs both kernels in every attention kind."""
+    model = build_model(tiny_config(num_layers=4, layer_prefix=(), num_hash_layers=0,
+                                    mtp_depth=0), seed=5)
+    ids = _ids(8, 2, 21)
+    seg = jnp.asarray([[0] * 12 + [1] * 9, [0] * 21])
+    f = nnx.jit(lambda m, i, s, impl: m(i, segment_ids=s, implementation=impl), static_argnums=3)
+    np.testing.assert_allclose(f(model, ids, seg, "pallas"), f(model, ids, seg, "xla"), atol=1e-5)
