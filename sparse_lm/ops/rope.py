@@ -36,14 +36,18 @@ def yarn_ramp_bounds(rope_dim: int, theta: float, yarn: Yarn) -> tuple[float, fl
 def inv_frequencies(rope_dim: int, theta: float, yarn: Yarn | None = None) -> np.ndarray:
     """[rope_dim // 2] float32 inverse frequencies theta^(-2i/r), YaRN-blended when given."""
     exponents = np.arange(0, rope_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(rope_dim)
-    inv = (np.float32(1.0) / (np.float32(theta) ** exponents)).astype(np.float32)
+    # Bit-exact with transformers (tools/parity/NOTES.md §2): a correctly rounded float32 power
+    # (float64 pow, then cast; NumPy's float32 pow can be an ulp off), then float32 reciprocals.
+    power = (np.float64(theta) ** exponents.astype(np.float64)).astype(np.float32)
+    inv = (np.float32(1.0) / power).astype(np.float32)
     if yarn is None:
         return inv
     low, high = yarn_ramp_bounds(rope_dim, theta, yarn)
     i = np.arange(rope_dim // 2, dtype=np.float32)
     ramp = np.clip((i - np.float32(low)) / np.float32(high - low), 0, 1).astype(np.float32)
-    interp = inv / np.float32(yarn.factor)
-    return (interp * ramp + inv * (np.float32(1) - ramp)).astype(np.float32)
+    interp = (np.float32(1.0) / (np.float32(yarn.factor) * power)).astype(np.float32)
+    keep = (np.float32(1) - ramp).astype(np.float32)   # same expression order as transformers
+    return (interp * (np.float32(1) - keep) + inv * keep).astype(np.float32)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq, inverse: bool = False) -> jax.Array:
