@@ -57,20 +57,17 @@ class Attention(nnx.Module):
         attention mass on compressed entries that the top-k keeps); zeros for non-CSA layers.
         """
         cfg = self.cfg
-        b, s, _ = x.shape
-        h, hd = cfg.num_heads, cfg.head_dim
-        dt = x.dtype
-        inv_freq = rope_table(cfg, self.kind)
-        q_latent = self.q_norm(x @ self.wq_a[...].astype(dt))
-        q = (q_latent @ self.wq_b[...].astype(dt)).reshape(b, s, h, hd)
-        q = apply_rope(rms_norm(q, None, cfg.rms_norm_eps), positions, inv_freq)
-        kv = apply_rope(self.kv_norm(x @ self.wkv[...].astype(dt)), positions, inv_freq)
+        s = x.shape[1]
+        inv_freq = self.inv_freq
+        q, q_latent = self.project_queries(x, positions)
+        kv = self.project_kv(x, positions)
         entries = valid = topk = scores = None
         if self.compressor is not None:
             entries, valid = self.compressor(x, positions, inv_freq, segment_ids)
             if self.indexer is not None:
                 scores, topk = self.indexer(x, q_latent, positions, inv_freq, segment_ids)
-        o, lse = sparse_attention(q, kv, self.sink[...], window=cfg.sliding_window, scale=hd ** -0.5,
+        o, lse = sparse_attention(q, kv, self.sink[...], window=cfg.sliding_window,
+                                  scale=self.softmax_scale,
                                   segment_ids=segment_ids, compressed=entries,
                                   compressed_valid=valid, ratio=self.ratio,
                                   topk_idx=topk if sparse else None,
@@ -80,10 +77,43 @@ class Attention(nnx.Module):
         if scores is not None and scores.shape[-1] > 0:
             sg = jax.lax.stop_gradient
             visible = entry_visibility(s, self.ratio, valid, segment_ids)
-            mass = compressed_attention_mass(sg(q), sg(entries), sg(lse), visible, hd ** -0.5)
+            mass = compressed_attention_mass(sg(q), sg(entries), sg(lse), visible,
+                                             self.softmax_scale)
             kl, recall = indexer_objective(scores, mass, visible, topk)
             stats = {"indexer_kl": kl, "indexer_recall": recall}
-        o = apply_rope(o, positions, inv_freq, inverse=True)
+        return self.project_output(o, positions), stats
+
+    # ------------------------------------------------------------------ pieces (shared with decode)
+    @property
+    def inv_freq(self) -> np.ndarray:
+        """[rope_head_dim // 2] inverse frequencies of this layer kind's RoPE table."""
+        return rope_table(self.cfg, self.kind)
+
+    @property
+    def softmax_scale(self) -> float:
+        """1/sqrt(head_dim), no YaRN mscale (spec §4.2)."""
+        return self.cfg.head_dim ** -0.5
+
+    def project_queries(self, x, positions):
+        """x [B, S, d] (normed) -> q [B, S, H, D] (per-head RMS-normed, RoPE'd) and the shared
+        query latent [B, S, q_lora_rank] (also the indexer's query input)."""
+        cfg = self.cfg
+        b, s, _ = x.shape
+        dt = x.dtype
+        q_latent = self.q_norm(x @ self.wq_a[...].astype(dt))
+        q = (q_latent @ self.wq_b[...].astype(dt)).reshape(b, s, cfg.num_heads, cfg.head_dim)
+        return apply_rope(rms_norm(q, None, cfg.rms_norm_eps), positions, self.inv_freq), q_latent
+
+    def project_kv(self, x, positions):
+        """x [B, S, d] (normed) -> the shared K=V row of each token [B, S, D] (normed, RoPE'd)."""
+        return apply_rope(self.kv_norm(x @ self.wkv[...].astype(x.dtype)), positions, self.inv_freq)
+
+    def project_output(self, o, positions):
+        """Attention output o [B, S, H, D] -> de-rotated, grouped low-rank projection [B, S, d]."""
+        cfg = self.cfg
+        b, s, h, hd = o.shape
+        dt = o.dtype
+        o = apply_rope(o, positions, self.inv_freq, inverse=True)
         g = cfg.o_groups
         u = jnp.einsum("bsgi,gio->bsgo", o.reshape(b, s, g, h // g * hd), self.wo_a[...].astype(dt))
-        return u.reshape(b, s, -1) @ self.wo_b[...].astype(dt), stats
+        return u.reshape(b, s, -1) @ self.wo_b[...].astype(dt)

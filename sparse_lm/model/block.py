@@ -24,10 +24,25 @@ class Block(nnx.Module):
     def __call__(self, x, token_ids, positions, segment_ids=None, *, sparse: bool = True,
                  implementation: str | None = None):
         """x [B, S, n, d] streams -> (streams [B, S, n, d], MoE and indexer stats)."""
+        x, attn_stats = self.attention_residual(
+            x, lambda h: self.attn(h, positions, segment_ids, sparse=sparse,
+                                   implementation=implementation))
+        x, stats = self.ffn_residual(x, token_ids)
+        return x, {**stats, **attn_stats}
+
+    def attention_residual(self, x, attend):
+        """The attention sublayer on the streams x [B, S, n, d].
+
+        `attend(h)` maps the normed collapsed input h [B, S, d] to (out [B, S, d], aux): the
+        full forward calls `self.attn`, decoding calls the cached attention. Returns
+        (streams [B, S, n, d], aux).
+        """
         pre, post, comb = self.attn_hc.weights(x)
-        a, attn_stats = self.attn(self.attn_norm(mhc.hc_collapse(x, pre)), positions, segment_ids,
-                      sparse=sparse, implementation=implementation)
-        x = mhc.hc_expand(a, x, post, comb)
+        a, aux = attend(self.attn_norm(mhc.hc_collapse(x, pre)))
+        return mhc.hc_expand(a, x, post, comb), aux
+
+    def ffn_residual(self, x, token_ids):
+        """The MoE sublayer: streams [B, S, n, d], token_ids [B, S] -> (streams, MoE stats)."""
         pre, post, comb = self.ffn_hc.weights(x)
         f, stats = self.moe(self.ffn_norm(mhc.hc_collapse(x, pre)), token_ids)
-        return mhc.hc_expand(f, x, post, comb), {**stats, **attn_stats}
+        return mhc.hc_expand(f, x, post, comb), stats

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparse_lm.model.layers import RMSNorm, constant, param
-from sparse_lm.ops.compress import compress, entry_positions
+from sparse_lm.ops.compress import add_position_bias, compress, entry_positions
 from sparse_lm.ops.rope import apply_rope
 
 
@@ -24,13 +24,23 @@ class Compressor(nnx.Module):
         self.norm = RMSNorm(out_dim, eps, "kv")
         self.ratio, self.overlap = ratio, overlap
 
-    def __call__(self, x, positions, inv_freq, segment_ids=None):
-        """x [B, S, d] -> entries [B, N, out_dim] (x's dtype), valid [B, N]."""
+    def project(self, x, slots):
+        """x [B, S, d], slots [B, S] (index of each token in its window) -> kv, gate [B, S, w]
+        fp32; the gate already includes the position bias `ape`."""
         xf = x.astype(jnp.float32)
         kv = xf @ self.wkv[...].astype(jnp.float32)
         gate = xf @ self.wgate[...].astype(jnp.float32)
-        pooled, valid = compress(kv, gate, self.ape[...], ratio=self.ratio, overlap=self.overlap,
+        return kv, add_position_bias(gate, self.ape[...], slots)
+
+    def finish(self, pooled, entry_pos, inv_freq, dtype):
+        """pooled [B, N, out_dim] fp32, entry_pos [B, N] -> normed, RoPE'd entries in `dtype`."""
+        return apply_rope(self.norm(pooled.astype(dtype)), entry_pos, inv_freq)
+
+    def __call__(self, x, positions, inv_freq, segment_ids=None):
+        """x [B, S, d] -> entries [B, N, out_dim] (x's dtype), valid [B, N]."""
+        b, s, _ = x.shape
+        slots = jnp.broadcast_to(jnp.arange(s) % self.ratio, (b, s))   # windows on the row grid
+        kv, gate = self.project(x, slots)
+        pooled, valid = compress(kv, gate, None, ratio=self.ratio, overlap=self.overlap,
                                  segment_ids=segment_ids)
-        entries = self.norm(pooled.astype(x.dtype))
-        entries = apply_rope(entries, entry_positions(positions, self.ratio), inv_freq)
-        return entries, valid
+        return self.finish(pooled, entry_positions(positions, self.ratio), inv_freq, x.dtype), valid

@@ -22,12 +22,19 @@ class Indexer(nnx.Module):
         self.n_heads, self.head_dim, self.topk = nh, hd, cfg.index_topk
         self.ratio = cfg.compress_ratio_csa
 
-    def scores(self, x, q_latent, positions, inv_freq, segment_ids=None):
-        """Indexer scores [B, S, N] fp32 (-inf where not visible)."""
+    def project_queries(self, x, q_latent, positions, inv_freq):
+        """x [B, S, d], q_latent [B, S, q_lora] -> q [B, S, Hi, Di] (RoPE'd), head weights
+        [B, S, Hi] (scaled by 1/sqrt(Di * Hi))."""
         b, s, _ = x.shape
         q = (q_latent @ self.wq_b[...].astype(x.dtype)).reshape(b, s, self.n_heads, self.head_dim)
         q = apply_rope(q, positions, inv_freq)
         w = (x @ self.weights_proj[...].astype(x.dtype)) * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
+        return q, w
+
+    def scores(self, x, q_latent, positions, inv_freq, segment_ids=None):
+        """Indexer scores [B, S, N] fp32 (-inf where not visible)."""
+        s = x.shape[1]
+        q, w = self.project_queries(x, q_latent, positions, inv_freq)
         keys, valid = self.compressor(x, positions, inv_freq, segment_ids)
         visible = entry_visibility(s, self.ratio, valid, segment_ids)
         return indexer_scores(q, w, keys, visible)

@@ -146,6 +146,16 @@ class DeepseekV4(nnx.Module):
     def logits_from_hidden(self, h):
         return h @ self.lm_head[...].astype(h.dtype)
 
+    def embed_streams(self, input_ids):
+        """[B, S] ids -> the initial residual streams [B, S, hc_mult, d] (4 identical copies)."""
+        cfg = self.cfg
+        x = jnp.take(self.embed[...], input_ids, axis=0).astype(dtype_of(cfg.dtype))
+        return jnp.broadcast_to(x[:, :, None, :], input_ids.shape + (cfg.hc_mult, cfg.hidden_size))
+
+    def final_logits(self, x):
+        """Last streams [B, S, n, d] -> logits [B, S, V] (hc_head collapse, final norm, head)."""
+        return self.logits_from_hidden(self.norm(self.hc_head(x)))
+
     # ------------------------------------------------------------------ forward
     def __call__(self, input_ids, positions=None, segment_ids=None, *, sparse: bool = True,
                  implementation: str | None = None, return_aux: bool = False) -> Any:
@@ -164,8 +174,7 @@ class DeepseekV4(nnx.Module):
         dt = dtype_of(cfg.dtype)
         static = dict(sparse=sparse, implementation=implementation)
         emb = self.embed[...]
-        x = jnp.take(emb, input_ids, axis=0).astype(dt)
-        x = jnp.broadcast_to(x[:, :, None, :], (b, s, cfg.hc_mult, cfg.hidden_size))
+        x = self.embed_streams(input_ids)
         stats = []
         for block in self.head_layers:
             x, st = self._checkpointed(block, x, input_ids, positions, segment_ids, **static)
@@ -176,7 +185,7 @@ class DeepseekV4(nnx.Module):
         for block in self.tail_layers:
             x, st = self._checkpointed(block, x, input_ids, positions, segment_ids, **static)
             stats.append(jax.tree.map(lambda a: a[None], st))
-        logits = self.logits_from_hidden(self.norm(self.hc_head(x)))
+        logits = self.final_logits(x)
         if not return_aux:
             return logits
         mtp_logits = None

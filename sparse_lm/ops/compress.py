@@ -27,19 +27,29 @@ def window_segments(segment_ids: jax.Array | None, batch: int, seq: int, ratio: 
     return segment_ids[:, : n * ratio : ratio]
 
 
-def compress(kv: jax.Array, gate: jax.Array, ape: jax.Array, *, ratio: int, overlap: bool,
+def add_position_bias(gate: jax.Array, ape: jax.Array, slots: jax.Array) -> jax.Array:
+    """gate [B, S, w] + ape[slots] -> [B, S, w] fp32; slots [B, S] = each token's index in its
+    window (row index mod m). What `compress` adds itself when given `ape`; decode caches keep
+    gates in this biased form (spec §13.1)."""
+    return gate.astype(jnp.float32) + jnp.take(ape.astype(jnp.float32), slots, axis=0)
+
+
+def compress(kv: jax.Array, gate: jax.Array, ape: jax.Array | None, *, ratio: int, overlap: bool,
              segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Pool windows of `ratio` tokens.
 
     kv, gate: [B, S, w] projections (w = 2c with overlap, else c); ape: [m, w] gate bias by
-    position in the window. Returns entries [B, N, c] (fp32, before norm/RoPE) and valid [B, N].
+    position in the window, or None when `gate` already includes it (`add_position_bias`).
+    Returns entries [B, N, c] (fp32, before norm/RoPE) and valid [B, N].
     Tokens past the last complete window are ignored (they are still seen through the window).
     """
     b, s, w = kv.shape
     m = ratio
     n = s // m
     kv = kv[:, : n * m].astype(jnp.float32).reshape(b, n, m, w)
-    g = gate[:, : n * m].astype(jnp.float32).reshape(b, n, m, w) + ape.astype(jnp.float32)
+    g = gate[:, : n * m].astype(jnp.float32).reshape(b, n, m, w)
+    if ape is not None:
+        g = g + ape.astype(jnp.float32)
     valid = window_validity(segment_ids, b, s, m)
     if not overlap:
         p = jax.nn.softmax(g, axis=2)

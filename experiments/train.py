@@ -1,0 +1,70 @@
+"""Train a DeepSeek-V4-style model from a config file.
+
+    python -m experiments.train --config=configs/demo.py --workdir=runs/demo \
+        [--config.train.steps=200 --config.model.hidden_size=128 ...]
+
+The same entry point runs on a laptop CPU, a GPU, and every host of a Cloud TPU slice: with
+several processes (detected from the environment, or --distributed=on) it first calls
+`jax.distributed.initialize()`. Re-running with the same workdir resumes from its latest
+checkpoint. The resolved config is written to <workdir>/config.json.
+"""
+from __future__ import annotations
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/train_base.py",
+                                          "Experiment config file (a get_config() module).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, config).",
+                               required=True)
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                                 "Call jax.distributed.initialize(): auto = when the environment "
+                                 "describes a multi-process job.")
+
+# Environment variables that describe a multi-process job (Cloud TPU slices are detected by
+# jax.distributed.initialize itself from the TPU metadata).
+_MULTI_PROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
+
+
+def _is_multiprocess_env() -> bool:
+    if any(os.environ.get(k) for k in _MULTI_PROCESS_ENV):
+        return True
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    if "," in hosts:
+        return True
+    for k in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+        if int(os.environ.get(k, "1") or 1) > 1:
+            return True
+    return False
+
+
+def maybe_initialize_distributed(mode: str) -> bool:
+    import jax
+    if mode == "on" or (mode == "auto" and _is_multiprocess_env()):
+        jax.distributed.initialize()
+        return True
+    return False
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)   # orbax logs every save at INFO
+    multi = maybe_initialize_distributed(_DISTRIBUTED.value)
+    import jax
+    from sparse_lm.train.loop import train
+    if jax.process_index() == 0:
+        print(f"[launch] backend {jax.default_backend()}, {jax.device_count()} device(s), "
+              f"{jax.process_count()} process(es){' (jax.distributed)' if multi else ''}; "
+              f"workdir {_WORKDIR.value}", flush=True)
+    summary = train(_CONFIG.value, _WORKDIR.value)
+    if jax.process_index() == 0:
+        ev = summary.get("last_eval") or {}
+        if ev:
+            print(f"[done] step {summary['steps']}: validation {ev['bits_per_byte']:.3f} bits/byte; "
+                  f"workdir {summary['workdir']}", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)

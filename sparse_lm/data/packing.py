@@ -1,0 +1,189 @@
+"""Packing documents into fixed-length rows with segment ids, deterministically and resumably.
+
+A row holds `seq_len + 1` tokens: the model reads tokens[:seq_len] and predicts tokens[1:]
+(and, for MTP, tokens[2:]). Documents are written one after another; each starts at a position
+that is a multiple of `align` (pass the largest compress ratio so every document is compressed on
+its own grid: compression windows never straddle two documents). The gap before an aligned start
+is padding: token 0, segment id 0, never a target. Segment ids of documents count from 1 within a
+row. A document longer than the space left continues in the next row as a new segment.
+
+The whole reading position is `PackerState` (epoch, cursor into the epoch's document order,
+offset inside the current document): three integers that a checkpoint stores, so a resumed run
+produces exactly the batches the interrupted one would have.
+
+Each process reads only its own documents (index = process_index mod process_count) and packs
+its own rows: the per-process shard of the global batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol, Sequence
+
+import numpy as np
+
+
+class DocumentSource(Protocol):
+    """Random-access documents as 1-D integer arrays (byte tokens for the built-in sources)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int) -> np.ndarray: ...
+
+
+class Chunked:
+    """View of an in-memory source with every document cut into pieces of at most `max_len`
+    tokens, each piece its own document. Shuffling pieces (rather than whole files) keeps one
+    long file from filling many consecutive rows of a batch."""
+
+    def __init__(self, source, max_len: int):
+        if max_len < 2:
+            raise ValueError(f"max_len={max_len} is invalid: must be >= 2")
+        lengths = np.asarray(source.lengths(), np.int64)
+        n_pieces = np.maximum(1, -(-lengths // max_len))
+        self.doc = np.repeat(np.arange(len(lengths)), n_pieces)
+        first = np.cumsum(n_pieces) - n_pieces
+        self.start = (np.arange(len(self.doc)) - first[self.doc]) * max_len
+        self.source, self.max_len = source, max_len
+
+    def __len__(self) -> int:
+        return len(self.doc)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        s = int(self.start[i])
+        return self.source[int(self.doc[i])][s:s + self.max_len]
+
+
+@dataclasses.dataclass
+class PackerState:
+    epoch: int = 0
+    cursor: int = 0     # position in the epoch's (shuffled) order of this process's documents
+    offset: int = 0     # tokens of the current document already written
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d) -> "PackerState":
+        return cls(**{k: int(d[k]) for k in ("epoch", "cursor", "offset")})
+
+
+class Packer:
+    """Packs this process's documents of `source` into rows of `seq_len + 1` tokens.
+
+    shuffle: a new permutation of the documents every epoch (seeded by seed, epoch and process);
+    without it documents come in index order and `epochs` bounds the pass (validation).
+    """
+
+    def __init__(self, source: DocumentSource, *, seq_len: int, align: int = 1, seed: int = 0,
+                 shuffle: bool = True, process_index: int = 0, process_count: int = 1,
+                 epochs: int | None = None):
+        if seq_len < 1 or align < 1 or seq_len % align:
+            raise ValueError(f"seq_len={seq_len} must be a positive multiple of align={align}")
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index={process_index} not in [0, {process_count})")
+        self.docs = np.arange(process_index, len(source), process_count)
+        if len(self.docs) == 0:
+            raise ValueError(f"process {process_index} of {process_count} has no documents "
+                             f"(the source has {len(source)})")
+        self.source, self.seq_len, self.align = source, seq_len, align
+        self.seed, self.shuffle, self.epochs = seed, shuffle, epochs
+        self.process_index = process_index
+        self.state = PackerState()
+        self._order_epoch, self._order = None, None
+
+    def _order_for(self, epoch: int) -> np.ndarray:
+        if self._order_epoch != epoch:
+            if self.shuffle:
+                rng = np.random.default_rng([self.seed, epoch, self.process_index])
+                self._order = self.docs[rng.permutation(len(self.docs))]
+            else:
+                self._order = self.docs
+            self._order_epoch = epoch
+        return self._order
+
+    def exhausted(self) -> bool:
+        return self.epochs is not None and self.state.epoch >= self.epochs
+
+    def _next_piece(self, space: int) -> np.ndarray | None:
+        """Up to `space` tokens of the current document; advances the state. None at the end."""
+        st = self.state
+        while True:
+            if self.exhausted():
+                return None
+            order = self._order_for(st.epoch)
+            if st.cursor >= len(order):
+                st.epoch, st.cursor, st.offset = st.epoch + 1, 0, 0
+                continue
+            doc = np.asarray(self.source[int(order[st.cursor])])
+            if st.offset >= len(doc):          # empty document (or fully consumed)
+                st.cursor, st.offset = st.cursor + 1, 0
+                continue
+            piece = doc[st.offset:st.offset + space]
+            if st.offset + len(piece) >= len(doc):
+                st.cursor, st.offset = st.cursor + 1, 0
+            else:
+                st.offset += len(piece)
+            return piece
+
+    def next_row(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(tokens [seq_len + 1] int32, segment_ids [seq_len + 1] int32), or None when a bounded
+        pass is over (a partly filled last row is still returned)."""
+        n = self.seq_len + 1
+        tokens = np.zeros(n, np.int32)
+        segs = np.zeros(n, np.int32)
+        pos, seg = 0, 0
+        while pos < self.seq_len:       # documents start at aligned positions < seq_len
+            piece = self._next_piece(n - pos)
+            if piece is None:
+                break
+            seg += 1
+            tokens[pos:pos + len(piece)] = piece
+            segs[pos:pos + len(piece)] = seg
+            pos = -(-(pos + len(piece)) // self.align) * self.align
+        if seg == 0:
+            return None
+        return tokens, segs
+
+    def next_batch(self, rows: int) -> dict[str, np.ndarray] | None:
+        """{"tokens", "segment_ids"}: [rows, seq_len + 1] int32. A bounded pass pads its last
+        batch with empty rows (segment 0: no targets); None once nothing is left."""
+        out = []
+        for _ in range(rows):
+            r = self.next_row()
+            if r is None:
+                break
+            out.append(r)
+        if not out:
+            return None
+        while len(out) < rows:
+            out.append((np.zeros(self.seq_len + 1, np.int32), np.zeros(self.seq_len + 1, np.int32)))
+        return {"tokens": np.stack([t for t, _ in out]), "segment_ids": np.stack([s for _, s in out])}
+
+
+def targets_and_masks(tokens, segment_ids, offset: int):
+    """Targets `offset` tokens ahead and where they count, for rows of seq_len + 1 tokens.
+
+    tokens, segment_ids [B, S+1] -> (targets [B, S], mask [B, S] bool): position t predicts
+    token t+offset iff both are in the same (non-padding) document. numpy or jax arrays in,
+    jax arrays out.
+    """
+    import jax.numpy as jnp
+    if offset < 1:
+        raise ValueError(f"offset={offset} is invalid: must be >= 1")
+    s = tokens.shape[1] - 1
+    pad = ((0, 0), (0, offset - 1))
+    tgt = jnp.pad(jnp.asarray(tokens)[:, offset:], pad)
+    seg_t = jnp.pad(jnp.asarray(segment_ids)[:, offset:], pad)    # padding segment 0: masked
+    seg_in = jnp.asarray(segment_ids)[:, :s]
+    return tgt, (seg_in > 0) & (seg_t == seg_in)
+
+
+def packing_efficiency(batch: dict[str, np.ndarray]) -> float:
+    """Share of input positions that belong to a document (not alignment padding)."""
+    s = batch["tokens"].shape[1] - 1
+    return float(np.mean(batch["segment_ids"][:, :s] > 0))
+
+
+def describe_rows(batch: dict[str, np.ndarray]) -> Sequence[int]:
+    """Number of segments per row (diagnostics)."""
+    return [int(r.max()) for r in batch["segment_ids"]]

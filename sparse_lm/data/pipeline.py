@@ -1,0 +1,118 @@
+"""Data from a config: sources, the resumable training iterator, evaluation batches, and global
+arrays built from each process's shard.
+
+`config.data` fields (see configs/train_base.py):
+  source       "stdlib" | "tfds:<name>" | "synthetic:needle" | "synthetic:recall"
+  data_dir     tfds data directory (local path or gs://); nothing is downloaded
+  text_key     tfds feature holding the text
+  train_split, eval_split
+  val_fraction stdlib: share of files in the validation split (by path hash)
+  align        document start alignment; 0 = the model's largest compress ratio
+  chunk_docs   in-memory sources: cut documents into pieces of seq_len + 1 tokens before shuffling
+  synthetic_docs, synthetic_length
+  seed         shuffling seed
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from sparse_lm.data.packing import Chunked, Packer, PackerState
+from sparse_lm.data.tfds_source import DataError
+
+SOURCES = ("stdlib", "tfds:<name>", "synthetic:needle", "synthetic:recall")
+
+
+def make_source(data_cfg, split: str):
+    """The document source named by `data_cfg.source` for one split."""
+    src = str(data_cfg.source)
+    if src == "stdlib":
+        from sparse_lm.data.stdlib_corpus import StdlibCorpus
+        return StdlibCorpus("train" if split == data_cfg.train_split else "validation",
+                            val_fraction=float(data_cfg.val_fraction),
+                            root=data_cfg.get("stdlib_root") or None)
+    if src.startswith("tfds:") and len(src) > 5:
+        from sparse_lm.data.tfds_source import TfdsSource
+        return TfdsSource(src[5:], split, str(data_cfg.data_dir), text_key=str(data_cfg.text_key))
+    if src.startswith("synthetic:"):
+        from sparse_lm.data.synthetic import SyntheticSource, TASKS
+        task = src.split(":", 1)[1]
+        if task not in TASKS:
+            raise DataError(f"data.source={src!r} is invalid: synthetic tasks are {TASKS}")
+        seed = int(data_cfg.seed) + (0 if split == data_cfg.train_split else 1_000_003)
+        n = int(data_cfg.synthetic_docs) if split == data_cfg.train_split else max(
+            64, int(data_cfg.synthetic_docs) // 50)
+        return SyntheticSource(task, n, int(data_cfg.synthetic_length), seed=seed)
+    raise DataError(f"data.source={src!r} is invalid: allowed values {SOURCES}")
+
+
+def resolve_align(data_cfg, model_cfg) -> int:
+    """Document alignment: data.align, or 0 = the largest compress ratio of the model."""
+    a = int(data_cfg.align)
+    if a < 0:
+        raise DataError(f"data.align={a} is invalid: must be >= 0 (0 = largest compress ratio)")
+    return a or max([r for r in model_cfg.compress_ratios if r] or [1])
+
+
+def describe_source(source) -> dict:
+    if hasattr(source, "describe"):
+        return source.describe()
+    return {"documents": len(source)}
+
+
+class TrainIterator:
+    """Endless, shuffled, packed batches of this process's shard; `state()` / `restore()` give
+    and take the exact reading position (JSON-able)."""
+
+    def __init__(self, source, *, seq_len: int, local_batch: int, align: int, seed: int,
+                 chunk: bool, process_index: int = 0, process_count: int = 1):
+        if chunk:
+            if not hasattr(source, "lengths"):
+                raise DataError("data.chunk_docs=True needs an in-memory source (stdlib, "
+                                "synthetic); set data.chunk_docs=False for tfds datasets")
+            source = Chunked(source, seq_len + 1)
+        self.packer = Packer(source, seq_len=seq_len, align=align, seed=seed, shuffle=True,
+                             process_index=process_index, process_count=process_count)
+        self.local_batch = local_batch
+        self.process_index, self.process_count = process_index, process_count
+        self.batches = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        b = self.packer.next_batch(self.local_batch)
+        self.batches += 1
+        return b
+
+    def state(self) -> dict:
+        return {"batches": self.batches, "process_index": self.process_index,
+                "process_count": self.process_count, **self.packer.state.to_dict()}
+
+    def restore(self, state: dict) -> None:
+        if int(state["process_count"]) != self.process_count:
+            raise DataError(f"the checkpoint's data position was saved by {state['process_count']} "
+                            f"processes, this run has {self.process_count}: the shards differ, so "
+                            f"the exact position cannot be restored")
+        self.packer.state = PackerState.from_dict(state)
+        self.batches = int(state["batches"])
+
+
+def eval_batches(source, *, seq_len: int, local_batch: int, align: int, num_batches: int,
+                 process_index: int = 0, process_count: int = 1) -> list[dict[str, np.ndarray]]:
+    """The first `num_batches` packed batches of a split, in document order (the same every
+    time). Stops early (fewer batches) when the split is smaller; 0 = the whole split."""
+    packer = Packer(source, seq_len=seq_len, align=align, shuffle=False,
+                    process_index=process_index, process_count=process_count, epochs=1)
+    out = []
+    while num_batches <= 0 or len(out) < num_batches:
+        b = packer.next_batch(local_batch)
+        if b is None:
+            break
+        out.append(b)
+    return out
+
+
+def to_global(local: dict[str, np.ndarray], sharding) -> dict:
+    """Each process's rows -> global jax arrays (batch axis split over the sharding)."""
+    import jax
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}

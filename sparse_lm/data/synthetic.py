@@ -1,0 +1,132 @@
+"""Synthetic long-context tasks with known answers (byte-level), to measure whether sparse
+selection keeps what matters.
+
+- needle retrieval: `# key XXXX = 123456` hidden at a chosen depth inside filler text; the
+  sequence ends with the question `# key XXXX = ` and the answer `123456`.
+- associative recall: a list of `key=value` pairs, then one key again; the answer is its value.
+
+Every example is exactly `length` bytes; `answer_mask` marks the answer bytes, which a model must
+predict from the token before each of them. Generation is a pure function of (seed, index).
+"""
+from __future__ import annotations
+
+import string
+
+import numpy as np
+
+TASKS = ("needle", "recall")
+_LETTERS = np.frombuffer(string.ascii_lowercase.encode(), np.uint8)
+_DIGITS = np.frombuffer(string.digits.encode(), np.uint8)
+
+
+def _rand(rng, alphabet, n) -> bytes:
+    return alphabet[rng.integers(0, len(alphabet), n)].tobytes()
+
+
+def _filler(rng, n: int, pool: np.ndarray | None) -> np.ndarray:
+    """n bytes of filler: a random slice of `pool` (e.g. real code) or random words."""
+    if n <= 0:
+        return np.zeros(0, np.uint8)
+    if pool is not None and len(pool) > n:
+        s = int(rng.integers(0, len(pool) - n))
+        return np.asarray(pool[s:s + n], np.uint8)
+    words = []
+    total = 0
+    while total < n:
+        w = _rand(rng, _LETTERS, int(rng.integers(2, 9))) + b" "
+        words.append(w)
+        total += len(w)
+    return np.frombuffer(b"".join(words)[:n], np.uint8)
+
+
+def needle_example(rng: np.random.Generator, length: int, *, depth: float | None = None,
+                   pool: np.ndarray | None = None, key_len: int = 4, value_len: int = 6):
+    """(tokens [length] int32, answer_mask [length] bool, needle_start) for one needle example."""
+    key = _rand(rng, _LETTERS, key_len)
+    value = _rand(rng, _DIGITS, value_len)
+    needle = b"\n# key " + key + b" = " + value + b"\n"
+    question = b"\n# key " + key + b" = "
+    n_fill = length - len(needle) - len(question) - len(value)
+    if n_fill < 0:
+        raise ValueError(f"length={length} is too short for a needle example "
+                         f"(needs >= {length - n_fill})")
+    depth = float(rng.random()) if depth is None else depth
+    at = int(round(depth * n_fill))
+    fill = _filler(rng, n_fill, pool)
+    seq = np.concatenate([fill[:at], np.frombuffer(needle, np.uint8), fill[at:],
+                          np.frombuffer(question + value, np.uint8)]).astype(np.int32)
+    mask = np.zeros(length, bool)
+    mask[length - len(value):] = True
+    return seq, mask, at
+
+
+def recall_example(rng: np.random.Generator, length: int, *, key_len: int = 3, value_len: int = 2):
+    """(tokens [length] int32, answer_mask [length] bool, query pair index): `k=v` pairs, then
+    `? k=` and the answer v. Keys are distinct."""
+    pair = key_len + 1 + value_len + 1                   # "key=vv "
+    tail = 2 + key_len + 1 + value_len                   # "? key=vv"
+    n_pairs = (length - tail) // pair
+    if n_pairs < 1:
+        raise ValueError(f"length={length} is too short for associative recall")
+    keys = set()
+    while len(keys) < n_pairs:
+        keys.add(_rand(rng, _LETTERS, key_len))
+    keys = sorted(keys)
+    keys = [keys[i] for i in rng.permutation(n_pairs)]
+    values = [_rand(rng, _DIGITS, value_len) for _ in range(n_pairs)]
+    q = int(rng.integers(0, n_pairs))
+    body = b"".join(k + b"=" + v + b" " for k, v in zip(keys, values))
+    pad = length - len(body) - tail
+    text = b" " * pad + body + b"? " + keys[q] + b"=" + values[q]
+    seq = np.frombuffer(text, np.uint8).astype(np.int32)
+    mask = np.zeros(length, bool)
+    mask[length - value_len:] = True
+    return seq, mask, q
+
+
+def make_examples(task: str, n: int, length: int, *, seed: int = 0,
+                  pool: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """n examples: {"tokens" [n, length] int32, "answer_mask" [n, length] bool}. Needle depths
+    are spread evenly over [0, 1] so every length tests near and far needles alike."""
+    if task not in TASKS:
+        raise ValueError(f"task={task!r} is invalid: allowed values {TASKS}")
+    toks, masks = [], []
+    for i in range(n):
+        rng = np.random.default_rng([seed, length, i])
+        if task == "needle":
+            t, m, _ = needle_example(rng, length, depth=(i + 0.5) / n, pool=pool)
+        else:
+            t, m, _ = recall_example(rng, length)
+        toks.append(t)
+        masks.append(m)
+    return {"tokens": np.stack(toks), "answer_mask": np.stack(masks)}
+
+
+class SyntheticSource:
+    """A document source of `num_docs` synthetic examples (for training on the tasks)."""
+
+    def __init__(self, task: str, num_docs: int, length: int, *, seed: int = 0,
+                 pool: np.ndarray | None = None):
+        if task not in TASKS:
+            raise ValueError(f"task={task!r} is invalid: allowed values {TASKS}")
+        self.task, self.num_docs, self.length, self.seed, self.pool = task, num_docs, length, seed, pool
+
+    def __len__(self) -> int:
+        return self.num_docs
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, 7919, i])
+        if self.task == "needle":
+            return needle_example(rng, self.length, pool=self.pool)[0]
+        return recall_example(rng, self.length)[0]
+
+    def lengths(self) -> np.ndarray:
+        return np.full(self.num_docs, self.length, np.int64)
+
+    @property
+    def fingerprint(self) -> str:
+        return f"synthetic-{self.task}-{self.num_docs}x{self.length}-seed{self.seed}"
+
+    def describe(self) -> dict:
+        return {"source": f"synthetic:{self.task}", "documents": self.num_docs,
+                "length": self.length, "fingerprint": self.fingerprint}

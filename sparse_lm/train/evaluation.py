@@ -1,0 +1,117 @@
+"""Evaluation of a trained model: validation bits/byte, needle retrieval by context length, sparse
+vs dense attention on the same parameters, and naive sampling (a full forward per new byte; the
+cached decoder lives in `sparse_lm.inference`).
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sparse_lm.data import pipeline
+from sparse_lm.data.synthetic import make_examples
+
+LN2 = math.log(2.0)
+
+
+def logits_fn(model, *, sparse: bool, implementation=None):
+    """jitted tokens [B, S] -> logits [B, S, V] (fp32) with the model's parameters closed over
+    as arguments (no retracing per call)."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def f(state, tokens):
+        m = nnx.merge(graphdef, state)
+        return m(tokens, sparse=sparse, implementation=implementation).astype(jnp.float32)
+    return functools.partial(f, state)
+
+
+def split_bpb(model, batches, *, sparse: bool, implementation=None) -> float:
+    """Bits per byte of next-token prediction over packed batches ({"tokens", "segment_ids"})."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def f(state, tokens, segs):
+        m = nnx.merge(graphdef, state)
+        logits = m(tokens[:, :-1], segment_ids=segs[:, :-1], sparse=sparse,
+                   implementation=implementation).astype(jnp.float32)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+        mask = (segs[:, :-1] > 0) & (segs[:, 1:] == segs[:, :-1])
+        return jnp.sum(jnp.where(mask, nll, 0.0)), jnp.sum(mask)
+    tot = n = 0.0
+    for b in batches:
+        a, c = jax.device_get(f(state, jnp.asarray(b["tokens"]), jnp.asarray(b["segment_ids"])))
+        tot += float(a)
+        n += float(c)
+    return tot / max(n, 1.0) / LN2
+
+
+def needle_accuracy(model, lengths, n_examples: int, *, sparse: bool, pool=None, seed: int = 0,
+                    batch: int = 8, implementation=None, task: str = "needle") -> dict[int, dict]:
+    """{length: {"exact": share of examples with every answer byte right (greedy, teacher
+    forced), "bytes": share of answer bytes right}}."""
+    fwd = logits_fn(model, sparse=sparse, implementation=implementation)
+    out = {}
+    for length in lengths:
+        ex = make_examples(task, n_examples, int(length), seed=seed, pool=pool)
+        exact, right, total = 0, 0, 0
+        for i in range(0, n_examples, batch):
+            toks = ex["tokens"][i:i + batch]
+            mask = ex["answer_mask"][i:i + batch]
+            pred = np.asarray(jnp.argmax(fwd(jnp.asarray(toks)), axis=-1))   # pred[t] ~ tok[t+1]
+            hit = (pred[:, :-1] == toks[:, 1:]) | ~mask[:, 1:]
+            exact += int(np.sum(np.all(hit, axis=-1)))
+            right += int(np.sum(hit & mask[:, 1:]))
+            total += int(np.sum(mask[:, 1:]))
+        out[int(length)] = {"exact": exact / n_examples, "bytes": right / max(total, 1)}
+    return out
+
+
+def sample_bytes(model, prompt: bytes, n_bytes: int, *, context: int, temperature: float = 0.7,
+                 seed: int = 0, sparse: bool = True) -> bytes:
+    """Autoregressive sampling with a full forward over a fixed [1, context] buffer per byte
+    (causality makes the padding after the cursor irrelevant). When the buffer is full, it keeps
+    the last half."""
+    fwd = logits_fn(model, sparse=sparse)
+    buf = np.zeros((1, context), np.int32)
+    ids = list(prompt)
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n_bytes):
+        if len(ids) >= context:
+            ids = ids[-context // 2:]
+        buf[0, :] = 0
+        buf[0, :len(ids)] = ids
+        logits = np.asarray(fwd(jnp.asarray(buf))[0, len(ids) - 1], np.float64)
+        if temperature <= 0:
+            nxt = int(np.argmax(logits))
+        else:
+            p = np.exp((logits - logits.max()) / temperature)
+            nxt = int(rng.choice(256, p=p / p.sum()))
+        ids.append(nxt)
+        out.append(nxt)
+    return bytes(out)
+
+
+def validation_batches(config, run, num_batches: int):
+    src = pipeline.make_source(config.data, config.data.eval_split)
+    return src, pipeline.eval_batches(src, seq_len=int(config.train.seq_len),
+                                      local_batch=run.local_batch, align=run.align,
+                                      num_batches=num_batches)
+
+
+def filler_pool(source, max_bytes: int = 2_000_000) -> np.ndarray:
+    """Concatenated documents of a source (real text/code to hide needles in)."""
+    parts, n = [], 0
+    for i in range(len(source)):
+        d = np.asarray(source[i], np.uint8)
+        parts.append(d)
+        n += len(d)
+        if n >= max_bytes:
+            break
+    return np.concatenate(parts) if parts else None

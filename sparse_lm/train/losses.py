@@ -1,0 +1,58 @@
+"""Training objective: next-token loss + MTP loss + sequence-wise balance loss + indexer KL.
+
+    total = CE(next token) + w_mtp(step) * CE(token after next)
+            + balance_alpha * sum_layers balance_loss + indexer_weight * sum_CSA-layers KL
+
+The indexer's inputs are detached inside the model, so its KL term trains only the indexer and
+the language-model terms never reach it (spec §6); the balance term trains the routers. Losses
+are means over the target positions that count (same document, not padding).
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from sparse_lm.data.packing import targets_and_masks
+
+LN2 = math.log(2.0)
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array):
+    """logits [B, S, V], targets [B, S] int, mask [B, S] bool -> (mean CE in nats over the mask,
+    number of counted positions). Computed in fp32."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    n = jnp.sum(mask)
+    return jnp.sum(jnp.where(mask, nll, 0.0)) / jnp.maximum(n, 1), n
+
+
+def balance_term(balance_loss: jax.Array) -> jax.Array:
+    """Sum over layers of the per-layer sequence-wise balance loss (hash layers give 0)."""
+    return jnp.sum(balance_loss)
+
+
+def indexer_term(indexer_kl: jax.Array) -> jax.Array:
+    """Sum over CSA layers of the indexer KL (other layers give 0)."""
+    return jnp.sum(indexer_kl)
+
+
+def total_loss(out, batch, *, mtp_weight, balance_alpha: float, indexer_weight: float):
+    """(scalar loss, dict of fp32 scalar metrics) from a `ModelOutput` and a packed batch
+    {"tokens", "segment_ids"} of [B, S+1]."""
+    targets, mask = targets_and_masks(batch["tokens"], batch["segment_ids"], 1)
+    ce, n = cross_entropy(out.logits, targets, mask)
+    loss = ce
+    metrics = {"ce": ce, "bits_per_byte": ce / LN2, "target_tokens": n.astype(jnp.float32)}
+    if out.mtp_logits is not None:
+        t2, m2 = targets_and_masks(batch["tokens"], batch["segment_ids"], 2)
+        mtp, _ = cross_entropy(out.mtp_logits, t2, m2)
+        loss = loss + mtp_weight * mtp
+        metrics["mtp_ce"] = mtp
+        metrics["mtp_weight"] = jnp.asarray(mtp_weight, jnp.float32)
+    bal = balance_term(out.balance_loss)
+    kl = indexer_term(out.indexer_kl)
+    loss = loss + balance_alpha * bal + indexer_weight * kl
+    metrics.update(balance_loss=bal, indexer_kl=kl, loss=loss)
+    return loss, metrics

@@ -1,0 +1,175 @@
+"""Training metrics: routing and indexer statistics, throughput and MFU, and the writers
+(`metrics.jsonl` + TensorBoard event files).
+
+Expert load per layer (from the assignment counts of the logged steps):
+  load_min / load_max  min and max load relative to the mean load (1 = perfectly balanced)
+  load_cv              coefficient of variation std/mean of the loads
+  dead                 experts that got no token over the whole logging interval
+  entropy              entropy of the load distribution over experts divided by log(E)
+                       (1 = uniform routing, 0 = one expert takes everything)
+Indexer recall per CSA layer: share of the dense attention mass on compressed entries that the
+top-k keeps (from `ModelOutput.indexer_recall`).
+
+MFU = (model FLOPs per token x tokens/s) / (peak FLOP/s x devices), with the FLOPs the sparse
+model really performs (window + selected CSA entries + visible HCA entries + indexer + the
+indexer's KL target; `sparse_lm.analysis.accounting.train_flops_per_token`) and forward +
+backward. Peak FLOP/s: `train.peak_flops` when set, else a table of accelerators (bf16 dense),
+else on CPU a measured fp32 matmul rate (so CPU "MFU" is relative to what XLA:CPU achieves on a
+large matmul, not a datasheet number).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+# Dense bf16 peak FLOP/s per device (datasheet), matched as substrings of `device_kind`.
+PEAK_FLOPS = {
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12, "TPU7x": 2307e12,
+    "H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "B200": 2250e12, "L4": 121e12,
+}
+
+
+def expert_load_stats(counts: np.ndarray) -> dict[str, np.ndarray]:
+    """counts [L, E] assignment counts -> per-layer arrays load_min, load_max, load_cv, dead,
+    entropy (see module doc)."""
+    c = np.asarray(counts, np.float64)
+    mean = c.mean(axis=-1, keepdims=True)
+    safe = np.where(mean > 0, mean, 1.0)
+    rel = c / safe
+    p = c / np.where(c.sum(-1, keepdims=True) > 0, c.sum(-1, keepdims=True), 1.0)
+    ent = -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), axis=-1)
+    return {"load_min": rel.min(-1), "load_max": rel.max(-1),
+            "load_cv": c.std(-1) / safe[..., 0], "dead": (c == 0).sum(-1),
+            "entropy": ent / math.log(c.shape[-1])}
+
+
+def layer_names(cfg) -> list[str]:
+    """Row names of the per-layer outputs: 'layer{i}_{kind}' and 'mtp'."""
+    names = [f"layer{s.index}_{s.kind}" for s in cfg.layers]
+    return names + (["mtp"] if cfg.mtp_depth else [])
+
+
+def routing_metrics(cfg, counts: np.ndarray) -> dict[str, float]:
+    """Flat metrics for the log: per layer moe/<layer>/<stat> and summaries over layers."""
+    stats = expert_load_stats(counts)
+    names = layer_names(cfg)
+    out = {}
+    for i, n in enumerate(names):
+        for k, v in stats.items():
+            out[f"moe/{n}/{k}"] = float(v[i])
+    out["moe/load_cv_mean"] = float(np.mean(stats["load_cv"]))
+    out["moe/load_max_max"] = float(np.max(stats["load_max"]))
+    out["moe/dead_experts"] = float(np.sum(stats["dead"]))
+    out["moe/entropy_mean"] = float(np.mean(stats["entropy"]))
+    score_rows = [i for i, s in enumerate(cfg.layers) if s.routing == "score"]
+    if cfg.mtp_depth:
+        score_rows.append(len(cfg.layers))
+    if score_rows:
+        out["moe/load_cv_score_layers"] = float(np.mean(stats["load_cv"][score_rows]))
+    return out
+
+
+def indexer_metrics(cfg, recall: np.ndarray) -> dict[str, float]:
+    rows = [s.index for s in cfg.layers if s.kind == "csa"]
+    out = {f"indexer/recall_layer{i}": float(recall[i]) for i in rows}
+    if rows:
+        out["indexer/recall"] = float(np.mean([recall[i] for i in rows]))
+    return out
+
+
+def train_flops_per_token(cfg, seq_len: int, sparse: bool) -> float:
+    """Forward + backward model FLOPs per token of the sparse (or dense-warm-up) model."""
+    from sparse_lm.analysis.accounting import train_flops_per_token as tfpt
+    return float(tfpt(cfg, seq_len, sparse=sparse).total)
+
+
+_MEASURED: dict[str, float] = {}
+
+
+def measured_matmul_flops(n: int = 1024, reps: int = 5) -> float:
+    """FLOP/s of a jitted fp32 [n, n] x [n, n] matmul on the default device (cached)."""
+    import jax
+    import jax.numpy as jnp
+    key = jax.default_backend()
+    if key not in _MEASURED:
+        a = jnp.ones((n, n), jnp.float32)
+        f = jax.jit(lambda a: a @ a)
+        f(a).block_until_ready()
+        t = time.perf_counter()
+        for _ in range(reps):
+            r = f(a)
+        r.block_until_ready()
+        _MEASURED[key] = reps * 2 * n ** 3 / (time.perf_counter() - t)
+    return _MEASURED[key]
+
+
+def peak_flops_per_device(configured: float = 0.0) -> tuple[float, str]:
+    """(peak FLOP/s per device, where it came from)."""
+    import jax
+    if configured and configured > 0:
+        return float(configured), "config train.peak_flops"
+    kind = jax.devices()[0].device_kind
+    for name, v in PEAK_FLOPS.items():
+        if name.lower() in kind.lower():
+            return v, f"datasheet bf16 peak of {name}"
+    if jax.default_backend() == "cpu":
+        return measured_matmul_flops(), "measured fp32 1024^3 matmul on this CPU"
+    return float("nan"), f"unknown device kind {kind!r} (set train.peak_flops)"
+
+
+class MetricsWriter:
+    """Appends {"step": s, ...} lines to <workdir>/metrics.jsonl and scalars to TensorBoard
+    (<workdir>/tensorboard). Only process 0 writes."""
+
+    def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True, tensorboard: bool = True):
+        self.path = Path(workdir) / "metrics.jsonl"
+        self.enabled = enabled
+        self._tb = None
+        if enabled and tensorboard:
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+
+    def truncate_after(self, step: int) -> None:
+        """Drop logged lines of steps > step (a resumed run rewrites them)."""
+        if not self.enabled or not self.path.exists():
+            return
+        keep = [l for l in self.path.read_text().splitlines()
+                if l.strip() and json.loads(l).get("step", 0) <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(l + "\n" for l in keep))
+        os.replace(tmp, self.path)
+
+    def write(self, step: int, scalars: dict, kind: str = "train") -> None:
+        if not self.enabled:
+            return
+        rec = {"step": int(step), "kind": kind}
+        rec.update({k: (float(v) if v is not None else None) for k, v in scalars.items()})
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self._tb is not None:
+            for k, v in scalars.items():
+                if v is not None and np.isfinite(v):
+                    self._tb.add_scalar(f"{kind}/{k}", float(v), int(step))
+
+    def flush(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(workdir: str | os.PathLike, kind: str | None = "train") -> list[dict]:
+    """Records of metrics.jsonl (of one kind), in file order."""
+    p = Path(workdir) / "metrics.jsonl"
+    if not p.exists():
+        return []
+    recs = [json.loads(l) for l in p.read_text().splitlines() if l.strip()]
+    return [r for r in recs if kind is None or r.get("kind") == kind]
