@@ -260,7 +260,8 @@ def load_state(hf_dir: str, *, config: ModelConfig | None = None, dtype=None,
     shardings = shardings_from_rules(flat_vars, mesh, rules) if mesh is not None else None
     pure: dict = {}
     total = sum(len(g.hf_names) for g in groups)
-    with tqdm(total=total, unit="tensor", desc="HF -> sparse_lm", disable=not progress) as bar:
+    with tqdm(total=total, unit="tensor", desc="HF -> sparse_lm",
+              disable=not progress or jax.process_index() != 0) as bar:
         for g in groups:
             reader = _GroupReader(ckpt, g)
             for k, path in enumerate(g.ours):
@@ -356,10 +357,19 @@ def partial_path(out: str) -> str:
     return os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.partial")
 
 
+def _sync(tag: str) -> None:
+    """Barrier across processes (multi-host); a no-op in a single process."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(tag)
+
+
 def atomic_directory(out: str, write: Callable[[str], None]) -> None:
     """Create directory `out` by writing into a temporary sibling and renaming it at the end.
 
     `out` must not exist. On any error the temporary directory is removed and `out` is untouched.
+    With several processes (a shared file system), all of them call this and `write` (orbax saves
+    are collective); only process 0 creates, renames and cleans up the directory.
     """
     out = os.path.abspath(os.fspath(out))
     if os.path.exists(out):
@@ -368,14 +378,21 @@ def atomic_directory(out: str, write: Callable[[str], None]) -> None:
     if not os.path.isdir(parent):
         raise FileNotFoundError(f"the parent directory of --out ({parent}) does not exist")
     tmp = partial_path(out)
-    if os.path.exists(tmp):          # left over from an interrupted run of this tool
-        shutil.rmtree(tmp)
-    os.makedirs(tmp)
+    primary = jax.process_index() == 0
+    if primary:
+        if os.path.exists(tmp):          # left over from an interrupted run of this tool
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
+    _sync("sparse_lm.convert:partial-created")
     try:
         write(tmp)
-        os.replace(tmp, out)
+        _sync("sparse_lm.convert:written")
+        if primary:
+            os.replace(tmp, out)
+        _sync("sparse_lm.convert:renamed")
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if primary:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
@@ -388,9 +405,10 @@ def save_checkpoint(out: str, pure: Mapping, cfg: ModelConfig, source: Mapping |
         ckptr.save(os.path.join(tmp, MODEL_ITEM), pure)
         ckptr.wait_until_finished()
         ckptr.close()
-        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-            json.dump({"format": FORMAT, "model_config": cfg.to_dict(), "source": dict(source or {})},
-                      f, indent=2)
+        if jax.process_index() == 0:
+            with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+                json.dump({"format": FORMAT, "model_config": cfg.to_dict(),
+                           "source": dict(source or {})}, f, indent=2)
     atomic_directory(out, write)
 
 
