@@ -32,7 +32,12 @@ csa() {
     tests/kernels/test_sparse_attention_gpu.py 2>&1 | tee "$LOG_DIR/csa_pytest.log"
   local rc=${PIPESTATUS[0]}
   if [ -f experiments/bench_attention.py ]; then
-    "$PYTHON" -m experiments.bench_attention 2>&1 | tee "$LOG_DIR/bench_attention.log"
+    # CSA arms of the shared benchmark (CSA_PRESET / CSA_SEQ / CSA_RUNS size it).
+    local preset=${CSA_PRESET:-flash}
+    "$PYTHON" -m experiments.bench_attention --preset "$preset" \
+      --seq "${CSA_SEQ:-8192,32768,131072}" --runs "${CSA_RUNS:-20}" \
+      --arms dense_core,csa_core,csa_layer --json "$LOG_DIR/bench_csa_${preset}.json" 2>&1 \
+      | tee "$LOG_DIR/bench_csa.log"
     rc=$(( rc || PIPESTATUS[0] ))
   else
     echo "experiments/bench_attention.py not present: benchmark skipped"
