@@ -238,7 +238,8 @@ def load_state(hf_dir: str, *, config: ModelConfig | None = None, dtype=None,
     dt = _np_dtype(dtype)
     hf_dir = os.fspath(hf_dir)
     files = SafetensorsDir(hf_dir)
-    hf_json = read_hf_config(hf_dir) if os.path.exists(os.path.join(hf_dir, "config.json")) else None
+    has_json = os.path.exists(os.path.join(hf_dir, "config.json"))
+    hf_json = read_hf_config(hf_dir) if has_json else None
     q = (hf_json or {}).get("quantization_config") or {}
     block = q.get("weight_block_size", quant.FP8_BLOCK)
     if not (isinstance(block, (list, tuple)) and len(block) == 2):
@@ -250,8 +251,8 @@ def load_state(hf_dir: str, *, config: ModelConfig | None = None, dtype=None,
     _, _, flat_vars = abstract_model(cfg)
     validate(ckpt, groups, flat_vars)
     dtypes = {p: leaf_dtypes(ckpt, g, dt) for g in groups for p in g.ours}
-    matrix_dts = {dtypes[p] for g in groups if not g.keep_fp32 and not isinstance(g.transform, HashIds)
-                  for p in g.ours}
+    matrix_dts = {dtypes[p] for g in groups
+                  if not g.keep_fp32 and not isinstance(g.transform, HashIds) for p in g.ours}
     compute = dt if dt is not None else (np.dtype(ml_dtypes.bfloat16)
                                          if np.dtype(ml_dtypes.bfloat16) in matrix_dts
                                          else np.dtype(np.float32))

@@ -111,7 +111,8 @@ def _rope(d: Mapping[str, Any]) -> dict[str, Any]:
         raise _err("rope_parameters.main.rope_type", mtype,
                    "SWA-only layers use plain RoPE; only 'default' is supported")
     ctype = comp.get("rope_type", comp.get("type", "default"))
-    out = {"rope_theta": float(main["rope_theta"]), "compress_rope_theta": float(comp["rope_theta"])}
+    out = {"rope_theta": float(main["rope_theta"]),
+           "compress_rope_theta": float(comp["rope_theta"])}
     if ctype == "default":
         out["yarn"] = False
     elif ctype == "yarn":

@@ -82,7 +82,8 @@ class GroupedOutA(Transform):
     def to_ours(self, hf):
         w = hf[0]
         g_times_o, hgd = w.shape
-        return [np.ascontiguousarray(w.reshape(self.g, g_times_o // self.g, hgd).transpose(0, 2, 1))]
+        blocks = w.reshape(self.g, g_times_o // self.g, hgd)
+        return [np.ascontiguousarray(blocks.transpose(0, 2, 1))]
 
     def to_hf(self, ours):
         g, hgd, o = ours[0].shape
@@ -97,7 +98,8 @@ class GroupedOutA(Transform):
 
 
 class ExpertsGateUp(Transform):
-    """HF gate_up_proj [E, 2I, d] (rows 0..I-1 gate, I..2I-1 up) <-> ours (w_gate, w_up) [E, d, I]."""
+    """HF gate_up_proj [E, 2I, d] (rows 0..I-1 gate, I..2I-1 up) <-> ours (w_gate, w_up),
+    each [E, d, I]."""
     n_ours = 2
 
     def to_ours(self, hf):
@@ -287,7 +289,7 @@ def build_groups(cfg: ModelConfig) -> list[Group]:
     return groups
 
 
-# ------------------------------------------------------------------------- official checkpoint names
+# ---------------------------------------------------------------------- official checkpoint names
 # Per-layer renames, official suffix -> transformers suffix (transformers' conversion_mapping does
 # the same with regexes; spelled out here so each name is exact). Routed experts are fused
 # separately: `ffn.experts.{e}.w1/w3.weight` -> `mlp.experts.gate_up_proj`, `w2` -> `down_proj`.

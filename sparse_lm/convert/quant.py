@@ -66,8 +66,8 @@ def _expand_block_scales(scale: np.ndarray, shape: tuple[int, int], block: tuple
     br, bc = block
     want = (_ceil_div(rows, br), _ceil_div(cols, bc))
     if tuple(scale.shape) != want:
-        raise QuantError(f"{name}: scale grid has shape {tuple(scale.shape)}, expected {want} for a "
-                         f"weight of shape {shape} with {br}x{bc} blocks")
+        raise QuantError(f"{name}: scale grid has shape {tuple(scale.shape)}, expected {want} "
+                         f"for a weight of shape {shape} with {br}x{bc} blocks")
     return np.repeat(np.repeat(scale, br, axis=0)[:rows], bc, axis=1)[:, :cols]
 
 
@@ -100,11 +100,13 @@ def unpack_fp4(packed: np.ndarray, name: str = "weight") -> np.ndarray:
 
 def dequant_fp4(packed: np.ndarray, scale: np.ndarray, *, block: int = FP4_BLOCK,
                 name: str = "weight") -> np.ndarray:
-    """packed [out, in/2] int8/uint8; scale [out, ceil(in/block)] ue8m0 or float32 -> float32 [out, in]."""
+    """packed [out, in/2] int8/uint8; scale [out, ceil(in/block)] ue8m0 or float32
+    -> float32 [out, in]."""
     if packed.ndim != 2:
         raise QuantError(f"{name}: FP4 weight must be 2-D [out, in/2], got shape {packed.shape}")
     values = unpack_fp4(packed, name)
-    s = _expand_block_scales(e8m0_to_float32(scale, name + " scale"), values.shape, (1, block), name)
+    s = _expand_block_scales(e8m0_to_float32(scale, name + " scale"), values.shape, (1, block),
+                             name)
     with np.errstate(over="ignore", invalid="ignore"):
         out = values * s
     return _check_finite(out, name)
@@ -142,13 +144,15 @@ def quant_fp8(w: np.ndarray, block: tuple[int, int] = FP8_BLOCK) -> tuple[np.nda
     padded[:rows, :cols] = np.abs(w)
     amax = padded.reshape(gr, br, gc, bc).max(axis=(1, 3))
     sb = _pow2_scale_bytes(amax, 448.0)
-    s = _expand_block_scales(np.ldexp(np.float32(1), sb.astype(np.int32) - 127), w.shape, block, "w")
+    s = _expand_block_scales(np.ldexp(np.float32(1), sb.astype(np.int32) - 127), w.shape, block,
+                             "w")
     q = (w.astype(np.float32) / s).astype(ml_dtypes.float8_e4m3fn)
     return q, sb.view(ml_dtypes.float8_e8m0fnu)
 
 
 def quant_fp4(w: np.ndarray, block: int = FP4_BLOCK) -> tuple[np.ndarray, np.ndarray]:
-    """float [out, in] (in even) -> (int8 [out, in/2] packed e2m1, ue8m0 scales [out, ceil(in/block)])."""
+    """float [out, in] (in even) -> (int8 [out, in/2] packed e2m1,
+    ue8m0 scales [out, ceil(in/block)])."""
     rows, cols = w.shape
     if cols % 2:
         raise QuantError(f"FP4 packing needs an even number of columns, got {cols}")

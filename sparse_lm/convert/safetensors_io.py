@@ -107,8 +107,8 @@ class SafetensorsDir:
         if weight_map is not None:
             for name, fname in weight_map.items():
                 if name not in self.tensors:
-                    raise CheckpointError(f"tensor {name!r} is listed in {INDEX_NAME} for {fname!r} "
-                                          "but that file does not contain it")
+                    raise CheckpointError(f"tensor {name!r} is listed in {INDEX_NAME} for "
+                                          f"{fname!r} but that file does not contain it")
 
     def names(self) -> set[str]:
         return set(self.tensors)

@@ -1,7 +1,6 @@
 """Bad input gives an error naming the tensor/field, and nothing is ever left at --out."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
