@@ -42,6 +42,9 @@ from sparse_lm.model.transformer import build_model
 log = logging.getLogger(__name__)
 
 FORMAT = "sparse_lm.convert/1"
+# Errors caused by the input (config, files, tensors, paths); the CLIs print their message only.
+# ConfigError, CheckpointError, MappingError and QuantError are ValueErrors.
+USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError)
 MODEL_ITEM = "model"
 CONFIG_FILE = "model_config.json"
 

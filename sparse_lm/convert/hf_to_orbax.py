@@ -22,7 +22,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from sparse_lm.config import ModelConfig
-from sparse_lm.convert.core import load_state, save_checkpoint
+from sparse_lm.convert.core import USER_ERRORS, load_state, save_checkpoint
 
 def parse_mesh(spec: str | None):
     """'a=2,b=-1' -> jax Mesh over all devices (Auto axes), or None."""
@@ -102,9 +102,12 @@ def main(argv):
         raise app.UsageError("--hf-dir and --out are required")
     config = ModelConfig.from_dict(_CONFIG.value.model) if _CONFIG.value is not None else None
     dtype = None if _DTYPE.value == "keep" else _DTYPE.value
-    cfg = convert(_HF_DIR.value, _OUT.value, config=config, dtype=dtype,
-                  mesh=parse_mesh(_MESH.value), rules=parse_rules(_RULES.value),
-                  progress=not _QUIET.value)
+    try:
+        cfg = convert(_HF_DIR.value, _OUT.value, config=config, dtype=dtype,
+                      mesh=parse_mesh(_MESH.value), rules=parse_rules(_RULES.value),
+                      progress=not _QUIET.value)
+    except USER_ERRORS as e:     # the message names the file/tensor/field; no traceback needed
+        raise SystemExit(f"error: {e}") from e
     print(f"wrote {_OUT.value}: {cfg.num_layers} layers, mtp_depth={cfg.mtp_depth}, "
           f"dtype={cfg.dtype}")
 

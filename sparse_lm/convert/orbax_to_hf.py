@@ -16,7 +16,8 @@ import os
 from absl import app, flags
 from flax import nnx
 
-from sparse_lm.convert.core import atomic_directory, restore_checkpoint, write_hf
+from sparse_lm.convert.core import USER_ERRORS, atomic_directory, restore_checkpoint, write_hf
+
 
 def export(ckpt: str, out: str, *, scheme: str = "transformers", dtype=None,
            max_shard_bytes: int = 5 * 2**30, progress: bool = True) -> list[str]:
@@ -49,9 +50,12 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if not _CKPT.value or not _OUT.value:
         raise app.UsageError("--ckpt and --out are required")
-    files = export(_CKPT.value, _OUT.value, scheme=_FORMAT.value,
-                   dtype=None if _DTYPE.value == "keep" else _DTYPE.value,
-                   max_shard_bytes=int(_SHARD.value * 2**30), progress=not _QUIET.value)
+    try:
+        files = export(_CKPT.value, _OUT.value, scheme=_FORMAT.value,
+                       dtype=None if _DTYPE.value == "keep" else _DTYPE.value,
+                       max_shard_bytes=int(_SHARD.value * 2**30), progress=not _QUIET.value)
+    except USER_ERRORS as e:     # the message names the file/tensor/field; no traceback needed
+        raise SystemExit(f"error: {e}") from e
     print(f"wrote {_OUT.value}: config.json + {len(files)} safetensors file(s)")
 
 
