@@ -53,7 +53,6 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
-from configs import model_presets
 from kernels_pallas.block_sparse_attention import block_sparse_attention
 from sparse_lm.config import ModelConfig
 from sparse_lm.ops.compress import compress, entry_positions
@@ -402,10 +401,19 @@ def parse_args(argv):
     return args
 
 
+def preset_config(name: str) -> ModelConfig:
+    """The model preset's ModelConfig (configs/model_presets.py needs ml_collections)."""
+    try:
+        from configs import model_presets
+    except ImportError as e:
+        raise SystemExit(f"the presets need configs.model_presets, which failed to import ({e}); "
+                         "install the ml-collections pin of requirements.txt") from e
+    return ModelConfig.from_dict({"tiny": model_presets.tiny, "pro": model_presets.v4_pro,
+                                  "flash": model_presets.v4_flash}[name]())
+
+
 def run(args) -> dict:
-    preset = model_presets.tiny() if args.tiny else (
-        model_presets.v4_pro() if args.preset == "pro" else model_presets.v4_flash())
-    cfg = ModelConfig.from_dict(preset)
+    cfg = preset_config("tiny" if args.tiny else args.preset)
     sh = Shapes.from_config(cfg, args.batch)
     dtype = jnp.dtype(args.dtype)
     dev = jax.devices()[0]

@@ -45,7 +45,32 @@ csa() {
   return "$rc"
 }
 
-SECTIONS=(csa)
+# --- Block-sparse HCA/SWA attention (kernels_pallas/block_sparse_attention) -------------------
+# Compiled Pallas-Triton kernels vs the model reference, forward and gradients (fp32 1e-5, bf16
+# 2e-2), then the HCA/dense part of the benchmark with the cuDNN sanity check of the dense
+# baseline (head dim 256, twice the heads). BSA_SEQ / BSA_RUNS / BSA_PRESET size the benchmark
+# (defaults: 8K,32K,128K, 20 runs, flash); its JSON lands in $LOG_DIR. The benchmark needs
+# ml-collections (configs/model_presets.py) besides JAX.
+block_sparse() {
+  if [ "$JAX_PLATFORMS" != cpu ] && ! "$PYTHON" -c 'import jax, sys; sys.exit(not any(
+      d.platform == "gpu" for d in jax.devices()))' 2>/dev/null; then
+    echo "no GPU visible to JAX (JAX_PLATFORMS=$JAX_PLATFORMS): the compiled tests would only skip"
+    return 1
+  fi
+  "$PYTHON" -m pytest -q -p no:cacheprovider --noconftest -rs \
+    tests/kernels/test_block_sparse_attention_gpu.py 2>&1 | tee "$LOG_DIR/block_sparse_pytest.log"
+  local rc=${PIPESTATUS[0]}
+  local preset=${BSA_PRESET:-flash}
+  "$PYTHON" -m experiments.bench_attention --preset "$preset" \
+    --seq "${BSA_SEQ:-8192,32768,131072}" --runs "${BSA_RUNS:-20}" \
+    --arms dense_core,hca_core,hca_layer --cudnn-check \
+    --json "$LOG_DIR/bench_block_sparse_${preset}.json" 2>&1 \
+    | tee "$LOG_DIR/bench_block_sparse.log"
+  rc=$(( rc || PIPESTATUS[0] ))
+  return "$rc"
+}
+
+SECTIONS=(csa block_sparse)
 
 main() {
   local wanted=("$@") failed=()

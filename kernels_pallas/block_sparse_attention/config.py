@@ -137,5 +137,9 @@ def default_block_sizes(platform: str, *, num_heads: int, compiled: bool = True)
         if (bq * num_heads) % 128:  # keep the dkv kernel's lane constraint satisfiable
             bq = 128 // math.gcd(128, num_heads) * max(1, bq * num_heads // 128)
         return BlockSizes(block_q=bq, block_kv=512)
+    # Untuned (measured tuning is issue 8). With D = 512 a [64, 512] bf16 operand is 64 KiB of
+    # shared memory, so the backward kernels, which hold q and do tiles beside the key tile,
+    # use 32-key blocks and no multi-stage pipelining to stay under the 228 KiB of an H100 SM.
     bq = max(1, 64 // num_heads)
-    return BlockSizes(block_q=bq, block_kv=64, num_warps=8, num_stages=2)
+    return BlockSizes(block_q=bq, block_kv=64, block_kv_dq=32, block_kv_dkv=32, num_warps=8,
+                      num_stages=1)
