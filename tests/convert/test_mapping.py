@@ -97,3 +97,46 @@ def test_official_names_translate_both_ways_for_every_tensor_of_the_model():
         "model.layers.3.self_attn.compressor.kv_norm.weight"
     assert mapping.official_to_logical("mtp.0.norm.weight") == "mtp.0.norm.weight"
     assert mapping.official_to_logical("layers.0.attn.not_a_tensor") is None
+
+
+def test_release_shapes_of_v4_flash_follow_the_spec_tables():
+    """Expected HF shapes for the V4-Flash preset (spec §2.1, §4.1, §5, §9, §10), from the
+    abstract model only (nothing allocated)."""
+    from configs import model_presets
+    from sparse_lm.config import ModelConfig
+    from sparse_lm.convert.core import _expected_hf_shapes
+    cfg = ModelConfig.from_dict(model_presets.v4_flash())
+    _, _, flat = abstract_model(cfg)
+    shapes = _expected_hf_shapes(mapping.build_groups(cfg), flat)
+    L = "model.layers."
+    want = {
+        L + "0.self_attn.q_a_proj.weight": (1024, 4096),             # SWA layer
+        L + "2.self_attn.q_b_proj.weight": (64 * 512, 1024),
+        L + "2.self_attn.kv_proj.weight": (512, 4096),
+        L + "2.self_attn.o_a_proj.weight": (8 * 1024, 4096),          # g*o_lora, H*D/g
+        L + "2.self_attn.o_b_proj.weight": (4096, 8 * 1024),
+        L + "2.self_attn.compressor.kv_proj.weight": (1024, 4096),     # CSA: 2c
+        L + "2.self_attn.compressor.position_bias": (4, 1024),
+        L + "3.self_attn.compressor.kv_proj.weight": (512, 4096),      # HCA: c
+        L + "3.self_attn.compressor.position_bias": (128, 512),
+        L + "42.self_attn.compressor.indexer.kv_proj.weight": (256, 4096),
+        L + "42.self_attn.compressor.indexer.position_bias": (4, 256),
+        L + "42.self_attn.compressor.indexer.kv_norm.weight": (128,),
+        L + "42.self_attn.compressor.indexer.q_b_proj.weight": (64 * 128, 1024),
+        L + "42.self_attn.compressor.indexer.scorer.weights_proj.weight": (64, 4096),
+        L + "1.mlp.gate.tid2eid": (129280, 6),
+        L + "3.mlp.gate.e_score_correction_bias": (256,),
+        L + "17.mlp.experts.gate_up_proj": (256, 2 * 2048, 4096),
+        L + "17.mlp.experts.down_proj": (256, 4096, 2048),
+        L + "17.mlp.shared_experts.down_proj.weight": (4096, 2048),
+        L + "40.attn_hc.fn": (24, 4 * 4096),
+        "model.hc_head.hc_fn": (4, 4 * 4096),
+        "lm_head.weight": (129280, 4096),
+        "mtp.0.e_proj.weight": (4096, 4096),
+        "mtp.0.self_attn.kv_proj.weight": (512, 4096),
+    }
+    assert {k: shapes.get(k) for k in want} == want
+    assert L + "0.self_attn.compressor.kv_proj.weight" not in shapes      # SWA: no compressor
+    assert L + "3.self_attn.compressor.indexer.kv_proj.weight" not in shapes  # HCA: no indexer
+    assert L + "3.mlp.gate.tid2eid" not in shapes                          # score-routed
+    assert not any(k.startswith("mtp.0.self_attn.compressor") for k in shapes)  # MTP is SWA
