@@ -308,10 +308,13 @@ def _is_float(dt: np.dtype) -> bool:
     return np.issubdtype(dt, np.floating) or dt == np.dtype(ml_dtypes.bfloat16)
 
 
-def state_to_hf(pure: Mapping, cfg: ModelConfig, *, scheme: str = "transformers", dtype=None,
+def state_to_hf(pure: Mapping | Callable[[list[tuple]], list], cfg: ModelConfig, *,
+                scheme: str = "transformers", dtype=None,
                 on_group: Callable[[Group], None] | None = None):
     """Yield (HF name, NumPy array) for every tensor of the model, group by group.
 
+    pure: our state as a pure dict, or a function mapping a list of leaf paths to their arrays
+    (e.g. `CheckpointLeaves`, which reads them from a checkpoint group by group).
     scheme "transformers" writes transformers names (MTP as `mtp.0.*`, which transformers ignores
     on load); "official" writes the official names with per-expert w1/w2/w3. dtype: float32,
     bfloat16 or None (keep our dtypes); tensors transformers keeps in fp32 stay fp32.
@@ -319,8 +322,9 @@ def state_to_hf(pure: Mapping, cfg: ModelConfig, *, scheme: str = "transformers"
     if scheme not in ("transformers", "official"):
         raise ValueError(f"scheme={scheme!r} is invalid: allowed values 'transformers', 'official'")
     dt = _np_dtype(dtype)
+    fetch = pure if callable(pure) else (lambda paths: [_get(pure, p) for p in paths])
     for g in build_groups(cfg):
-        ours = [np.asarray(jax.device_get(_get(pure, p))) for p in g.ours]
+        ours = [np.asarray(jax.device_get(a)) for a in fetch(list(g.ours))]
         for r, names in enumerate(g.hf):
             layer = [a[r] for a in ours] if g.stacked else ours
             for name, arr in zip(names, g.transform.to_hf(layer)):
@@ -338,7 +342,7 @@ def state_to_hf(pure: Mapping, cfg: ModelConfig, *, scheme: str = "transformers"
             on_group(g)
 
 
-def write_hf(pure: Mapping, cfg: ModelConfig, out_dir: str, *, scheme: str = "transformers",
+def write_hf(pure: Mapping | Callable[[list[tuple]], list], cfg: ModelConfig, out_dir: str, *, scheme: str = "transformers",
              dtype=None, max_shard_bytes: int = 5 * 2**30, progress: bool = True) -> list[str]:
     """Write config.json + safetensors shards (+ index) into the existing directory out_dir."""
     writer = ShardedWriter(out_dir, max_shard_bytes)
@@ -446,3 +450,39 @@ def restore_checkpoint(path: str, *, mesh: jax.sharding.Mesh | None = None, rule
     pure = ckptr.restore(os.path.join(path, MODEL_ITEM), target)
     ckptr.close()
     return assemble(graphdef, abs_state, pure), cfg
+
+
+class CheckpointLeaves:
+    """`leaves(paths) -> arrays`: reads only those leaves of one of our checkpoints (an orbax
+    partial restore), so an export holds one tensor group in memory at a time."""
+
+    def __init__(self, path: str):
+        import orbax.checkpoint as ocp
+        self.path = os.path.join(os.path.abspath(os.fspath(path)), MODEL_ITEM)
+        self.cfg = read_checkpoint_config(path)
+        self.meta = ocp.StandardCheckpointer().metadata(self.path).item_metadata
+        self.ckptr = ocp.PyTreeCheckpointer()
+        self.sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def _key(self, path: tuple) -> tuple:
+        """The checkpoint's own spelling of a path (orbax metadata keys are strings)."""
+        out, node = [], self.meta
+        for k in path:
+            k = k if k in node else str(k)
+            out.append(k)
+            node = node[k]
+        return tuple(out)
+
+    def __call__(self, paths: list[tuple]) -> list[np.ndarray]:
+        import orbax.checkpoint as ocp
+        item, args = {}, {}
+        for p in paths:
+            m = _get(self.meta, p)
+            _set(item, self._key(p), jax.ShapeDtypeStruct(tuple(m.shape), m.dtype))
+            _set(args, self._key(p), ocp.ArrayRestoreArgs(sharding=self.sharding))
+        got = self.ckptr.restore(self.path, args=ocp.args.PyTreeRestore(
+            item=item, restore_args=args, partial_restore=True))
+        return [np.asarray(_get(got, self._key(p))) for p in paths]
+
+    def close(self):
+        self.ckptr.close()

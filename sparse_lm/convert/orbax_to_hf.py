@@ -7,16 +7,17 @@ Writes config.json (layer_types, compress_rates, rope_parameters, ... as transfo
 reads them, plus compress_ratios) and safetensors shards with model.safetensors.index.json.
 --format=transformers uses transformers' tensor names (loadable by `DeepseekV4ForCausalLM`, which
 ignores the `mtp.0.*` tensors); --format=official uses the release names (per-expert w1/w2/w3).
-Tensors are written unquantised. Nothing is left at --out unless the export succeeded.
+Tensors are written unquantised. The checkpoint is read one tensor group at a time (an orbax
+partial restore), so the host holds at most one group (e.g. one layer-stack of expert weights)
+plus the shard being written. Nothing is left at --out unless the export succeeded.
 """
 from __future__ import annotations
 
 import os
 
 from absl import app, flags
-from flax import nnx
 
-from sparse_lm.convert.core import USER_ERRORS, atomic_directory, restore_checkpoint, write_hf
+from sparse_lm.convert.core import USER_ERRORS, CheckpointLeaves, atomic_directory, write_hf
 
 
 def export(ckpt: str, out: str, *, scheme: str = "transformers", dtype=None,
@@ -24,12 +25,14 @@ def export(ckpt: str, out: str, *, scheme: str = "transformers", dtype=None,
     """Library form of the CLI: our checkpoint -> HF directory at `out` (atomic)."""
     if os.path.exists(out):
         raise FileExistsError(f"--out {out} already exists; remove it or choose another path")
-    model, cfg = restore_checkpoint(ckpt)
-    pure = nnx.to_pure_dict(nnx.state(model))
+    leaves = CheckpointLeaves(ckpt)        # reads one tensor group at a time
     files = []
-    atomic_directory(out, lambda tmp: files.extend(
-        write_hf(pure, cfg, tmp, scheme=scheme, dtype=dtype, max_shard_bytes=max_shard_bytes,
-                 progress=progress)))
+    try:
+        atomic_directory(out, lambda tmp: files.extend(
+            write_hf(leaves, leaves.cfg, tmp, scheme=scheme, dtype=dtype,
+                     max_shard_bytes=max_shard_bytes, progress=progress)))
+    finally:
+        leaves.close()
     return files
 
 
