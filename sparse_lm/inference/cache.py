@@ -1,0 +1,166 @@
+"""Decode caches as pytrees (spec §13): a fixed-size *state* part and a growing *entries* part.
+
+Per attention layer (`LayerCache`):
+  * ``window`` [B, W, D]: ring buffer of the last W raw K=V rows; token p sits in slot p mod W
+    (the current token's row is part of the window, spec §4.4).
+  * ``compressor`` (CSA/HCA) and ``indexer`` (CSA), each a `CompressorCache`:
+      - ``kv``, ``gate`` [B, (1+ov)*m, (1+ov)*c] fp32: the uncompressed tail. Gates include the
+        position bias ``ape``; an empty slot has gate -inf and value 0. With overlap (CSA, ov=1)
+        slots 0..m-1 hold the previous complete window and slots m..2m-1 the current one; HCA
+        (ov=0) keeps only the current window. Slot k of the current window holds the token at
+        position m*floor(length/m) + k for k < length mod m (the official reference's layout).
+      - ``entries`` [B, max_len // m, c]: compressed entries in order (entry i = window i, normed
+        and RoPE'd at position m*i); for the indexer these are its compressed keys.
+SWA-only layers have only the window. ``Cache.lengths`` [B] counts the tokens each row holds.
+
+The state part (window + tails) has a fixed size per sequence; the entries part is preallocated
+to ``max_len`` and is the only part that grows with context. Layer caches follow the model's
+layer groups: ``head`` and ``tail`` are tuples of per-layer caches, ``cycles`` holds one cache per
+layer of the repeating cycle with a leading axis of size ``num_cycles`` (scanned like the
+parameters).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+
+from sparse_lm.config import ModelConfig
+from sparse_lm.model.layers import dtype_of
+
+
+def _dataclass_pytree(cls=None, *, meta=()):
+    def wrap(c):
+        c = dataclasses.dataclass(c)
+        data = [f.name for f in dataclasses.fields(c) if f.name not in meta]
+        return jax.tree_util.register_dataclass(c, data_fields=data, meta_fields=list(meta))
+    return wrap if cls is None else wrap(cls)
+
+
+@_dataclass_pytree
+class CompressorCache:
+    kv: jax.Array        # [B, slots, w] fp32 (state)
+    gate: jax.Array      # [B, slots, w] fp32, ape included, -inf = empty (state)
+    entries: jax.Array   # [B, max_len // m, c] (grows with context)
+
+
+@_dataclass_pytree
+class LayerCache:
+    window: jax.Array                      # [B, W, D] ring buffer (state)
+    compressor: CompressorCache | None     # CSA / HCA
+    indexer: CompressorCache | None        # CSA
+
+
+@_dataclass_pytree(meta=("max_len",))
+class Cache:
+    lengths: jax.Array                     # [B] int32 tokens held per row
+    head: tuple[LayerCache, ...]
+    cycles: tuple[LayerCache, ...]         # leading axis num_cycles on every array
+    tail: tuple[LayerCache, ...]
+    max_len: int
+
+    @property
+    def batch(self) -> int:
+        return self.lengths.shape[0]
+
+
+def _compressor_cache(batch, max_len, out_dim, ratio, overlap, dtype) -> CompressorCache:
+    f = 2 if overlap else 1
+    shape = (batch, f * ratio, f * out_dim)
+    return CompressorCache(kv=jnp.zeros(shape, jnp.float32),
+                           gate=jnp.full(shape, -jnp.inf, jnp.float32),
+                           entries=jnp.zeros((batch, max_len // ratio, out_dim), dtype))
+
+
+def layer_cache(cfg: ModelConfig, kind: str, batch: int, max_len: int, dtype=None) -> LayerCache:
+    """Empty cache of one attention layer of `kind` ("swa" | "csa" | "hca")."""
+    dtype = dtype or dtype_of(cfg.dtype)
+    window = jnp.zeros((batch, cfg.sliding_window, cfg.head_dim), dtype)
+    comp = idx = None
+    if kind != "swa":
+        comp = _compressor_cache(batch, max_len, cfg.head_dim, cfg.ratio_of(kind), kind == "csa",
+                                 dtype)
+    if kind == "csa":
+        idx = _compressor_cache(batch, max_len, cfg.index_head_dim, cfg.compress_ratio_csa, True,
+                                dtype)
+    return LayerCache(window=window, compressor=comp, indexer=idx)
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> Cache:
+    """Empty cache for `batch` sequences of up to `max_len` tokens each (prompt + generation).
+
+    dtype: of the window and the entries (default: the model's compute dtype); the compressor
+    tails are always fp32. Use `jax.eval_shape(lambda: init_cache(...))` to size a cache
+    without allocating it.
+    """
+    for name, v in (("batch", batch), ("max_len", max_len)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name}={v!r} is invalid: must be an integer >= 1")
+    groups = cfg.layer_groups
+
+    def stacked(kind):
+        one = layer_cache(cfg, kind, batch, max_len, dtype)
+        return jax.tree.map(lambda a: jnp.broadcast_to(a, (groups.num_cycles,) + a.shape), one)
+
+    return Cache(lengths=jnp.zeros((batch,), jnp.int32),
+                 head=tuple(layer_cache(cfg, l.kind, batch, max_len, dtype) for l in groups.head),
+                 cycles=tuple(stacked(l.kind) for l in groups.cycle),
+                 tail=tuple(layer_cache(cfg, l.kind, batch, max_len, dtype) for l in groups.tail),
+                 max_len=max_len)
+
+
+# ---------------------------------------------------------------------- structure helpers
+def layer_caches(cfg: ModelConfig, cache: Cache) -> Iterator[tuple[int, str, LayerCache]]:
+    """(layer index, kind, that layer's cache) in layer order; cycle layers are sliced out."""
+    groups = cfg.layer_groups
+    for spec, lc in zip(groups.head, cache.head):
+        yield spec.index, spec.kind, lc
+    p = len(groups.cycle)
+    for r in range(groups.num_cycles):
+        for j, (spec, lc) in enumerate(zip(groups.cycle, cache.cycles)):
+            yield spec.index + r * p, spec.kind, jax.tree.map(lambda a: a[r], lc)
+    for spec, lc in zip(groups.tail, cache.tail):
+        yield spec.index, spec.kind, lc
+
+
+def _nbytes(a) -> int:
+    return int(a.size) * jnp.dtype(a.dtype).itemsize
+
+
+def cache_bytes(cfg: ModelConfig, cache: Cache) -> dict[str, dict[str, int]]:
+    """Bytes of the cache arrays per layer kind, split into "state" (window ring buffer and
+    compressor tails: fixed per sequence) and "entries" (compressed entries and indexer keys:
+    preallocated to max_len), summed over the layers of that kind and the batch, plus "layers"
+    (how many layers of that kind). Works on arrays and on `jax.eval_shape` results alike.
+    `lengths` (4 bytes per sequence) is not counted.
+    """
+    out: dict[str, dict[str, int]] = {}
+    for _, kind, lc in layer_caches(cfg, cache):
+        d = out.setdefault(kind, {"layers": 0, "state": 0, "entries": 0})
+        d["layers"] += 1
+        d["state"] += _nbytes(lc.window)
+        for cc in (lc.compressor, lc.indexer):
+            if cc is not None:
+                d["state"] += _nbytes(cc.kv) + _nbytes(cc.gate)
+                d["entries"] += _nbytes(cc.entries)
+    return out
+
+
+def cache_logical_axes(cache: Cache) -> Cache:
+    """A pytree like `cache` whose leaves are logical axis-name tuples (the activation
+    vocabulary of the sharding rules): batch on "activation_batch", the entries' length on
+    "activation_length", the channel dim on "activation_kv"; stacked cycle caches lead with
+    "layers". Map it through the logical rules to get the cache's PartitionSpecs."""
+    def names(path, leaf):
+        keys = [getattr(k, "name", getattr(k, "idx", None)) for k in path]
+        stacked = keys[0] == "cycles"
+        if keys[0] == "lengths":
+            base = ("activation_batch",)
+        elif keys[-1] == "entries":
+            base = ("activation_batch", "activation_length", "activation_kv")
+        else:   # window ring buffer and compressor tails: [B, slots, channels]
+            base = ("activation_batch", None, "activation_kv")
+        return (("layers",) + base) if stacked else base
+    return jax.tree_util.tree_map_with_path(names, cache)
