@@ -117,3 +117,14 @@ def test_mtp_entry_of_compress_ratios_is_dropped_and_layer_types_must_agree():
 def test_configs_we_cannot_represent_are_errors_naming_the_field(field, value, match):
     with pytest.raises(ConfigError, match=match):
         from_hf_config(published(**{field: value}))
+
+
+def test_configs_hf_file_builds_the_model_config_from_a_checkpoint_directory():
+    from configs import hf
+    cd = hf.get_config(str(DATA / "flash_like"))
+    cfg = ModelConfig.from_dict(cd.model)
+    assert config_differences(cfg, from_hf_config(read_hf_config(DATA / "flash_like"))) == []
+    assert ModelConfig.from_dict(hf.get_config(str(DATA / "pro_like" / "config.json")).model) \
+        .layer_kinds == ("hca", "hca", "csa", "hca")
+    with pytest.raises(ValueError, match="needs a path"):
+        hf.get_config()
