@@ -73,11 +73,12 @@ def _to_row(col):
     return jnp.broadcast_to(col, (col.shape[0], 128)).T[:1, :]
 
 
-def _row_positions(i, bq: int, num_heads: int, rows: int):
-    """[rows, 1] int32 query position of each (query, head) row of query block i, computed
-    in-kernel (no lane-padded [R_q, 1] operand): row // H via fp32, exact since the offset
-    (row + 0.5) / H stays >= 0.5 / H away from an integer and rows < 2**21."""
-    r = lax.broadcasted_iota(jnp.int32, (rows, 1), 0).astype(jnp.float32)
+def _row_positions(i, bq: int, num_heads: int, rows: int, lanes: bool = False):
+    """Query position of each (query, head) row of query block i, [rows, 1] (or [1, rows] with
+    lanes=True), computed in-kernel rather than read from an operand: row // H via fp32, exact
+    since (row + 0.5) / H stays >= 0.5 / H away from an integer and rows < 2**21."""
+    shape, dim = ((1, rows), 1) if lanes else ((rows, 1), 0)
+    r = lax.broadcasted_iota(jnp.int32, shape, dim).astype(jnp.float32)
     return i * bq + ((r + 0.5) * (1.0 / num_heads)).astype(jnp.int32)
 
 
@@ -278,16 +279,20 @@ def dq(plan: Plan, q2, keys, kpos, kseg, qseg, do2, lse, delta):
 # backward: dkv (rows = key blocks; query rows on lanes so every matmul is a plain NN / NT)
 
 def _dkv_kernel(map_ref, k_ref, kpos_ref, kend_ref, *refs, num_runs, steps, scale, always_mask,
-                has_segments):
+                has_segments, bq, num_heads):
     if has_segments:
         kseg_ref, qseg_ref, *refs = refs
-    qpos_ref, q_ref, do_ref, lse_ref, delta_ref, dk_ref, acc_ref = refs
+    q_ref, do_ref, lse_ref, delta_ref, dk_ref, acc_ref, kpos_col, kend_col, *seg_scratch = refs
     kb, j = pl.program_id(1), pl.program_id(2)
-    _, kind = decode_step(map_ref, kb, j, num_runs)
+    qb, kind = decode_step(map_ref, kb, j, num_runs)
 
     @pl.when(j == 0)
     def _init():
         acc_ref[...] = jnp.zeros_like(acc_ref)
+        kpos_col[...] = _to_column(kpos_ref[...])
+        kend_col[...] = _to_column(kend_ref[...])
+        if has_segments:
+            seg_scratch[0][...] = _to_column(kseg_ref[...])
 
     def body(masked: bool):
         k, q, do = k_ref[...], q_ref[...], do_ref[...]
@@ -295,8 +300,9 @@ def _dkv_kernel(map_ref, k_ref, kpos_ref, kend_ref, *refs, num_runs, steps, scal
         s_t = lax.dot_general(k, q, NT, preferred_element_type=jnp.float32, precision=prec) * scale
         p_t = jnp.exp(s_t - lse_ref[...])                                  # [bk, M]
         if masked:
-            vis = _visible(kpos_ref[...], kend_ref[...], qpos_ref[...],
-                           kseg_ref[...] if has_segments else None,
+            qpos = _row_positions(qb, bq, num_heads, s_t.shape[1], lanes=True)
+            vis = _visible(kpos_col[...], kend_col[...], qpos,
+                           seg_scratch[0][...] if has_segments else None,
                            qseg_ref[...] if has_segments else None)
             p_t = jnp.where(vis, p_t, 0.0)
         dp_t = lax.dot_general(k, do, NT, preferred_element_type=jnp.float32, precision=prec)
@@ -324,31 +330,33 @@ def dkv(plan: Plan, q2, keys, kpos, kseg, qseg, do2, lse, delta):
     runs, steps = packed.shape[1], grid_steps(packed)
     dec = functools.partial(decode_step, num_runs=runs)
     key_rows = lambda bi, kb, j, _: (bi, kb, 0)  # noqa: E731
+    key_lanes = lambda bi, kb, j, _: (bi, 0, kb)  # noqa: E731
     in_specs = [pl.BlockSpec((None, bk, d), key_rows),
-                pl.BlockSpec((None, bk, 1), key_rows),
-                pl.BlockSpec((bk, 1), lambda bi, kb, j, _: (kb, 0))]
-    args = [keys, kpos.reshape(b, nk, 1), jnp.asarray(plan.kend()).reshape(nk, 1)]
+                pl.BlockSpec((None, 1, bk), key_lanes),
+                pl.BlockSpec((1, bk), lambda bi, kb, j, _: (0, kb))]
+    args = [keys, kpos.reshape(b, 1, nk), jnp.asarray(plan.kend()).reshape(1, nk)]
     q_lanes = lambda bi, kb, j, mr: (bi, 0, dec(mr, kb, j)[0])  # noqa: E731
     if plan.has_segments:
-        in_specs += [pl.BlockSpec((None, bk, 1), key_rows), pl.BlockSpec((None, 1, m), q_lanes)]
-        args += [kseg.reshape(b, nk, 1), qseg.reshape(b, 1, rq)]
+        in_specs += [pl.BlockSpec((None, 1, bk), key_lanes), pl.BlockSpec((None, 1, m), q_lanes)]
+        args += [kseg.reshape(b, 1, nk), qseg.reshape(b, 1, rq)]
     q_rows = lambda bi, kb, j, mr: (bi, dec(mr, kb, j)[0], 0)  # noqa: E731
-    in_specs += [pl.BlockSpec((1, m), lambda bi, kb, j, mr: (0, dec(mr, kb, j)[0])),
-                 pl.BlockSpec((None, m, d), q_rows),
+    in_specs += [pl.BlockSpec((None, m, d), q_rows),
                  pl.BlockSpec((None, m, d), q_rows),
                  pl.BlockSpec((None, 1, m), q_lanes),
                  pl.BlockSpec((None, 1, m), q_lanes)]
-    args += [jnp.asarray(plan.qpos_rows()).reshape(1, rq), q2, do2, lse.reshape(b, 1, rq),
-             delta.reshape(b, 1, rq)]
+    args += [q2, do2, lse.reshape(b, 1, rq), delta.reshape(b, 1, rq)]
     kernel = functools.partial(_dkv_kernel, num_runs=runs, steps=steps, scale=plan.scale,
-                               always_mask=plan.always_mask, has_segments=plan.has_segments)
+                               always_mask=plan.always_mask, has_segments=plan.has_segments,
+                               bq=bq, num_heads=plan.num_heads)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((b, nk, d), keys.dtype),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1, grid=(b, nk // bk, steps), in_specs=in_specs,
             out_specs=pl.BlockSpec((None, bk, d), key_rows),
-            scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32)]),
+            scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, 1), jnp.int32),
+                            pltpu.VMEM((bk, 1), jnp.int32)]
+            + ([pltpu.VMEM((bk, 1), jnp.int32)] if plan.has_segments else [])),
         compiler_params=_compiler_params(plan),
         interpret=plan.interpret,
         name="block_sparse_attention_dkv",
