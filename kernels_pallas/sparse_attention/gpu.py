@@ -46,7 +46,9 @@ class _Layout:
         self.bk = cfg.block_k
         self.kp = _round_up(num_selected, self.bk)
         self.nc = self.kp // self.bk
-        self.wb = next_pow2(window)         # window tile rows (Triton tiles are powers of two)
+        # Window tile rows: a power of two, and >= 16 because a bf16 tl.dot needs K >= 16 (with
+        # an 8-row tile the compiled bf16 kernel counted the window twice; fp32 was unaffected).
+        self.wb = max(16, next_pow2(window))
         self.window = window
 
 
