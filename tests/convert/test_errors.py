@@ -146,3 +146,16 @@ def test_command_lines_convert_and_export_and_fail_cleanly(tmp_path, parts):
              f"--out={tmp_path / 'out'}", "--quiet")
     assert r.returncode != 0 and "'model.layers.0.mlp.gate.tid2eid' has shape (7, 2)" in r.stderr
     assert_nothing_at(tmp_path / "out")
+
+
+def test_without_config_json_the_model_config_must_be_given(tmp_path, parts):
+    tensors, cfg_json = parts
+    write_dir(tmp_path / "hf", tensors, cfg_json)
+    os.remove(tmp_path / "hf" / "config.json")
+    with pytest.raises(ConfigError, match="has no config.json; pass the model config"):
+        convert(str(tmp_path / "hf"), str(tmp_path / "out"), progress=False)
+    assert_nothing_at(tmp_path / "out")
+    cfg = core.from_hf_config(cfg_json)
+    assert cfg.mtp_depth == 1               # config.json says 1; the tensors decide below
+    got = convert(str(tmp_path / "hf"), str(tmp_path / "out"), config=cfg, progress=False)
+    assert got.mtp_depth == 0 and core.config_differences(got, cfg.replace(mtp_depth=0)) == []
