@@ -96,7 +96,9 @@ def shardings_from_rules(flat_vars: Mapping[tuple, Any], mesh: jax.sharding.Mesh
                          rules: Mapping[str, Any] | Sequence[tuple[str, Any]] | None):
     """{path: NamedSharding}: each parameter's logical axis names (`out_sharding` metadata) are
     mapped to mesh axes by `rules` (logical name -> mesh axis, tuple of axes, or None). Names
-    without a rule are replicated; a dimension not divisible by its mesh axes is an error."""
+    without a rule are replicated; a mesh axis already used by an earlier dimension of the same
+    parameter is not used again (that dimension is replicated, as with flax's logical rules);
+    a dimension not divisible by its mesh axes is an error."""
     rules = dict(rules or {})
     for logical, axes in rules.items():
         for a in (axes if isinstance(axes, (tuple, list)) else (axes,)):
@@ -106,10 +108,13 @@ def shardings_from_rules(flat_vars: Mapping[tuple, Any], mesh: jax.sharding.Mesh
     out = {}
     for path, var in flat_vars.items():
         names = getattr(var, "out_sharding", None) or (None,) * len(var.shape)
-        spec = []
+        spec, used = [], set()
         for dim, name in zip(var.shape, names):
             axes = rules.get(name) if name is not None else None
+            if axes is not None and used & set(axes if isinstance(axes, (tuple, list)) else (axes,)):
+                axes = None
             if axes is not None:
+                used |= set(axes if isinstance(axes, (tuple, list)) else (axes,))
                 size = int(np.prod([mesh.shape[a] for a in
                                     (axes if isinstance(axes, (tuple, list)) else (axes,))]))
                 if dim % size:

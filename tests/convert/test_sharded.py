@@ -5,7 +5,8 @@ Checked, in each process: every array lands on its NamedSharding (logical axes m
 rules) and each addressable shard equals the same slice of an unsharded load; routed-expert
 tensors are only ever read for the expert range of one shard (so a process never holds all
 experts of a layer); the orbax checkpoint written collectively appears atomically at --out and
-restores onto the same mesh with the same values.
+restores onto the same mesh with the same values. Also: rules that reuse a mesh axis within one
+parameter, and a dimension that the mesh axes do not divide (an error naming the parameter).
 """
 import json
 import os
@@ -54,6 +55,13 @@ res = {"devices": [jax.device_count(), jax.local_device_count()],
        "w_gate_shard": list(w.addressable_shards[0].data.shape),
        "embed_spec": list(dict(nnx.to_flat_state(nnx.state(model)))[("embed",)][...].sharding.spec),
        "expert_reads": expert_reads}
+_, _, abstract = core.abstract_model(cfg)
+dup = core.shardings_from_rules(abstract, mesh, {"exp": "expert", "mlp": "fsdp", "embed": "fsdp"})
+res["w_down_spec_shared_axis"] = list(dup[("cycles", "blocks", 0, "moe", "w_down")].spec)
+try:
+    core.shardings_from_rules(abstract, mesh, {"layers": ("expert", "fsdp")})
+except ValueError as e:
+    res["not_divisible"] = str(e)
 convert(src, out, mesh=mesh, rules=rules, progress=False)
 res["out_listing"] = sorted(os.listdir(out))
 restored, _ = core.restore_checkpoint(out, mesh=mesh, rules=rules)
@@ -96,4 +104,7 @@ def test_two_process_sharded_conversion(tmp_path):
         assert res["expert_reads"] and all(
             e is not None and e[1] - e[0] == 4 for _, e in res["expert_reads"])
         assert res["out_listing"] == ["model", "model_config.json"]
+        # w_down ('layers', 'exp', 'mlp', 'embed'): 'mlp' takes fsdp first, 'embed' replicates.
+        assert res["w_down_spec_shared_axis"] == [None, "expert", "fsdp", None]
+        assert "dimension 'layers' of size 2 is not divisible" in res["not_divisible"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]     # no partial left
