@@ -111,10 +111,11 @@ def shardings_from_rules(flat_vars: Mapping[tuple, Any], mesh: jax.sharding.Mesh
         spec, used = [], set()
         for dim, name in zip(var.shape, names):
             axes = rules.get(name) if name is not None else None
-            if axes is not None and used & set(axes if isinstance(axes, (tuple, list)) else (axes,)):
+            axes_set = set(axes if isinstance(axes, (tuple, list)) else (axes,)) - {None}
+            if used & axes_set:
                 axes = None
             if axes is not None:
-                used |= set(axes if isinstance(axes, (tuple, list)) else (axes,))
+                used |= axes_set
                 size = int(np.prod([mesh.shape[a] for a in
                                     (axes if isinstance(axes, (tuple, list)) else (axes,))]))
                 if dim % size:
@@ -347,8 +348,9 @@ def state_to_hf(pure: Mapping | Callable[[list[tuple]], list], cfg: ModelConfig,
             on_group(g)
 
 
-def write_hf(pure: Mapping | Callable[[list[tuple]], list], cfg: ModelConfig, out_dir: str, *, scheme: str = "transformers",
-             dtype=None, max_shard_bytes: int = 5 * 2**30, progress: bool = True) -> list[str]:
+def write_hf(pure: Mapping | Callable[[list[tuple]], list], cfg: ModelConfig, out_dir: str, *,
+             scheme: str = "transformers", dtype=None, max_shard_bytes: int = 5 * 2**30,
+             progress: bool = True) -> list[str]:
     """Write config.json + safetensors shards (+ index) into the existing directory out_dir."""
     writer = ShardedWriter(out_dir, max_shard_bytes)
     groups = build_groups(cfg)
