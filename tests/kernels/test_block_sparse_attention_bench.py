@@ -49,6 +49,7 @@ def test_spread_topk_lists_distinct_visible_entries():
             assert np.all(picked < (t + 1) // ratio)
 
 
+@pytest.mark.slow
 def test_bench_runs_tiny_and_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     arms = ["dense_core", "hca_layer", "csa_layer"]
