@@ -168,6 +168,20 @@ def test_dense_causal_baseline_and_defaults():
     assert_close("lse", lse, ref_lse, 1e-5)
 
 
+@pytest.mark.parametrize("impl", ["tpu", "gpu"])
+def test_sequence_shorter_than_ratio_is_window_only(impl):
+    """S < ratio: no compressed entry exists (N = 0), the layer is plain SWA with a sink."""
+    q, kv, _, _, sink, _ = _inputs(2, b=2, s=5, h=2, d=8, ratio=0, dtype=jnp.float32)
+    comp = jnp.zeros((2, 0, 8))
+    out, lse = block_sparse_attention(q, kv, sink, window=3, scale=0.3, compressed=comp,
+                                      compressed_valid=jnp.ones((2, 0), bool), ratio=8,
+                                      implementation=impl, interpret=True)
+    ref_out, ref_lse = sparse_attention(q, kv, sink, window=3, scale=0.3,
+                                        implementation="reference", return_lse=True)
+    assert_close("out", out, ref_out, 1e-5)
+    assert_close("lse", lse, ref_lse, 1e-5)
+
+
 @pytest.mark.parametrize("case", ["hca_batch2_packed", "swa_batch1_packed"])
 def test_reference_matches_model_reference(case):
     shape, window, segments, drop, _ = CASES[case]
