@@ -279,19 +279,25 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
     return out
 
 
-ARCHITECTURAL_FIELDS = tuple(f for f in ModelConfig.__dataclass_fields__
-                             if f not in ("dtype", "param_dtype", "attention_impl", "remat",
-                                          "init_std", "hc_alpha_init"))
+# The fields a config.json determines (what makes two models the same function). Everything else
+# in ModelConfig (dtype, attention/MoE implementation, remat, init, ...) is how we execute or train
+# it, so it is never compared against a checkpoint.
+ARCHITECTURAL_FIELDS = tuple(_DIRECT.values()) + (
+    "n_shared_experts", "compress_ratio_csa", "compress_ratio_hca", "num_hash_layers",
+    "rope_head_dim", "rope_theta", "compress_rope_theta", "yarn", "yarn_factor",
+    "yarn_original_max_position", "yarn_beta_fast", "yarn_beta_slow", "mtp_depth")
+_YARN_DETAILS = ("yarn_factor", "yarn_original_max_position", "yarn_beta_fast", "yarn_beta_slow")
 
 
 def config_differences(a: ModelConfig, b: ModelConfig, fields=ARCHITECTURAL_FIELDS) -> list[str]:
     """Fields (by our names) whose value differs between two configs, as 'name: a vs b'.
 
-    The layer schedule is compared as the resolved per-layer kinds, not as the pattern.
+    The layer schedule is compared as the resolved per-layer kinds, not as the pattern; YaRN
+    details only matter when YaRN is on.
     """
     diffs = []
     for f in fields:
-        if f in ("layer_prefix", "layer_cycle", "layer_tail"):
+        if f in _YARN_DETAILS and not (a.yarn or b.yarn):
             continue
         va, vb = getattr(a, f), getattr(b, f)
         if isinstance(va, float) or isinstance(vb, float):

@@ -128,3 +128,15 @@ def test_configs_hf_file_builds_the_model_config_from_a_checkpoint_directory():
         .layer_kinds == ("hca", "hca", "csa", "hca")
     with pytest.raises(ValueError, match="needs a path"):
         hf.get_config()
+
+
+def test_only_fields_a_config_json_determines_are_compared():
+    """Execution choices (dtype, attention implementation, remat, ...) may differ freely from a
+    checkpoint; architecture may not."""
+    cfg = from_hf_config(published())
+    assert config_differences(cfg, cfg.replace(dtype="bfloat16", remat="full", init_std=0.1,
+                                               attention_impl="reference")) == []
+    assert config_differences(cfg, cfg.replace(yarn=False)) == ["yarn: True vs False"]
+    assert config_differences(cfg.replace(yarn=False), cfg.replace(yarn=False, yarn_factor=4.0)) \
+        == []
+    assert config_differences(cfg, cfg.replace(index_topk=7)) == ["index_topk: 512 vs 7"]
