@@ -7,8 +7,10 @@
 """
 from sparse_lm.inference.cache import (Cache, CompressorCache, LayerCache, cache_bytes,
                                        cache_logical_axes, init_cache)
-from sparse_lm.inference.decode import Decoder, InferenceError, generate, sample_tokens
+from sparse_lm.inference.decode import (Decoder, InferenceError, generate, sample_tokens,
+                                        validate_sampling)
 from sparse_lm.inference.step import forward_chunk
 
 __all__ = ["Cache", "CompressorCache", "LayerCache", "cache_bytes", "cache_logical_axes",
-           "init_cache", "Decoder", "InferenceError", "generate", "sample_tokens", "forward_chunk"]
+           "init_cache", "Decoder", "InferenceError", "generate", "sample_tokens", "validate_sampling",
+           "forward_chunk"]

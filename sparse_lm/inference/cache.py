@@ -136,10 +136,14 @@ def cache_bytes(cfg: ModelConfig, cache: Cache) -> dict[str, dict[str, int]]:
     (how many layers of that kind). Works on arrays and on `jax.eval_shape` results alike.
     `lengths` (4 bytes per sequence) is not counted.
     """
+    groups = cfg.layer_groups
     out: dict[str, dict[str, int]] = {}
-    for _, kind, lc in layer_caches(cfg, cache):
+    parts = ([(l.kind, 1, lc) for l, lc in zip(groups.head, cache.head)]
+             + [(l.kind, groups.num_cycles, lc) for l, lc in zip(groups.cycle, cache.cycles)]
+             + [(l.kind, 1, lc) for l, lc in zip(groups.tail, cache.tail)])
+    for kind, layers, lc in parts:          # stacked cycle caches hold `num_cycles` layers
         d = out.setdefault(kind, {"layers": 0, "state": 0, "entries": 0})
-        d["layers"] += 1
+        d["layers"] += layers
         d["state"] += _nbytes(lc.window)
         for cc in (lc.compressor, lc.indexer):
             if cc is not None:
@@ -164,3 +168,32 @@ def cache_logical_axes(cache: Cache) -> Cache:
             base = ("activation_batch", None, "activation_kv")
         return (("layers",) + base) if stacked else base
     return jax.tree_util.tree_map_with_path(names, cache)
+
+
+def measured_bytes_per_token(cfg: ModelConfig, *, max_lens: tuple[int, int] | None = None,
+                             dtype=None, batch: int = 1) -> dict[str, float]:
+    """Cache bytes per token of context, measured on the cache arrays `init_cache` builds.
+
+    The slope of `cache_bytes` between two maximum lengths (default 64Ki and 128Ki tokens, both
+    multiples of every compress ratio), per sequence. Keys: each layer kind present -> bytes
+    per token of one layer of that kind, and "total" -> summed over all layers (the MTP block
+    has no cache). Shapes come from `jax.eval_shape`, so nothing is allocated; they are the
+    shapes of the arrays the decoder really uses.
+    """
+    a, b = max_lens or (1 << 16, 1 << 17)
+    if not 1 <= a < b:
+        raise ValueError(f"max_lens={max_lens!r} is invalid: need 1 <= first < second")
+
+    def sizes(n):
+        return cache_bytes(cfg, jax.eval_shape(lambda: init_cache(cfg, batch, n, dtype)))
+
+    lo, hi = sizes(a), sizes(b)
+    out = {}
+    total = 0.0
+    for kind, d in hi.items():
+        grow = (d["entries"] + d["state"]) - (lo[kind]["entries"] + lo[kind]["state"])
+        slope = grow / (b - a) / batch
+        out[kind] = slope / d["layers"]
+        total += slope
+    out["total"] = total
+    return out

@@ -34,7 +34,8 @@ class InferenceError(ValueError):
     """Bad input to prefill / decode / generate; the message names the argument."""
 
 
-def _check_sampling(temperature: float, top_p: float) -> None:
+def validate_sampling(temperature: float, top_p: float) -> None:
+    """Raise InferenceError unless temperature >= 0 (finite) and 0 < top_p <= 1."""
     if not np.isfinite(temperature) or temperature < 0:
         raise InferenceError(f"temperature={temperature!r} is invalid: must be a finite number "
                              ">= 0 (0 = greedy)")
@@ -165,7 +166,7 @@ class Decoder:
         return self.step(cache, tokens[:, None], n_new, logits="last")
 
     def sample(self, logits, key, temperature: float = 1.0, top_p: float = 1.0) -> jax.Array:
-        _check_sampling(temperature, top_p)
+        validate_sampling(temperature, top_p)
         return self._sample(logits, key, jnp.float32(temperature), jnp.float32(top_p))
 
 
@@ -181,7 +182,7 @@ def generate(model_or_decoder, prompts: Sequence[Sequence[int]], *, max_new_toke
     """
     dec = (model_or_decoder if isinstance(model_or_decoder, Decoder)
            else Decoder(model_or_decoder))
-    _check_sampling(temperature, top_p)
+    validate_sampling(temperature, top_p)
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise InferenceError(f"max_new_tokens={max_new_tokens!r} is invalid: must be an "
                              "integer >= 1")

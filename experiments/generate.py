@@ -1,0 +1,169 @@
+"""Sample text from a trained model, streaming the bytes to the console.
+
+    python -m experiments.generate --workdir=runs/demo --prompt "def fib(n):" \
+        [--max-new-tokens=200 --temperature=0.8 --top-p=0.95 --seed=0 --step=N]
+    python -m experiments.generate --config=configs/tiny.py --prompt "hello"   # untrained smoke test
+
+Tokens are bytes (vocab 256): the prompt is UTF-8 encoded and the output decoded as it arrives
+(invalid sequences are shown as U+FFFD). The model is restored from the latest (or --step)
+checkpoint of the training run in --workdir, with the run's recorded config (<workdir>/config.json);
+a --config given with a --workdir that holds checkpoints must describe the same model (its model
+section replaces the recorded one, and restoring refuses a different architecture, naming the
+differing fields). --config without checkpoints runs a freshly initialised model.
+
+Importable: `load_model(workdir, config)` and `generate_text(model, prompt, ...)`.
+"""
+from __future__ import annotations
+
+import codecs
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import ml_collections
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Command-line flags; defined only when run as a program, so that importing this module
+    next to the other launchers (which define --config/--workdir too) never clashes."""
+    config_flags.DEFINE_config_file(
+        "config", None, "Config file: the model of an untrained smoke test, or (with --workdir) "
+        "the model the checkpoint must match.")
+    flags.DEFINE_string("workdir", None, "Training run directory with checkpoints.")
+    flags.DEFINE_string("prompt", None, "Prompt text (UTF-8).")
+    flags.DEFINE_integer("max-new-tokens", 200, "Bytes to generate.")
+    flags.DEFINE_float("temperature", 1.0, "Sampling temperature (0 = greedy).")
+    flags.DEFINE_float("top-p", 1.0, "Nucleus sampling mass in (0, 1].")
+    flags.DEFINE_integer("seed", 0, "Sampling seed.")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+    flags.DEFINE_integer("chunk-size", 128, "Prefill chunk length.")
+    flags.DEFINE_bool("dense", False, "CSA attends every visible entry (no top-k).")
+    for name in ("max-new-tokens", "top-p", "chunk-size"):
+        flags.DEFINE_alias(name.replace("-", "_"), name)
+
+
+class GenerateError(RuntimeError):
+    """Generation cannot start; the message says why."""
+
+
+def load_model(workdir: str | None = None, config=None, step: int | None = None, *,
+               seed: int = 0, log: Callable[[str], None] = print):
+    """(model, description) for generation.
+
+    workdir with checkpoints: restore the latest (or `step`) with the run's recorded config; a
+    given `config` must hold the same model (sparse_lm.train.checkpoint.CheckpointError
+    otherwise). No checkpoint: `config` is required and the model is freshly initialised.
+    """
+    from sparse_lm.config import ModelConfig
+    from sparse_lm.model import build_model
+    from sparse_lm.train import checkpoint as ckpt_lib
+
+    has_ckpt = False
+    if workdir is not None:
+        ck = ckpt_lib.Checkpointer(workdir, keep=1000, async_save=False)
+        has_ckpt = ck.latest_step() is not None
+        ck.close()
+    if not has_ckpt:
+        if config is None:
+            where = f"no checkpoint in {Path(workdir) / 'checkpoints'}" if workdir else "no --workdir"
+            raise GenerateError(f"{where}: give --workdir of a training run with checkpoints, or "
+                                "--config=... to sample from an untrained model")
+        cfg = ModelConfig.from_dict(config.model)
+        log(f"[generate] untrained model from the config (no checkpoint"
+            f"{' in ' + str(workdir) if workdir else ''}): expect noise")
+        return build_model(cfg, seed=seed), "untrained"
+    from sparse_lm.train.loop import load_for_eval
+    recorded = Path(workdir) / "config.json"
+    if not recorded.exists():
+        raise GenerateError(f"{recorded} does not exist: the checkpoints in {workdir} need the "
+                            "run's recorded config (written by experiments.train)")
+    run_config = ml_collections.ConfigDict(json.loads(recorded.read_text())["config"])
+    if config is not None:
+        run_config.model = config.model
+    _, model, step = load_for_eval(run_config, workdir, step)
+    return model, f"{workdir} step {step}"
+
+
+def generate_text(model, prompt: str, *, max_new_tokens: int = 200, temperature: float = 1.0,
+                  top_p: float = 1.0, seed: int = 0, chunk_size: int = 128, dense: bool = False,
+                  stream: Callable[[str], None] | None = None) -> str:
+    """Generate `max_new_tokens` bytes after `prompt`; returns the decoded continuation.
+
+    stream(text) receives each piece of decoded text as soon as its bytes are complete.
+    """
+    from sparse_lm.inference import Decoder, generate
+
+    if model.cfg.vocab_size != 256:
+        raise GenerateError(f"byte-level generation needs model.vocab_size=256, the model has "
+                            f"{model.cfg.vocab_size}")
+    if not prompt:
+        raise GenerateError("--prompt is empty: give at least one character")
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    pieces = []
+
+    def on_tokens(_, toks):
+        text = decoder.decode(bytes([int(toks[0])]))
+        if text:
+            pieces.append(text)
+            if stream is not None:
+                stream(text)
+
+    generate(Decoder(model, sparse=not dense), [list(prompt.encode("utf-8"))],
+             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+             chunk_size=chunk_size, on_tokens=on_tokens)
+    tail = decoder.decode(b"", final=True)
+    if tail:
+        pieces.append(tail)
+        if stream is not None:
+            stream(tail)
+    return "".join(pieces)
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    f = FLAGS
+    prompt, workdir, config = f.prompt, f.workdir, f.config
+    if prompt is None:
+        raise app.UsageError("--prompt is required")
+    if workdir is None and config is None:
+        raise app.UsageError("give --workdir (a training run) or --config (an untrained model)")
+    from sparse_lm.inference import InferenceError, validate_sampling
+    from sparse_lm.train.checkpoint import CheckpointError
+    max_new, temperature, top_p = f["max-new-tokens"].value, f.temperature, f["top-p"].value
+    try:
+        validate_sampling(temperature, top_p)     # fail before loading anything
+        if max_new < 1:
+            raise GenerateError(f"--max-new-tokens={max_new} is invalid: must be >= 1")
+        if not prompt:
+            raise GenerateError("--prompt is empty: give at least one character")
+        model, where = load_model(workdir, config, f.step, seed=f.seed,
+                                  log=lambda m: print(m, file=sys.stderr))
+        print(f"[generate] model: {where}", file=sys.stderr)
+        sys.stdout.write(prompt)
+        sys.stdout.flush()
+        t0 = time.perf_counter()
+
+        def stream(text):
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        generate_text(model, prompt, max_new_tokens=max_new, temperature=temperature,
+                      top_p=top_p, seed=f.seed, chunk_size=f["chunk-size"].value,
+                      dense=f.dense, stream=stream)
+        sys.stdout.write("\n")
+        print(f"[generate] {max_new} bytes in {time.perf_counter() - t0:.1f} s "
+              "(compilation included)", file=sys.stderr)
+    except (GenerateError, InferenceError, CheckpointError) as e:
+        print(f"[generate] error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
