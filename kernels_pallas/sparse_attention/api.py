@@ -93,7 +93,7 @@ def validate_inputs(q, kv, compressed, topk_idx, sink, *, window, scale, segment
             raise ValueError(f"topk_idx holds {lo}: the only negative value allowed is -1 (none)")
 
 
-def _validate_kernel_shapes(implementation, q, compiled):
+def check_kernel_shapes(implementation, q, compiled):
     """Tile constraints of the compiled kernels (interpret mode accepts any size)."""
     if not compiled:
         return
@@ -137,7 +137,7 @@ def csa_attention(q: jax.Array, kv: jax.Array, compressed: jax.Array, topk_idx: 
     interpret = compat.resolve_interpret(interpret)
     # (Compiling for a backend other than the default one is allowed: TPU AOT from a CPU host.)
     backend = "tpu" if implementation == "pallas_tpu" else "gpu"
-    _validate_kernel_shapes(implementation, q, compiled=not interpret)
+    check_kernel_shapes(implementation, q, compiled=not interpret)
     if config is None:
         config = default_config(backend, compiled=not interpret, num_selected=topk_idx.shape[-1])
     config.validate_for(backend, compiled=not interpret)

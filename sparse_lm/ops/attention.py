@@ -31,11 +31,24 @@ IMPLEMENTATIONS = ("reference", "xla", "pallas")
 _log = logging.getLogger(__name__)
 
 
+def default_implementation(platform: str, num_heads: int, head_dim: int, dtype) -> str:
+    """Best available implementation: the Pallas kernels on TPU/GPU where their tiles accept the
+    shapes, else "xla" (logged once per reason)."""
+    if platform not in ("tpu", "gpu"):
+        return _chosen(platform, "xla", "no compiled kernels on this platform", fallback=False)
+    from kernels_pallas.sparse_attention.api import check_kernel_shapes
+    try:
+        check_kernel_shapes(f"pallas_{platform}", jax.ShapeDtypeStruct((1, 1, num_heads, head_dim),
+                                                                       dtype), compiled=True)
+    except ValueError as e:
+        return _chosen(platform, "xla", str(e))
+    return _chosen(platform, "pallas", "compiled kernels", fallback=False)
+
+
 @functools.cache
-def default_implementation(platform: str) -> str:
-    """Best available implementation for a backend: the Pallas kernels where they compile."""
-    impl = "pallas" if platform in ("tpu", "gpu") else "xla"
-    _log.info("sparse_attention: platform %r -> implementation %r", platform, impl)
+def _chosen(platform: str, impl: str, why: str, fallback: bool = True) -> str:
+    (_log.warning if fallback else _log.info)(
+        "sparse_attention on %s: implementation %r (%s)", platform, impl, why)
     return impl
 
 
@@ -50,7 +63,8 @@ def sparse_attention(q: jax.Array, kv: jax.Array, sink: jax.Array, *, window: in
     Returns out [B, S, H, D] in q's dtype (and lse [B, S, H] fp32, sink included, if asked).
     """
     if implementation is None:
-        implementation = default_implementation(jax.default_backend())
+        implementation = default_implementation(jax.default_backend(), q.shape[2], q.shape[3],
+                                                q.dtype)
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation={implementation!r} is invalid: allowed values "
                          f"{IMPLEMENTATIONS + (None,)}")
@@ -64,6 +78,9 @@ def sparse_attention(q: jax.Array, kv: jax.Array, sink: jax.Array, *, window: in
             raise ValueError(f"topk_idx has shape {topk_idx.shape}, expected [B={b}, S={s}, K]")
     elif topk_idx is not None:
         raise ValueError("topk_idx given without compressed entries")
+    if compressed is not None and (compressed.shape[1] == 0
+                                   or (topk_idx is not None and topk_idx.shape[-1] == 0)):
+        compressed = compressed_valid = topk_idx = None   # too short for one entry: window only
     fn = {"reference": _reference, "xla": _xla, "pallas": _pallas}[implementation]
     out, lse = fn(q, kv, sink, window=window, scale=scale, segment_ids=segment_ids,
                   compressed=compressed, compressed_valid=compressed_valid, ratio=ratio,
@@ -178,9 +195,7 @@ def _pallas(q, kv, sink, *, window, scale, segment_ids, compressed, compressed_v
             topk_idx):
     # Imported here so that the model core does not depend on the kernels package at import time.
     platform = jax.default_backend()
-    if compressed is not None and compressed.shape[1] == 0:
-        compressed = compressed_valid = topk_idx = None   # too short for one entry: window only
-    if topk_idx is not None and topk_idx.shape[-1] > 0:
+    if topk_idx is not None:
         from kernels_pallas.sparse_attention import api as csa
         impl = "pallas_gpu" if platform == "gpu" else "pallas_tpu"
         return csa.csa_attention(q, kv, compressed, topk_idx, sink, window=window, scale=scale,
@@ -188,6 +203,9 @@ def _pallas(q, kv, sink, *, window, scale, segment_ids, compressed, compressed_v
     from kernels_pallas.block_sparse_attention import api as bsa
     impl = "gpu" if platform == "gpu" else "tpu"
     return bsa.block_sparse_attention(q, kv, sink, window=window, scale=scale,
-                                      compressed=compressed, compressed_valid=compressed_valid,
+                                      compressed=compressed,
+                                      # all entries are valid without documents: the kernel then
+                                      # skips masking positionally full blocks
+                                      compressed_valid=None if segment_ids is None else compressed_valid,
                                       ratio=ratio if compressed is not None else 0,
                                       segment_ids=segment_ids, implementation=impl)

@@ -114,3 +114,15 @@ def test_bad_shapes_raise_clear_errors():
         sparse_attention(jnp.asarray(q), jnp.asarray(kv), jnp.asarray(sink), window=4, scale=1.0,
                          compressed=jnp.asarray(comp), compressed_valid=jnp.asarray(valid), ratio=4,
                          topk_idx=jnp.asarray(topk[:, :-1]))
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_sequence_shorter_than_one_window_attends_the_window_only(impl):
+    q, kv, sink, *_ = make_inputs(4, s=3)
+    empty = jnp.zeros((2, 0, 8))
+    got = sparse_attention(jnp.asarray(q), jnp.asarray(kv), jnp.asarray(sink), window=5, scale=0.3,
+                           compressed=empty, compressed_valid=jnp.zeros((2, 0), bool), ratio=4,
+                           topk_idx=jnp.zeros((2, 3, 0), jnp.int32), implementation=impl)
+    want = sparse_attention(jnp.asarray(q), jnp.asarray(kv), jnp.asarray(sink), window=5, scale=0.3,
+                            implementation=impl)
+    np.testing.assert_allclose(got, want, atol=1e-6)
