@@ -1,0 +1,35 @@
+"""`make demo`: a small DeepSeek-V4 trained on the embedded stdlib corpus on 2 CPU cores.
+
+Every layer type is present: layer 0 SWA-only with hash routing, then CSA (ratio 4, lightning
+indexer top-16), HCA (ratio 32), CSA, all score-routed; mHC residual streams; MTP depth 1. The
+first `sparse_start_step` steps run CSA dense (the indexer warm-up), the rest sparse.
+"""
+import ml_collections
+
+from configs import model_presets
+from configs.train_base import base
+
+
+def demo_model() -> ml_collections.ConfigDict:
+    m = model_presets.tiny()
+    m.update(dict(
+        vocab_size=256, hidden_size=192, num_layers=4, num_heads=4, head_dim=64, rope_head_dim=16,
+        q_lora_rank=96, o_groups=2, o_lora_rank=96, sliding_window=64,
+        layer_prefix=("swa",), layer_cycle=("csa", "hca"), layer_tail=("csa",),
+        compress_ratio_csa=4, compress_ratio_hca=32,
+        index_n_heads=4, index_head_dim=32, index_topk=16,
+        n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=256, num_hash_layers=1,
+        yarn_original_max_position=512, moe_impl="blocked"))
+    return m
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = base()
+    c.model = demo_model()
+    c.train.update(dict(steps=120, batch_size=16, seq_len=512, sparse_start_step=36,
+                        log_every=5, eval_every=40, eval_batches=8, checkpoint_every=40,
+                        keep_checkpoints=2))
+    c.schedule.update(dict(peak_lr=3e-3, warmup_steps=12, decay_steps=48, final_lr=3e-4))
+    c.eval.update(dict(batches=24, needle_lengths=(256, 512, 1024), needle_examples=16,
+                       sample_prompt="def ", sample_bytes=300))
+    return c
