@@ -49,6 +49,9 @@ class _Layout:
         # Window tile rows: a power of two, and >= 16 because a bf16 tl.dot needs K >= 16 (with
         # an 8-row tile the compiled bf16 kernel counted the window twice; fp32 was unaffected).
         self.wb = max(16, next_pow2(window))
+        # The backward walks the window in sub-tiles: q, dout and a [128, 512] bf16 window tile
+        # together need 256 KiB of shared memory, over the H100's 227 KiB.
+        self.wt = min(self.wb, self.bk)
         self.window = window
 
 
@@ -62,13 +65,14 @@ def _prepare(lay, kv, topk_idx, segment_ids):
     return kvp, idx, segp
 
 
-def _window(lay, b, t, kv_ref, seg_ref):
-    """The window tile [Wb, D] of query t and its validity [Wb]."""
-    keys = compat.triton_load(kv_ref.at[b, pl.ds(t + 1, lay.wb), :])
-    kpos = t - lay.wb + 1 + jnp.arange(lay.wb, dtype=jnp.int32)
+def _window(lay, b, t, kv_ref, seg_ref, start: int = 0, rows: int | None = None):
+    """Rows [start, start + rows) of query t's window tile [Wb, D], and their validity."""
+    rows = lay.wb if rows is None else rows
+    keys = compat.triton_load(kv_ref.at[b, pl.ds(t + 1 + start, rows), :])
+    kpos = t - lay.wb + 1 + start + jnp.arange(rows, dtype=jnp.int32)
     valid = (kpos >= 0) & (t - kpos < lay.window)
     if seg_ref is not None:
-        kseg = compat.triton_load(seg_ref.at[b, pl.ds(t + 1, lay.wb)])
+        kseg = compat.triton_load(seg_ref.at[b, pl.ds(t + 1 + start, rows)])
         qseg = compat.triton_load(seg_ref.at[b, pl.ds(t + lay.wb, 1)])
         valid = valid & (kseg == qseg)
     return keys, valid
@@ -175,9 +179,12 @@ def _bwd_kernel(*refs, lay, scale, has_seg, interpret):
               + compat.triton_dot(p.astype(doi.dtype), doi, trans_a=True))  # [n, D]
         return dq, dk
 
-    keys, valid = _window(lay, b, t, kv_ref, seg_ref)
-    dq, dk = grads(keys, valid)
-    compat.triton_atomic_add(dkv_ref, (b, pl.ds(t + 1, lay.wb), pl.ds(0, lay.d)), dk)
+    dq = jnp.zeros((lay.h, lay.d), jnp.float32)
+    for start in range(0, lay.wb, lay.wt):
+        keys, valid = _window(lay, b, t, kv_ref, seg_ref, start, lay.wt)
+        dqw, dk = grads(keys, valid)
+        compat.triton_atomic_add(dkv_ref, (b, pl.ds(t + 1 + start, lay.wt), pl.ds(0, lay.d)), dk)
+        dq = dq + dqw
 
     def body(c, dq):
         rows, valid, ids = _chunk(lay, b, t, c, idx_ref, c_ref)
