@@ -21,8 +21,9 @@ $(STAMP): $(PY) requirements.txt setup.py
 demo: $(STAMP)
 	$(PY) -m experiments.demo
 
+# Two workers (one per core), whole files per worker so module-level fixtures are built once.
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=20 tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -x -m "not slow" tests
