@@ -26,6 +26,12 @@ class BlockSizes:
     block_q_dkv, block_kv_dkv: dkv kernel (None = the forward sizes).
     num_warps, num_stages:     Triton launch parameters (GPU only).
     vmem_limit_bytes:          Mosaic scoped-VMEM limit (TPU only; None = compiler default).
+    block_rows, block_rows_dq, block_rows_dkv: GPU only: at most this many (query, head) rows per
+                               matmul tile of the forward / dq / dkv kernel (None = the whole
+                               block_q* x heads rows). A query block's rows are split into tiles
+                               (forward and dq: one program per tile; dkv: one inner step per
+                               tile), which bounds the shared memory of the q / dout operands
+                               (64 rows x 512 x bf16 = 64 KiB each). Must divide the rows.
 
     Tile constraints checked before a compiled launch (`check_tiling`):
       TPU: block_kv* multiple of 128 (lanes of the [rows, keys] logits); block_q* x heads a
@@ -42,11 +48,15 @@ class BlockSizes:
     num_warps: int = 4
     num_stages: int = 2
     vmem_limit_bytes: int | None = None
+    block_rows: int | None = None
+    block_rows_dq: int | None = None
+    block_rows_dkv: int | None = None
 
     def __post_init__(self):
         for name in ("block_q", "block_kv", "num_warps", "num_stages"):
             _check_int(name, getattr(self, name))
-        for name in ("block_q_dq", "block_kv_dq", "block_q_dkv", "block_kv_dkv"):
+        for name in ("block_q_dq", "block_kv_dq", "block_q_dkv", "block_kv_dkv", "block_rows",
+                     "block_rows_dq", "block_rows_dkv"):
             v = getattr(self, name)
             if v is not None:
                 _check_int(name, v)
@@ -70,6 +80,24 @@ class BlockSizes:
     @property
     def dkv(self) -> tuple[int, int]:
         return self.block_q_dkv or self.block_q, self.block_kv_dkv or self.block_kv
+
+    def rows(self, kernel: str, num_heads: int) -> int:
+        """Rows per matmul tile of `kernel` ("fwd", "dq", "dkv") with `num_heads` heads: the
+        block_rows* cap, or all block_q* x heads rows; ValueError naming the field if the cap
+        does not divide them."""
+        fields = {"fwd": ("block_rows", self.fwd), "dq": ("block_rows_dq", self.dq),
+                  "dkv": ("block_rows_dkv", self.dkv)}
+        if kernel not in fields:
+            raise ValueError(f"kernel={kernel!r} is invalid: allowed values {tuple(fields)}")
+        name, (bq, _) = fields[kernel]
+        total = bq * num_heads
+        cap = getattr(self, name)
+        if cap is None or cap >= total:
+            return total
+        if total % cap:
+            raise ValueError(f"BlockSizes.{name}={cap} is invalid with {num_heads} heads: it must "
+                             f"divide the {total} rows (block_q x heads) of a query block")
+        return cap
 
     @property
     def q_multiple(self) -> int:
@@ -106,13 +134,18 @@ class BlockSizes:
             if not _is_pow2(head_dim) or head_dim < 16:
                 raise ValueError(f"head_dim={head_dim} is not supported by the compiled GPU kernel: "
                                  "it must be a power of two >= 16 (Triton tiles)")
-            for name, (bq, bk) in pairs.items():
+            for (name, (bq, bk)), kernel in zip(pairs.items(), ("fwd", "dq", "dkv")):
                 rows = bq * num_heads
                 if not _is_pow2(rows) or rows < 16:
                     raise ValueError(f"BlockSizes {name}={bq}/{bk} with {num_heads} heads is invalid "
                                      f"for the compiled GPU kernel: block_q x heads = {rows} must be "
                                      "a power of two >= 16 (Triton dot tile); the head count must be "
                                      "a power of two")
+                tile = self.rows(kernel, num_heads)
+                if not _is_pow2(tile) or tile < 16:
+                    raise ValueError(f"BlockSizes row tile of the {kernel} kernel = {tile} with "
+                                     f"{num_heads} heads is invalid for the compiled GPU kernel: "
+                                     "block_rows* must be a power of two >= 16 (Triton dot tile)")
                 if not _is_pow2(bk) or bk < 16:
                     raise ValueError(f"BlockSizes {name}={bq}/{bk} is invalid for the compiled GPU "
                                      "kernel: the key block must be a power of two >= 16")
@@ -138,8 +171,11 @@ def default_block_sizes(platform: str, *, num_heads: int, compiled: bool = True)
             bq = 128 // math.gcd(128, num_heads) * max(1, bq * num_heads // 128)
         return BlockSizes(block_q=bq, block_kv=512)
     # Untuned (measured tuning is issue 8). With D = 512 a [64, 512] bf16 operand is 64 KiB of
-    # shared memory, so the backward kernels, which hold q and do tiles beside the key tile,
-    # use 32-key blocks and no multi-stage pipelining to stay under the 228 KiB of an H100 SM.
+    # shared memory. The first H100 run: forward 64 rows x 64 keys fits; the backward with 64
+    # rows asked for 288 KiB (of 227 KiB per SM), since it holds q and dout (each in the layouts
+    # of two matmuls) beside the key tile. The backward kernels therefore take 32-row tiles and
+    # 32-key blocks, no multi-stage pipelining; every kernel caps its tile at 64 rows (V4-Pro's
+    # 128 heads would otherwise put 128 rows in one tile).
     bq = max(1, 64 // num_heads)
     return BlockSizes(block_q=bq, block_kv=64, block_kv_dq=32, block_kv_dkv=32, num_warps=8,
-                      num_stages=1)
+                      num_stages=1, block_rows=64, block_rows_dq=32, block_rows_dkv=32)

@@ -1,10 +1,13 @@
 """GPU kernels on the Pallas Triton backend: forward, dq and dkv of block-sparse attention.
 
-One program per (row block, batch element). A program reads its row of the run-length-encoded
+One program per (row tile, batch element). A program reads its row of the run-length-encoded
 block map (`mask.py`, kept in HBM) and loops over each run with a dynamic trip count, so only
 visited blocks are loaded and computed. Query heads sit on the matmul M dimension (a query block
-is a [block_q * H, D] tile; all heads share the K = V block). Online softmax in fp32 registers,
-started from the sink logit. Loads/stores/dots go through `kernels_pallas.compat` (the Triton
+is a [block_q * H, D] matrix; all heads share the K = V block); a kernel may split that matrix
+into row tiles of `BlockSizes.block_rows*` rows (one program per tile in the forward and dq
+kernels, an inner step per tile in dkv): at D = 512 a [64, 512] bf16 operand is 64 KiB of shared
+memory, and the backward kernels hold two such operands (q and dout) in two layouts each. Online
+softmax in fp32 registers, started from the sink logit. Loads/stores/dots go through `kernels_pallas.compat` (the Triton
 `load`/`store`/`dot`, never `pl.dot`), written against the surface common to JAX 0.11.2 and 0.12.
 """
 from __future__ import annotations
@@ -17,14 +20,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels_pallas import compat
+from kernels_pallas.block_sparse_attention.mask import read_run as _run
 from kernels_pallas.block_sparse_attention.plan import MASK_VALUE, Plan
-
-_LEN_MASK = (1 << 15) - 1
-
-
-def _run(map_ref, row, r, num_runs):
-    p = map_ref[row * num_runs + r]
-    return (lax.shift_right_logical(p, 16), lax.shift_right_logical(p, 1) & _LEN_MASK, p & 1)
 
 
 def _visible(kpos, kend, qpos, kseg=None, qseg=None):
@@ -57,13 +54,13 @@ def _key_meta(plan: Plan, kpos_ref, kend_ref, kseg_ref, sl):
 # ----------------------------------------------------------------------------------------------
 # forward
 
-def _fwd_kernel(map_ref, q_ref, k_ref, kpos_ref, kend_ref, *refs, plan, num_runs, bk):
+def _fwd_kernel(map_ref, q_ref, k_ref, kpos_ref, kend_ref, *refs, plan, num_runs, bk, tiles):
     if plan.has_segments:
         kseg_ref, qseg_ref, *refs = refs
     else:
         kseg_ref = qseg_ref = None
     qpos_ref, sink_ref, o_ref, lse_ref = refs
-    i = pl.program_id(0)
+    i = pl.program_id(0) // tiles                      # query block of this row tile
     q = compat.triton_load(q_ref)
     qpos = compat.triton_load(qpos_ref)
     qseg = compat.triton_load(qseg_ref) if plan.has_segments else None
@@ -100,26 +97,30 @@ def forward(plan: Plan, q2, keys, kpos, kseg, qseg, sink):
     b, rq, d = q2.shape
     nk = keys.shape[1]
     bq, bk = plan.blocks.fwd
-    m = bq * plan.num_heads
+    g = plan.blocks.rows("fwd", plan.num_heads)
+    tiles = bq * plan.num_heads // g
     packed = plan.query_map(bq, bk)
     rows = lambda i, bi: (bi, i, 0)  # noqa: E731
     vec_rows = lambda i, bi: (bi, i)  # noqa: E731
-    in_specs = [_whole((packed.size,)), pl.BlockSpec((None, m, d), rows),
+    in_specs = [_whole((packed.size,)), pl.BlockSpec((None, g, d), rows),
                 _whole((None, nk, d)), _whole((None, nk)), _whole((nk,))]
     args = [jnp.asarray(packed.reshape(-1)), q2, keys, kpos, jnp.asarray(plan.kend())]
     if plan.has_segments:
-        in_specs += [_whole((None, nk)), pl.BlockSpec((None, m), vec_rows)]
+        in_specs += [_whole((None, nk)), pl.BlockSpec((None, g), vec_rows)]
         args += [kseg, qseg]
-    in_specs += [pl.BlockSpec((m,), lambda i, bi: (i,)), _whole((m,))]
+    # sink per row of a query block ([bq * H], head fastest); tile i uses its slice i % tiles
+    in_specs += [pl.BlockSpec((g,), lambda i, bi: (i,)),
+                 pl.BlockSpec((g,), lambda i, bi: (i % tiles,))]
     args += [jnp.asarray(plan.qpos_rows()), jnp.tile(sink.astype(jnp.float32), bq)]
-    kernel = functools.partial(_fwd_kernel, plan=plan, num_runs=packed.shape[1], bk=bk)
+    kernel = functools.partial(_fwd_kernel, plan=plan, num_runs=packed.shape[1], bk=bk,
+                               tiles=tiles)
     return pl.pallas_call(
         kernel,
         out_shape=[jax.ShapeDtypeStruct((b, rq, d), q2.dtype),
                    jax.ShapeDtypeStruct((b, rq), jnp.float32)],
-        grid=(rq // m, b),
+        grid=(rq // g, b),
         in_specs=in_specs,
-        out_specs=[pl.BlockSpec((None, m, d), rows), pl.BlockSpec((None, m), vec_rows)],
+        out_specs=[pl.BlockSpec((None, g, d), rows), pl.BlockSpec((None, g), vec_rows)],
         compiler_params=_params(plan),
         interpret=plan.interpret,
         name="block_sparse_attention_fwd",
@@ -129,13 +130,13 @@ def forward(plan: Plan, q2, keys, kpos, kseg, qseg, sink):
 # ----------------------------------------------------------------------------------------------
 # backward: dq
 
-def _dq_kernel(map_ref, q_ref, k_ref, kpos_ref, kend_ref, *refs, plan, num_runs, bk):
+def _dq_kernel(map_ref, q_ref, k_ref, kpos_ref, kend_ref, *refs, plan, num_runs, bk, tiles):
     if plan.has_segments:
         kseg_ref, qseg_ref, *refs = refs
     else:
         kseg_ref = qseg_ref = None
     qpos_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
-    i = pl.program_id(0)
+    i = pl.program_id(0) // tiles                      # query block of this row tile
     q = compat.triton_load(q_ref)
     do = compat.triton_load(do_ref)
     lse = compat.triton_load(lse_ref)
@@ -168,26 +169,28 @@ def dq(plan: Plan, q2, keys, kpos, kseg, qseg, do2, lse, delta):
     b, rq, d = q2.shape
     nk = keys.shape[1]
     bq, bk = plan.blocks.dq
-    m = bq * plan.num_heads
+    g = plan.blocks.rows("dq", plan.num_heads)
+    tiles = bq * plan.num_heads // g
     packed = plan.query_map(bq, bk)
     rows = lambda i, bi: (bi, i, 0)  # noqa: E731
     vec_rows = lambda i, bi: (bi, i)  # noqa: E731
-    in_specs = [_whole((packed.size,)), pl.BlockSpec((None, m, d), rows),
+    in_specs = [_whole((packed.size,)), pl.BlockSpec((None, g, d), rows),
                 _whole((None, nk, d)), _whole((None, nk)), _whole((nk,))]
     args = [jnp.asarray(packed.reshape(-1)), q2, keys, kpos, jnp.asarray(plan.kend())]
     if plan.has_segments:
-        in_specs += [_whole((None, nk)), pl.BlockSpec((None, m), vec_rows)]
+        in_specs += [_whole((None, nk)), pl.BlockSpec((None, g), vec_rows)]
         args += [kseg, qseg]
-    in_specs += [pl.BlockSpec((m,), lambda i, bi: (i,)), pl.BlockSpec((None, m, d), rows),
-                 pl.BlockSpec((None, m), vec_rows), pl.BlockSpec((None, m), vec_rows)]
+    in_specs += [pl.BlockSpec((g,), lambda i, bi: (i,)), pl.BlockSpec((None, g, d), rows),
+                 pl.BlockSpec((None, g), vec_rows), pl.BlockSpec((None, g), vec_rows)]
     args += [jnp.asarray(plan.qpos_rows()), do2, lse, delta]
-    kernel = functools.partial(_dq_kernel, plan=plan, num_runs=packed.shape[1], bk=bk)
+    kernel = functools.partial(_dq_kernel, plan=plan, num_runs=packed.shape[1], bk=bk,
+                               tiles=tiles)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((b, rq, d), q2.dtype),
-        grid=(rq // m, b),
+        grid=(rq // g, b),
         in_specs=in_specs,
-        out_specs=pl.BlockSpec((None, m, d), rows),
+        out_specs=pl.BlockSpec((None, g, d), rows),
         compiler_params=_params(plan),
         interpret=plan.interpret,
         name="block_sparse_attention_dq",
@@ -197,7 +200,7 @@ def dq(plan: Plan, q2, keys, kpos, kseg, qseg, do2, lse, delta):
 # ----------------------------------------------------------------------------------------------
 # backward: dkv (one program per key block, looping over the query blocks that visit it)
 
-def _dkv_kernel(map_ref, k_ref, kpos_ref, kend_ref, *refs, plan, num_runs, m):
+def _dkv_kernel(map_ref, k_ref, kpos_ref, kend_ref, *refs, plan, num_runs, g, tiles):
     if plan.has_segments:
         kseg_ref, qseg_ref, *refs = refs
     else:
@@ -212,8 +215,9 @@ def _dkv_kernel(map_ref, k_ref, kpos_ref, kend_ref, *refs, plan, num_runs, m):
     for r in range(num_runs):
         start, length, full = _run(map_ref, kb, r, num_runs)
 
+        # the run's query blocks are consecutive rows: walk them `g` rows (one tile) per step
         def body(t, acc, start=start, full=full):
-            sl = pl.ds(pl.multiple_of((start + t) * m, m), m)
+            sl = pl.ds(pl.multiple_of((start * tiles + t) * g, g), g)
             q = compat.triton_load(q_ref.at[sl, :])
             do = compat.triton_load(do_ref.at[sl, :])
             lse = compat.triton_load(lse_ref.at[sl])
@@ -230,7 +234,7 @@ def _dkv_kernel(map_ref, k_ref, kpos_ref, kend_ref, *refs, plan, num_runs, m):
             acc = acc + compat.triton_dot(ds.astype(q.dtype), q, trans_a=True)
             return acc + compat.triton_dot(p.astype(do.dtype), do, trans_a=True)
 
-        acc = lax.fori_loop(0, length, body, acc)
+        acc = lax.fori_loop(0, length * tiles, body, acc)
     compat.triton_store(dk_ref, acc.astype(dk_ref.dtype))
 
 
@@ -239,7 +243,7 @@ def dkv(plan: Plan, q2, keys, kpos, kseg, qseg, do2, lse, delta):
     b, rq, d = q2.shape
     nk = keys.shape[1]
     bq, bk = plan.blocks.dkv
-    m = bq * plan.num_heads
+    g = plan.blocks.rows("dkv", plan.num_heads)
     packed = plan.key_map(bq, bk)
     key_rows = lambda kb, bi: (bi, kb, 0)  # noqa: E731
     key_vec = lambda kb, bi: (bi, kb)  # noqa: E731
@@ -252,7 +256,8 @@ def dkv(plan: Plan, q2, keys, kpos, kseg, qseg, do2, lse, delta):
     in_specs += [_whole((rq,)), _whole((None, rq, d)), _whole((None, rq, d)),
                  _whole((None, rq)), _whole((None, rq))]
     args += [jnp.asarray(plan.qpos_rows()), q2, do2, lse, delta]
-    kernel = functools.partial(_dkv_kernel, plan=plan, num_runs=packed.shape[1], m=m)
+    kernel = functools.partial(_dkv_kernel, plan=plan, num_runs=packed.shape[1], g=g,
+                               tiles=bq * plan.num_heads // g)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((b, nk, d), keys.dtype),

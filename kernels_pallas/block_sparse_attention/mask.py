@@ -17,9 +17,12 @@ block sees every key of the block, so no in-kernel mask is needed). Data-depende
 
 Kernel form. A map is stored as run-length-encoded rows: row r (a query block for the forward
 and dq kernels, a key block for the dkv kernel) lists up to R runs of consecutive blocks of the
-other axis, each run all-full or all-partial, packed into one int32:
-    packed = start << 16 | length << 1 | full
-so a TPU kernel keeps the whole map in SMEM (rows x R words) whatever the sequence length.
+other axis, each run all-full or all-partial, as two int32 words:
+    packed[r, j] = (start, length << 1 | full)          packed: int32 [rows, R, 2]
+so a TPU kernel keeps the whole map in SMEM (rows x R x 2 words) whatever the sequence length.
+(An earlier one-word form, start << 16 | length << 1 | full, capped runs at 2**15 blocks: the
+GPU dkv map, one query of H heads per block, passed that at S = 32K.) Kernels read a run with
+`read_run` from the flattened map.
 """
 from __future__ import annotations
 
@@ -27,10 +30,10 @@ import dataclasses
 import functools
 
 import numpy as np
+from jax import lax
 
 NEVER = 1 << 30          # kpos of keys no query sees (padding, invalid entries); kend of "forever"
-START_BITS = 15          # packed run start < 2**15 blocks
-LENGTH_BITS = 15         # packed run length < 2**15 blocks
+MAX_BLOCKS = 1 << 30     # run starts and lengths (in blocks) must stay below this (int32 words)
 
 PARTIAL, FULL = 1, 2     # block kinds in dense maps (0 = not visited)
 
@@ -137,17 +140,29 @@ def _ranges(geom: Geometry, bq: int, bk: int) -> tuple[np.ndarray, list[_RegionR
 
 
 def _pack(starts: np.ndarray, lengths: np.ndarray, fulls: np.ndarray, what: str) -> np.ndarray:
-    """Runs [rows, C] (start, length, full) -> packed int32 [rows, R]: empty runs dropped, the
-    rest kept in order and moved to the front; R = the most runs any row has (>= 1)."""
-    if lengths.size and (starts.max() >= (1 << START_BITS) or lengths.max() >= (1 << LENGTH_BITS)):
+    """Runs [rows, C] (start, length, full) -> packed int32 [rows, R, 2]: empty runs dropped (all
+    zero words), the rest kept in order and moved to the front; R = the most runs any row has
+    (>= 1)."""
+    starts, lengths = np.asarray(starts, np.int64), np.asarray(lengths, np.int64)
+    if lengths.size and (starts.max() >= MAX_BLOCKS or lengths.max() >= MAX_BLOCKS):
         raise ValueError(f"{what} block map has a run (start {int(starts.max())}, length "
-                         f"{int(lengths.max())}) beyond the packed limit 2**{START_BITS} blocks: "
+                         f"{int(lengths.max())}) beyond the packed limit of {MAX_BLOCKS} blocks: "
                          "use larger blocks")
-    packed = np.where(lengths > 0, (starts << 16) | (lengths << 1) | fulls.astype(np.int64), 0)
-    order = np.argsort(lengths == 0, axis=1, kind="stable")
-    packed = np.take_along_axis(packed, order, axis=1)
-    r = max(1, int((lengths > 0).sum(axis=1).max(initial=0)))
-    return np.ascontiguousarray(packed[:, :r]).astype(np.int32)
+    live = lengths > 0
+    words = np.stack([np.where(live, starts, 0),
+                      np.where(live, (lengths << 1) | fulls.astype(np.int64), 0)], axis=-1)
+    order = np.argsort(~live, axis=1, kind="stable")
+    words = np.take_along_axis(words, order[:, :, None], axis=1)
+    r = max(1, int(live.sum(axis=1).max(initial=0)))
+    return np.ascontiguousarray(words[:, :r]).astype(np.int32)
+
+
+def read_run(map_ref, row, r, num_runs: int):
+    """In-kernel read of run r of `row` from the flattened packed map (int32 [rows * R * 2]):
+    (start, length, full) as int32 scalars; an empty run has length 0."""
+    base = (row * num_runs + r) * 2
+    word = map_ref[base + 1]
+    return map_ref[base], lax.shift_right_logical(word, 1), word & 1
 
 
 def _three_runs(lo, hi, flo, fhi, base):
@@ -160,7 +175,7 @@ def _three_runs(lo, hi, flo, fhi, base):
 
 @functools.lru_cache(maxsize=64)
 def query_block_map(geom: Geometry, bq: int, bk: int) -> np.ndarray:
-    """Forward / dq map: packed int32 [q_pad // bq, R]; row i lists the key blocks query block i
+    """Forward / dq map: packed int32 [q_pad // bq, R, 2]; row i lists the key blocks query block i
     visits (window region first, then compressed). Padding query blocks have no runs."""
     _, regions = _ranges(geom, bq, bk)
     nq_all = geom.q_pad // bq
@@ -172,7 +187,7 @@ def query_block_map(geom: Geometry, bq: int, bk: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=64)
 def key_block_map(geom: Geometry, bq: int, bk: int) -> np.ndarray:
-    """dkv map: packed int32 [num_keys // bk, R]; row b lists the query blocks that visit key
+    """dkv map: packed int32 [num_keys // bk, R, 2]; row b lists the query blocks that visit key
     block b (the transpose of `query_block_map` for the same sizes)."""
     _, regions = _ranges(geom, bq, bk)
     nkb = geom.num_keys // bk
@@ -192,19 +207,19 @@ def key_block_map(geom: Geometry, bq: int, bk: int) -> np.ndarray:
 
 
 def decode(packed: np.ndarray, num_cols: int) -> np.ndarray:
-    """Packed runs [rows, R] -> dense kinds int8 [rows, num_cols] (0 / PARTIAL / FULL); for tests
+    """Packed runs [rows, R, 2] -> dense kinds int8 [rows, num_cols] (0 / PARTIAL / FULL); for tests
     and inspection only (small shapes)."""
     dense = np.zeros((packed.shape[0], num_cols), np.int8)
     for i, row in enumerate(np.asarray(packed, np.int64)):
-        for p in row:
-            start, length, full = p >> 16, (p >> 1) & ((1 << LENGTH_BITS) - 1), p & 1
+        for start, word in row:
+            length, full = word >> 1, word & 1
             dense[i, start:start + length] = FULL if full else PARTIAL
     return dense
 
 
 def steps_per_row(packed: np.ndarray) -> np.ndarray:
     """Blocks visited per row (the grid extent a row needs)."""
-    return ((np.asarray(packed, np.int64) >> 1) & ((1 << LENGTH_BITS) - 1)).sum(axis=1)
+    return (np.asarray(packed, np.int64)[..., 1] >> 1).sum(axis=1)
 
 
 def visited_fraction(geom: Geometry, bq: int, bk: int) -> float:

@@ -18,11 +18,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels_pallas import compat
+from kernels_pallas.block_sparse_attention import mask as mask_lib
 from kernels_pallas.block_sparse_attention.plan import MASK_VALUE, Plan, grid_steps
 
 NT = (((1,), (1,)), ((), ()))   # a @ b.T
 NN = (((1,), (0,)), ((), ()))   # a @ b
-_LEN_MASK = (1 << 15) - 1
 
 
 def decode_step(map_ref, row, step, num_runs: int):
@@ -33,10 +33,7 @@ def decode_step(map_ref, row, step, num_runs: int):
     offset = jnp.int32(0)
     last = jnp.int32(0)
     for r in range(num_runs):
-        p = map_ref[row * num_runs + r]
-        start = lax.shift_right_logical(p, 16)
-        length = lax.shift_right_logical(p, 1) & _LEN_MASK
-        full = p & 1
+        start, length, full = mask_lib.read_run(map_ref, row, r, num_runs)
         inside = jnp.logical_and(step >= offset, step < offset + length)
         blk = jnp.where(inside, start + step - offset, blk)
         kind = jnp.where(inside, 1 + full, kind)

@@ -68,11 +68,29 @@ def test_block_map_work_is_sparse():
     assert mask_lib.steps_per_row(mask_lib.query_block_map(hca, bq, bk)).max() <= 3
 
 
+def test_block_map_runs_beyond_2_15_blocks():
+    """The GPU default at S = 128K (one query of 64 heads per dkv block, 64-key blocks): the dkv
+    map of the dense causal geometry has runs of up to 131072 query blocks starting past 2**15,
+    and encodes them exactly (key block b is visited by queries 64 b .. S - 1; the first 63
+    queries of its own diagonal see it only partially)."""
+    s, bk = 1 << 17, 64
+    geom = mask_lib.make_geometry(s, s, 0, 0, q_multiple=1, kv_multiple=bk)
+    kmap = mask_lib.key_block_map(geom, 1, bk)
+    b = np.arange(s // bk)
+    np.testing.assert_array_equal(mask_lib.steps_per_row(kmap), s - bk * b)
+    for row in (0, 700, s // bk - 1):
+        runs = [(int(st), int(w) >> 1, int(w) & 1) for st, w in kmap[row] if w]
+        first_full = bk * row + bk - 1
+        assert runs == [(bk * row, bk - 1, 0), (first_full, s - first_full, 1)]
+    qmap = mask_lib.query_block_map(geom, 1, bk)
+    np.testing.assert_array_equal(mask_lib.steps_per_row(qmap), np.arange(s) // bk + 1)
+
+
 def test_block_map_packed_limit():
-    """A run that does not fit the packed int32 form is refused with an actionable message."""
-    geom = mask_lib.make_geometry(1 << 16, 1 << 16, 0, 0, q_multiple=1, kv_multiple=1)
+    """A run that does not fit the packed int32 words is refused with an actionable message."""
+    big = np.array([[mask_lib.MAX_BLOCKS]])
     with pytest.raises(ValueError, match="use larger blocks"):
-        mask_lib.query_block_map(geom, 1 << 12, 1)
+        mask_lib._pack(big, np.ones_like(big), np.zeros(big.shape, bool), "query")
 
 
 # -------------------------------------------------------------------------- numerics
@@ -157,6 +175,24 @@ def test_kernel_matches_reference_bf16(impl):
     _check(impl, "hca_batch2_packed", jnp.bfloat16, seed=3)
 
 
+# GPU row tiles (block_rows*): a query block's block_q x heads rows split into tiles of fewer
+# rows, also fewer than the heads (the sink slice of a tile then starts mid-query).
+ROW_TILE_CASES = {
+    "hca_packed_tiles_of_8_4_2": (dict(b=2, s=37, h=4, d=16, ratio=4), 5, [12, 25], True,
+                                  BlockSizes(block_q=4, block_kv=8, block_rows=8,
+                                             block_rows_dq=4, block_rows_dkv=2)),
+    "swa_tiles_of_2": (dict(b=1, s=19, h=4, d=8, ratio=0), 6, None, False,
+                       BlockSizes(block_q=2, block_kv=4, block_q_dkv=4, block_rows=2,
+                                  block_rows_dq=2, block_rows_dkv=2)),
+}
+
+
+@pytest.mark.parametrize("case", list(ROW_TILE_CASES))
+def test_gpu_kernel_row_tiles_match_reference(case, monkeypatch):
+    monkeypatch.setitem(CASES, case, ROW_TILE_CASES[case])
+    _check("gpu", case, jnp.float32, seed=4)
+
+
 def test_dense_causal_baseline_and_defaults():
     """window >= S with no entries is plain causal attention with a sink (the benchmark's dense
     baseline); implementation=None / interpret=None / config=None pick the interpreted kernel."""
@@ -231,6 +267,8 @@ def test_bad_input_is_refused(change, match):
     ("tpu", BlockSizes(block_q=8, block_kv=128, block_q_dkv=1), 64, "block_q_dkv"),
     ("gpu", BlockSizes(block_q=1, block_kv=64), 48, "power of two"),
     ("gpu", BlockSizes(block_q=4, block_kv=48), 16, "key block"),
+    ("gpu", BlockSizes(block_q=4, block_kv=64, block_rows_dq=24), 16, "block_rows_dq"),
+    ("gpu", BlockSizes(block_q=4, block_kv=64, block_rows_dkv=8), 16, "block_rows"),
 ])
 def test_compiled_tiling_is_checked_before_launch(impl, config, heads, match):
     """Block sizes the compiled kernel cannot tile fail with the field named, before lowering."""

@@ -63,6 +63,14 @@ def test_compiled_matches_reference(case, dtype):
 
 
 @requires_gpu
+def test_compiled_v4_flash_shape_bf16():
+    """V4-Flash tiles with the default config: 64 heads x 512 wide, window 128, top-k 512 over
+    N = 300 entries (the list holds -1 padding and duplicates), bf16, forward and gradients (the
+    first H100 run of the backward at this width overflowed shared memory)."""
+    _check(dict(b=1, s=160, h=64, d=512, n=300, k=512), 128, None, None, jnp.bfloat16)
+
+
+@requires_gpu
 def test_compiled_empty_rows_and_shared_duplicates():
     shape = dict(b=2, s=33, h=16, d=32, n=5, k=16)
     idx = np.tile(np.array([0, 0, 2, 2, 2, 4] + [-1] * 10, np.int32), (2, 33, 1))
