@@ -43,6 +43,7 @@ CSA_VARIANTS = {
     "k32_w4": SparseAttentionConfig(block_k=32, num_warps=4),
     "k64_w8": SparseAttentionConfig(block_k=64, num_warps=8),
     "k128_w8": SparseAttentionConfig(block_k=128, num_warps=8),
+    "bwd32heads": SparseAttentionConfig(block_k=64, num_warps=4, bwd_heads=32),
 }
 
 

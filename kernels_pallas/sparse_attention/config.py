@@ -28,6 +28,10 @@ class SparseAttentionConfig:
     bwd_block_s: queries per TPU backward kernel call (multiple of block_q). The TPU backward
                 writes fp32 dK rows [chunk, K, D] before XLA scatter-adds them, so the chunk
                 bounds that buffer; None = about 1 GiB of it.
+    bwd_heads:  GPU only: query heads per backward program (a power of two >= 16 dividing H when
+                compiled; None = all H). Fewer heads shrink the q / dout tiles the backward keeps
+                in shared memory ([H, D] each) at the cost of reading each KV row H / bwd_heads
+                times; dK rows then accumulate over the head groups through the same atomics.
     """
     block_q: int = 8
     block_k: int = 128
@@ -35,6 +39,7 @@ class SparseAttentionConfig:
     num_stages: int = 1
     vmem_limit_bytes: int | None = None
     bwd_block_s: int | None = None
+    bwd_heads: int | None = None
 
     def __post_init__(self):
         for name in ("block_q", "block_k", "num_warps", "num_stages"):
@@ -49,6 +54,11 @@ class SparseAttentionConfig:
                                              or self.bwd_block_s % self.block_q):
             raise ValueError(f"SparseAttentionConfig.bwd_block_s={self.bwd_block_s!r} is invalid: "
                              f"None or a positive multiple of block_q={self.block_q}")
+        if self.bwd_heads is not None and (not isinstance(self.bwd_heads, int)
+                                           or isinstance(self.bwd_heads, bool)
+                                           or self.bwd_heads < 1):
+            raise ValueError(f"SparseAttentionConfig.bwd_heads={self.bwd_heads!r} is invalid: "
+                             "None or an int >= 1")
         if not _is_pow2(self.num_warps):
             raise ValueError(f"SparseAttentionConfig.num_warps={self.num_warps} must be a power of 2")
         if self.vmem_limit_bytes is not None and self.vmem_limit_bytes < (1 << 20):
@@ -66,6 +76,11 @@ class SparseAttentionConfig:
         if backend == "gpu" and (not _is_pow2(self.block_k) or self.block_k < 16):
             raise ValueError(f"SparseAttentionConfig.block_k={self.block_k} is invalid for the "
                              "compiled GPU kernel: must be a power of two >= 16 (Triton dot tile)")
+        if backend == "gpu" and self.bwd_heads is not None and (not _is_pow2(self.bwd_heads)
+                                                                or self.bwd_heads < 16):
+            raise ValueError(f"SparseAttentionConfig.bwd_heads={self.bwd_heads} is invalid for "
+                             "the compiled GPU kernel: must be a power of two >= 16 (Triton dot "
+                             "tile)")
 
 
 def default_config(backend: str, *, compiled: bool, num_selected: int) -> SparseAttentionConfig:

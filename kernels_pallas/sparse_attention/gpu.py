@@ -53,6 +53,12 @@ class _Layout:
         # together need 256 KiB of shared memory, over the H100's 227 KiB.
         self.wt = min(self.wb, self.bk)
         self.window = window
+        # Heads per backward program (cfg.bwd_heads; None = all): ng programs per query.
+        self.hg = min(cfg.bwd_heads or self.h, self.h)
+        if self.h % self.hg:
+            raise ValueError(f"SparseAttentionConfig.bwd_heads={cfg.bwd_heads} is invalid with "
+                             f"{self.h} query heads: it must divide them")
+        self.ng = self.h // self.hg
 
 
 def _prepare(lay, kv, topk_idx, segment_ids):
@@ -163,11 +169,13 @@ def _bwd_kernel(*refs, lay, scale, has_seg, interpret):
          dq_ref, dkv_ref, dc_ref) = refs
         seg_ref = None
     pid = pl.program_id(0)            # 1-D grid: CUDA's 2nd/3rd grid dims stop at 65535
-    b, t = pid // lay.s, pid % lay.s
-    qi = compat.triton_load(q_ref.at[b, t, :, :])
-    doi = compat.triton_load(do_ref.at[b, t, :, :])
-    lse = compat.triton_load(lse_ref.at[b, t, :])
-    dlt = compat.triton_load(dlt_ref.at[b, t, :])
+    bt, grp = pid // lay.ng, pid % lay.ng                  # (query, head group of hg heads)
+    b, t = bt // lay.s, bt % lay.s
+    heads = pl.ds(grp * lay.hg, lay.hg)
+    qi = compat.triton_load(q_ref.at[b, t, heads, :])
+    doi = compat.triton_load(do_ref.at[b, t, heads, :])
+    lse = compat.triton_load(lse_ref.at[b, t, heads])
+    dlt = compat.triton_load(dlt_ref.at[b, t, heads])
 
     def grads(vals, valid):
         s = compat.triton_dot(qi, vals, trans_b=True) * scale               # [H, n]
@@ -179,7 +187,7 @@ def _bwd_kernel(*refs, lay, scale, has_seg, interpret):
               + compat.triton_dot(p.astype(doi.dtype), doi, trans_a=True))  # [n, D]
         return dq, dk
 
-    dq = jnp.zeros((lay.h, lay.d), jnp.float32)
+    dq = jnp.zeros((lay.hg, lay.d), jnp.float32)
     for start in range(0, lay.wb, lay.wt):
         keys, valid = _window(lay, b, t, kv_ref, seg_ref, start, lay.wt)
         dqw, dk = grads(keys, valid)
@@ -193,7 +201,7 @@ def _bwd_kernel(*refs, lay, scale, has_seg, interpret):
         return dq + dqc
 
     dq = lax.fori_loop(0, lay.nc, body, dq)
-    compat.triton_store(dq_ref.at[b, t, :, :], dq)
+    compat.triton_store(dq_ref.at[b, t, heads, :], dq)
 
 
 def csa_bwd_gpu(q, kv, compressed, topk_idx, sink, out, lse, dout, *, window, scale,
@@ -211,7 +219,7 @@ def csa_bwd_gpu(q, kv, compressed, topk_idx, sink, out, lse, dout, *, window, sc
     dq, dkvp, dc = pl.pallas_call(
         functools.partial(_bwd_kernel, lay=lay, scale=float(scale), has_seg=has_seg,
                           interpret=interpret),
-        grid=(lay.b * lay.s,),
+        grid=(lay.b * lay.s * lay.ng,),
         out_shape=[jax.ShapeDtypeStruct(q.shape, jnp.float32),
                    jax.ShapeDtypeStruct(dkv0.shape, jnp.float32),
                    jax.ShapeDtypeStruct(dc0.shape, jnp.float32)],
