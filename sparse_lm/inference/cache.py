@@ -22,8 +22,6 @@ parameters).
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator
-
 import jax
 import jax.numpy as jnp
 
@@ -112,19 +110,6 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> Cache:
 
 
 # ---------------------------------------------------------------------- structure helpers
-def layer_caches(cfg: ModelConfig, cache: Cache) -> Iterator[tuple[int, str, LayerCache]]:
-    """(layer index, kind, that layer's cache) in layer order; cycle layers are sliced out."""
-    groups = cfg.layer_groups
-    for spec, lc in zip(groups.head, cache.head):
-        yield spec.index, spec.kind, lc
-    p = len(groups.cycle)
-    for r in range(groups.num_cycles):
-        for j, (spec, lc) in enumerate(zip(groups.cycle, cache.cycles)):
-            yield spec.index + r * p, spec.kind, jax.tree.map(lambda a: a[r], lc)
-    for spec, lc in zip(groups.tail, cache.tail):
-        yield spec.index, spec.kind, lc
-
-
 def _nbytes(a) -> int:
     return int(a.size) * jnp.dtype(a.dtype).itemsize
 

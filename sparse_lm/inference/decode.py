@@ -137,9 +137,7 @@ class Decoder:
         per_chunk = []
         for c in range(n_chunks):
             n_new = np.clip(lens - c * t, 0, t)
-            out, cache = self.step(cache, padded[:, c * t:(c + 1) * t], n_new,
-                                   logits="all" if logits == "all" else
-                                   ("last" if logits == "last" else "none"))
+            out, cache = self.step(cache, padded[:, c * t:(c + 1) * t], n_new, logits=logits)
             if logits == "last":   # keep each row's logits from the chunk holding its last token
                 ends_here = (n_new > 0) & (lens <= (c + 1) * t)
                 last = out if last is None else jnp.where(jnp.asarray(ends_here)[:, None], out, last)
