@@ -78,6 +78,7 @@ def main(argv=None):
     p.add_argument("--seq", type=int, default=8192)
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--only", default="csa,hca,dense")
+    p.add_argument("--variants", default="", help="comma list of variant names (default: all)")
     a = p.parse_args(argv)
     s = a.seq
     ks = jax.random.split(jax.random.key(0), 5)
@@ -92,7 +93,9 @@ def main(argv=None):
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, S={s}, median of {a.runs}",
           flush=True)
     only = a.only.split(",")
-    for name, cfg in CSA_VARIANTS.items() if "csa" in only else ():
+    keep = lambda table: {k: v for k, v in table.items()  # noqa: E731
+                          if not a.variants or k in a.variants.split(",")}
+    for name, cfg in keep(CSA_VARIANTS).items() if "csa" in only else ():
         fn = lambda q, kv, c, sink, cfg=cfg: csa_attention(  # noqa: E731
             q, kv, c, topk, sink, window=W, scale=scale, implementation="pallas_gpu",
             interpret=False, config=cfg)
@@ -100,7 +103,7 @@ def main(argv=None):
     for geom in ("hca", "dense"):
         if geom not in only:
             continue
-        for name, cfg in BSA_VARIANTS.items():
+        for name, cfg in keep(BSA_VARIANTS).items():
             if geom == "hca":
                 fn = lambda q, kv, sink, c, cfg=cfg: block_sparse_attention(  # noqa: E731
                     q, kv, sink, window=W, scale=scale, compressed=c, ratio=R_HCA,
