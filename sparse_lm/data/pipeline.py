@@ -2,7 +2,7 @@
 arrays built from each process's shard.
 
 `config.data` fields (see configs/train_base.py):
-  source       "stdlib" | "tfds:<name>" | "synthetic:needle" | "synthetic:recall"
+  source       "stdlib" | "tfds:<name>" | "synthetic:needle" | "synthetic:recall" | "synthetic:repeat"
   data_dir     tfds data directory (local path or gs://); nothing is downloaded
   text_key     tfds feature holding the text
   train_split, eval_split
@@ -19,7 +19,7 @@ import numpy as np
 from sparse_lm.data.packing import Chunked, Packer, PackerState
 from sparse_lm.data.tfds_source import DataError
 
-SOURCES = ("stdlib", "tfds:<name>", "synthetic:needle", "synthetic:recall")
+SOURCES = ("stdlib", "tfds:<name>", "synthetic:needle", "synthetic:recall", "synthetic:repeat")
 
 
 def make_source(data_cfg, split: str):

@@ -4,6 +4,8 @@ selection keeps what matters.
 - needle retrieval: `# key XXXX = 123456` hidden at a chosen depth inside filler text; the
   sequence ends with the question `# key XXXX = ` and the answer `123456`.
 - associative recall: a list of `key=value` pairs, then one key again; the answer is its value.
+- repeat: a random string of `period` letters repeated to the end; after the first period every
+  byte is a copy of the byte `period` earlier (attention must reach back past a short window).
 
 Every example is exactly `length` bytes; `answer_mask` marks the answer bytes, which a model must
 predict from the token before each of them. Generation is a pure function of (seed, index).
@@ -14,7 +16,7 @@ import string
 
 import numpy as np
 
-TASKS = ("needle", "recall")
+TASKS = ("needle", "recall", "repeat")
 _LETTERS = np.frombuffer(string.ascii_lowercase.encode(), np.uint8)
 _DIGITS = np.frombuffer(string.digits.encode(), np.uint8)
 
@@ -84,6 +86,17 @@ def recall_example(rng: np.random.Generator, length: int, *, key_len: int = 3, v
     return seq, mask, q
 
 
+def repeat_example(rng: np.random.Generator, length: int, *, min_period: int = 20,
+                   max_period: int = 48):
+    """(tokens [length] int32, answer_mask [length] bool, period): answers = every byte after
+    the first period."""
+    period = int(rng.integers(min_period, max_period + 1))
+    block = np.frombuffer(_rand(rng, _LETTERS, period), np.uint8)
+    seq = np.resize(block, length).astype(np.int32)
+    mask = np.arange(length) >= period
+    return seq, mask, period
+
+
 def make_examples(task: str, n: int, length: int, *, seed: int = 0,
                   pool: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """n examples: {"tokens" [n, length] int32, "answer_mask" [n, length] bool}. Needle depths
@@ -95,8 +108,10 @@ def make_examples(task: str, n: int, length: int, *, seed: int = 0,
         rng = np.random.default_rng([seed, length, i])
         if task == "needle":
             t, m, _ = needle_example(rng, length, depth=(i + 0.5) / n, pool=pool)
-        else:
+        elif task == "recall":
             t, m, _ = recall_example(rng, length)
+        else:
+            t, m, _ = repeat_example(rng, length)
         toks.append(t)
         masks.append(m)
     return {"tokens": np.stack(toks), "answer_mask": np.stack(masks)}
@@ -118,7 +133,9 @@ class SyntheticSource:
         rng = np.random.default_rng([self.seed, 7919, i])
         if self.task == "needle":
             return needle_example(rng, self.length, pool=self.pool)[0]
-        return recall_example(rng, self.length)[0]
+        if self.task == "recall":
+            return recall_example(rng, self.length)[0]
+        return repeat_example(rng, self.length)[0]
 
     def lengths(self) -> np.ndarray:
         return np.full(self.num_docs, self.length, np.int64)

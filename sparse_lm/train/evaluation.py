@@ -5,7 +5,9 @@ cached decoder lives in `sparse_lm.inference`).
 from __future__ import annotations
 
 import functools
+import json
 import math
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -115,3 +117,41 @@ def filler_pool(source, max_bytes: int = 2_000_000) -> np.ndarray:
         if n >= max_bytes:
             break
     return np.concatenate(parts) if parts else None
+
+
+def config_from_workdir(workdir):
+    import ml_collections
+    p = Path(workdir) / "config.json"
+    if not p.exists():
+        raise FileNotFoundError(f"{p} does not exist: is {workdir} a training workdir? "
+                                f"(or pass --config)")
+    return ml_collections.ConfigDict(json.loads(p.read_text())["config"])
+
+
+def evaluate(config, workdir, step=None, *, log=print) -> dict:
+    """Validation bits/byte and needle accuracy by length, sparse vs dense, of a checkpoint;
+    printed as a table and written to <workdir>/eval.json."""
+    from sparse_lm.train.loop import load_for_eval
+    run, model, step = load_for_eval(config, workdir, step)
+    e = config.eval
+    src, batches = validation_batches(config, run, int(e.batches))
+    pool = filler_pool(src)
+    res = {"step": step, "validation_tokens": int(sum(int(np.sum(b["segment_ids"][:, :-1] > 0))
+                                                      for b in batches)),
+           "bits_per_byte": {}, "needle": {}}
+    lengths = [int(x) for x in e.needle_lengths]
+    for mode, sparse in (("sparse", True), ("dense", False)):
+        res["bits_per_byte"][mode] = split_bpb(model, batches, sparse=sparse)
+        res["needle"][mode] = needle_accuracy(model, lengths, int(e.needle_examples),
+                                                 sparse=sparse, pool=pool)
+        log(f"[evaluate] {mode}: validation {res['bits_per_byte'][mode]:.4f} bits/byte")
+    log(f"[evaluate] step {step}, {res['validation_tokens']:,} validation tokens")
+    log(f"  {'':24s}{'sparse':>10s}{'dense':>10s}")
+    log(f"  {'validation bits/byte':24s}{res['bits_per_byte']['sparse']:10.4f}"
+        f"{res['bits_per_byte']['dense']:10.4f}")
+    for n in lengths:
+        s, d = res["needle"]["sparse"][n], res["needle"]["dense"][n]
+        log(f"  {'needle @' + str(n) + ' exact / bytes':24s}{s['exact']:5.2f}/{s['bytes']:4.2f}"
+            f"{d['exact']:5.2f}/{d['bytes']:4.2f}")
+    (Path(workdir) / "eval.json").write_text(json.dumps(res, indent=1))
+    return res

@@ -173,3 +173,64 @@ def read_metrics(workdir: str | os.PathLike, kind: str | None = "train") -> list
         return []
     recs = [json.loads(l) for l in p.read_text().splitlines() if l.strip()]
     return [r for r in recs if kind is None or r.get("kind") == kind]
+
+
+def recall_at_fraction(scores, mass, visible, fraction: float):
+    """Share of the dense attention mass on compressed entries that the indexer's top-k keeps
+    when every query keeps k = floor(fraction x its visible entries).
+
+    scores, mass [B, S, N] (mass: attention probability per entry, summed over heads); visible
+    [B, S, N]. Only queries with at least 1/fraction visible entries count. Returns (recall,
+    chance, oracle): chance = what k random entries keep on average (mean k / visible); oracle =
+    what the k entries of largest mass keep (the best any indexer can do).
+    """
+    import jax.numpy as jnp
+    vis_n = jnp.sum(visible, axis=-1)                                   # [B, S]
+    k = jnp.floor(fraction * vis_n)
+    m = jnp.where(visible, mass, 0.0)
+    total = jnp.sum(m, axis=-1)
+    rows = (k >= 1) & (total > 0)
+    keep = jnp.arange(scores.shape[-1]) < k[..., None]
+
+    def kept_by(ranking):
+        order = jnp.argsort(-jnp.where(visible, ranking, -jnp.inf), axis=-1)
+        ranked = jnp.take_along_axis(m, order, axis=-1)
+        share = jnp.sum(jnp.where(keep, ranked, 0.0), axis=-1) / jnp.where(rows, total, 1.0)
+        return jnp.sum(jnp.where(rows, share, 0.0)) / n
+    n = jnp.maximum(jnp.sum(rows), 1)
+    chance = jnp.sum(jnp.where(rows, k / jnp.maximum(vis_n, 1), 0.0)) / n
+    return kept_by(scores), chance, kept_by(m)
+
+
+def indexer_recall_at_fraction(model, tokens, segment_ids=None, fraction: float = 0.25):
+    """Per CSA layer (recall, chance, oracle) of `recall_at_fraction` for one batch, the main attention
+    running dense over compressed entries (the warm-up stage's target distribution).
+
+    Analysis hook: wraps `indexer_objective` as the attention module calls it (scores, mass,
+    visible, top-k) to read the indexer scores and the dense attention mass of every CSA layer,
+    so the model itself is unchanged. Returns a list in layer order.
+    """
+    import jax
+    from flax import nnx
+    import sparse_lm.model.attention as attention_module
+    if getattr(model, "cycles", None) is not None:
+        raise ValueError("indexer_recall_at_fraction reads layers as they run: it needs a model "
+                         "whose layers are unrolled (config.layer_groups.num_cycles == 0)")
+    graphdef, state = nnx.split(model)
+    original = attention_module.indexer_objective
+
+    def run(state, tokens, segment_ids):
+        captured = []
+
+        def capture(scores, mass, visible, selected):
+            captured.append(recall_at_fraction(scores, mass, visible, fraction))
+            return original(scores, mass, visible, selected)
+        attention_module.indexer_objective = capture
+        try:
+            nnx.merge(graphdef, state)(tokens, segment_ids=segment_ids, sparse=False,
+                                       return_aux=True)
+        finally:
+            attention_module.indexer_objective = original
+        return captured
+    out = jax.jit(run)(state, tokens, segment_ids)
+    return [tuple(float(v) for v in r) for r in out]
