@@ -9,9 +9,9 @@ reference.py (naive and query-chunked jnp), bitonic.py (the exact top-k merge ne
 tpu.py, gpu.py, aot_memory.py (compiler-reported HBM at 64K vs the naive form).
 """
 from kernels_pallas.indexer_topk.api import (IMPLEMENTATIONS, default_implementation,
-                                             indexer_topk, validate_inputs)
+                                             indexer_max_score, indexer_topk, validate_inputs)
 from kernels_pallas.indexer_topk.config import IndexerTopkConfig
 from kernels_pallas.indexer_topk.reference import indexer_topk_reference, indexer_topk_xla
 
-__all__ = ["IMPLEMENTATIONS", "IndexerTopkConfig", "default_implementation", "indexer_topk",
-           "indexer_topk_reference", "indexer_topk_xla", "validate_inputs"]
+__all__ = ["IMPLEMENTATIONS", "IndexerTopkConfig", "default_implementation", "indexer_max_score",
+           "indexer_topk", "indexer_topk_reference", "indexer_topk_xla", "validate_inputs"]

@@ -98,6 +98,30 @@ def indexer_topk(q: jax.Array, weights: jax.Array, keys: jax.Array, *, k: int, r
                  return_scores: bool = False, implementation: str | None = None,
                  interpret: bool | None = None, config: IndexerTopkConfig | None = None):
     """-> idx [B, S, k] int32 (-1 = none), plus scores [B, S, k] fp32 with return_scores."""
+    return _run(q, weights, keys, k=k, ratio=ratio, key_valid=key_valid,
+                segment_ids=segment_ids, return_scores=return_scores,
+                implementation=implementation, interpret=interpret, config=config,
+                scores_only=False)
+
+
+def indexer_max_score(q: jax.Array, weights: jax.Array, keys: jax.Array, *, ratio: int,
+                      key_valid: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                      implementation: str | None = None, interpret: bool | None = None,
+                      config: IndexerTopkConfig | None = None):
+    """The best visible score per query [B, S] fp32 (-inf if none), computed by the fused
+    kernels' scoring pass with the top-k merge replaced by a running max: what scoring alone
+    costs (the benchmark's "scores_only" arm). Pallas implementations only."""
+    if implementation not in ("pallas_tpu", "pallas_gpu"):
+        raise ValueError(f"implementation={implementation!r} is invalid for indexer_max_score: "
+                         "allowed values ('pallas_tpu', 'pallas_gpu')")
+    _, vals = _run(q, weights, keys, k=1, ratio=ratio, key_valid=key_valid,
+                   segment_ids=segment_ids, return_scores=True, implementation=implementation,
+                   interpret=interpret, config=config, scores_only=True)
+    return vals[..., 0]
+
+
+def _run(q, weights, keys, *, k, ratio, key_valid, segment_ids, return_scores, implementation,
+         interpret, config, scores_only):
     if implementation is None:
         implementation = default_implementation()
     if implementation not in IMPLEMENTATIONS:
@@ -124,7 +148,7 @@ def indexer_topk(q: jax.Array, weights: jax.Array, keys: jax.Array, *, k: int, r
     lay = Layout(b=b, s=s, h=h, d=d, n=keys.shape[1], k=int(k), ratio=int(ratio),
                  bq=config.block_q, bk=config.key_block(int(k), backend=backend,
                                                          compiled=not interpret),
-                 width=width)
+                 width=width, scores_only=scores_only)
     if backend == "tpu":
         from kernels_pallas.indexer_topk.tpu import indexer_topk_tpu
         idx, vals = indexer_topk_tpu(q, weights, keys, lay=lay, key_valid=key_valid,

@@ -24,6 +24,7 @@ class Layout:
     bq: int          # queries per program
     bk: int          # keys per step
     width: int       # L, merge width (>= k)
+    scores_only: bool = False   # benchmark probe: a running max instead of the top-k merge
 
     @property
     def sp(self) -> int:

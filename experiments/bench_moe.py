@@ -1,0 +1,235 @@
+"""MoE grouped matmul: every registered implementation against a dense matmul of the same
+FLOPs, side by side in one process on one device.
+
+    python -m experiments.bench_moe [--preset flash|pro] [--tokens-per-expert 128,512,2048]
+        [--experts E] [--distribution balanced|skewed] [--impls ragged_dot,pallas,tokamax,dense]
+        [--runs 20] [--warmup 3] [--no-backward] [--json benchmarks/moe_<device>.json] [--tiny]
+
+Workload: the routed experts' first product (gate or up projection) of one MoE layer:
+lhs [M, d] (tokens sorted by expert, M = E * tokens-per-expert), rhs [E, d, I], group sizes
+from the distribution ("balanced": every expert the same; "skewed": Zipf-like sizes with the
+same total, several experts empty and one taking the most). d, I, E from the preset
+(V4-Flash: 4096, 2048, 256).
+Implementations: "ragged_dot" (`lax.ragged_dot`), "pallas" (the platform's Pallas kernel:
+pallas_tpu / pallas_gpu, interpreted on CPU), "tokamax" (only if importable; otherwise the row
+says so), "dense" (one [M, d] x [d, I] matmul: the same FLOPs with no grouping, the
+denominator of "fraction of dense").
+Methodology (design.md §8): same inputs for every arm, compile time excluded, median of `--runs`
+runs after `--warmup`, each ended by `block_until_ready`; the group metadata (visit lists) is
+built inside the timed function from the traced sizes. FLOPs: 2 M d I forward; forward +
+backward = 3x (d lhs and d rhs are one grouped product each). `vs_dense` = dense time / arm
+time (the issue asks >= 0.6 for forward+backward at >= 512 tokens per expert on an H100).
+
+Output: a table on stdout and a JSON file. `--tiny`: the tiny preset with interpreted kernels.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform as platform_lib
+import statistics
+import sys
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+
+from experiments.bench_indexer import device_peak, git_state, timed
+from kernels_pallas.grouped_matmul import grouped_matmul, tokamax_available
+
+IMPLS = ("ragged_dot", "pallas", "tokamax", "dense")
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    experts: int
+    hidden: int
+    inter: int
+
+
+def group_sizes(total: int, experts: int, distribution: str, seed: int = 0) -> np.ndarray:
+    """[E] int32 summing to `total`."""
+    if distribution == "balanced":
+        sizes = np.full(experts, total // experts, np.int64)
+        sizes[: total - sizes.sum()] += 1
+        return sizes.astype(np.int32)
+    if distribution == "skewed":
+        rng = np.random.default_rng(seed)
+        w = 1.0 / np.arange(1, experts + 1) ** 1.2
+        w[rng.permutation(experts)[: max(1, experts // 8)]] = 0.0     # some experts get nothing
+        w = w[rng.permutation(experts)]
+        sizes = np.floor(total * w / w.sum()).astype(np.int64)
+        sizes[int(np.argmax(w))] += total - sizes.sum()
+        return sizes.astype(np.int32)
+    raise ValueError(f"distribution={distribution!r} is invalid: allowed 'balanced', 'skewed'")
+
+
+def build(impl: str, backend: str, interpret: bool):
+    if impl == "dense":
+        return lambda lhs, rhs, gs: jnp.dot(lhs, rhs[0], preferred_element_type=jnp.float32
+                                            ).astype(lhs.dtype)
+    if impl == "tokamax" and not tokamax_available():
+        raise RuntimeError("tokamax is not importable here (optional backend)")
+    name = {"pallas": "pallas_gpu" if backend == "gpu" else "pallas_tpu"}.get(impl, impl)
+    kw = {"interpret": interpret} if impl == "pallas" else {}
+    return lambda lhs, rhs, gs: grouped_matmul(lhs, rhs, gs, implementation=name, **kw)
+
+
+def fwd_bwd(fn):
+    def f(lhs, rhs, gs, cot):
+        def loss(a, b):
+            return jnp.sum(fn(a, b, gs).astype(jnp.float32) * cot)
+        return jax.grad(loss, argnums=(0, 1))(lhs, rhs)
+    return f
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", choices=("flash", "pro"), default="flash")
+    p.add_argument("--tokens-per-expert", default="128,512,2048")
+    p.add_argument("--experts", type=int, default=None, help="override the preset's E")
+    p.add_argument("--distribution", choices=("balanced", "skewed"), default="balanced")
+    p.add_argument("--impls", default=",".join(IMPLS))
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--no-backward", action="store_true")
+    p.add_argument("--json", default=None, help="output path (default benchmarks/moe_<device>_"
+                   "<preset>.json; none with --tiny; '-' = none)")
+    p.add_argument("--tiny", action="store_true", help="tiny preset, 16 and 64 tokens per "
+                   "expert, interpreted kernels on CPU (for tests)")
+    a = p.parse_args(argv)
+    if a.tiny and a.tokens_per_expert == p.get_default("tokens_per_expert"):
+        a.tokens_per_expert = "16,64"
+    a.tokens_per_expert = [int(x) for x in a.tokens_per_expert.split(",") if x]
+    a.impls = [x for x in a.impls.split(",") if x]
+    bad = [x for x in a.impls if x not in IMPLS]
+    if bad:
+        p.error(f"--impls has unknown values {bad}: allowed {IMPLS}")
+    if a.runs < 1 or a.warmup < 0:
+        p.error("--runs must be >= 1 and --warmup >= 0")
+    return a
+
+
+def preset_shapes(name: str, experts: int | None) -> Shapes:
+    from configs import model_presets
+    from sparse_lm.config import ModelConfig
+    cfg = ModelConfig.from_dict({"tiny": model_presets.tiny, "flash": model_presets.v4_flash,
+                                 "pro": model_presets.v4_pro}[name]())
+    return Shapes(experts=experts or cfg.n_routed_experts, hidden=cfg.hidden_size,
+                  inter=cfg.moe_intermediate_size)
+
+
+def run(a) -> dict:
+    preset = "tiny" if a.tiny else a.preset
+    sh = preset_shapes(preset, a.experts)
+    dtype = jnp.dtype(a.dtype)
+    dev = jax.devices()[0]
+    backend = jax.default_backend()
+    interpret = backend == "cpu"
+    peak = device_peak(dev.device_kind)
+    commit, dirty = git_state()
+    meta = {"device": str(dev), "device_kind": dev.device_kind, "platform": backend,
+            "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+            "python": platform_lib.python_version(), "git_commit": commit, "git_dirty": dirty,
+            "preset": preset, "shapes": dataclasses.asdict(sh), "dtype": str(dtype),
+            "tokens_per_expert": a.tokens_per_expert, "distribution": a.distribution,
+            "impls": a.impls, "runs": a.runs, "warmup": a.warmup, "interpret": interpret,
+            "backward": not a.no_backward, "tokamax_available": tokamax_available(),
+            "peak_bf16_tflops": None if peak is None else peak / 1e12,
+            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(sys.argv)}
+    passes = ["fwd"] + ([] if a.no_backward else ["fwd+bwd"])
+    rows = []
+    try:
+        from tqdm import tqdm
+        bar = tqdm(total=len(a.tokens_per_expert) * len(a.impls) * len(passes),
+                   desc="bench_moe", file=sys.stderr)
+    except ImportError:  # pragma: no cover
+        bar = None
+    for tpe in a.tokens_per_expert:
+        m = tpe * sh.experts
+        sizes = group_sizes(m, sh.experts, a.distribution)
+        ks = jax.random.split(jax.random.key(tpe), 3)
+        lhs = jax.random.normal(ks[0], (m, sh.hidden), jnp.float32).astype(dtype)
+        rhs = (jax.random.normal(ks[1], (sh.experts, sh.hidden, sh.inter), jnp.float32)
+               * sh.hidden ** -0.5).astype(dtype)
+        cot = jax.random.normal(ks[2], (m, sh.inter), jnp.float32).astype(dtype)
+        gs = jnp.asarray(sizes)
+        for impl in a.impls:
+            for ps in passes:
+                if bar is not None:
+                    bar.set_postfix_str(f"{tpe}/expert {impl} {ps}")
+                flops = 2.0 * m * sh.hidden * sh.inter * (1 if ps == "fwd" else 3)
+                row = {"tokens_per_expert": tpe, "rows": m, "impl": impl, "pass": ps,
+                       "flops": flops, "empty_experts": int((sizes == 0).sum()),
+                       "max_group": int(sizes.max())}
+                try:
+                    fn = build(impl, backend, interpret)
+                    f, args = (fn, (lhs, rhs, gs)) if ps == "fwd" else (fwd_bwd(fn),
+                                                                         (lhs, rhs, gs, cot))
+                    times = timed(f, args, a.runs, a.warmup)
+                    med = statistics.median(times)
+                    row.update(median_ms=1e3 * med, min_ms=1e3 * min(times),
+                               runs_ms=[1e3 * t for t in times], tflops=flops / med / 1e12,
+                               frac_peak=None if peak is None else flops / med / peak)
+                except Exception as e:  # noqa: BLE001 - recorded (out of memory, not importable)
+                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+                rows.append(row)
+                if bar is not None:
+                    bar.update(1)
+    if bar is not None:
+        bar.close()
+    dense = {(r["tokens_per_expert"], r["pass"]): r for r in rows
+             if r["impl"] == "dense" and "median_ms" in r}
+    for r in rows:
+        base = dense.get((r["tokens_per_expert"], r["pass"]))
+        if base is not None and "median_ms" in r:
+            r["vs_dense"] = base["median_ms"] / r["median_ms"]
+    return {"meta": meta, "rows": rows}
+
+
+def format_table(result: dict) -> str:
+    m = result["meta"]
+    sh = m["shapes"]
+    lines = [f"device: {m['device_kind']} ({m['platform']}), jax {m['jax']}, commit "
+             f"{(m['git_commit'] or '?')[:10]}{'+dirty' if m['git_dirty'] else ''}, preset "
+             f"{m['preset']}, {m['dtype']}, E={sh['experts']} d={sh['hidden']} I={sh['inter']}, "
+             f"{m['distribution']} routing, median of {m['runs']} runs"
+             + (" (interpreted kernels: timings are not performance)" if m["interpret"] else ""),
+             f"{'tok/exp':>8} {'impl':<11} {'pass':<8} {'median ms':>10} {'TFLOP/s':>9} "
+             f"{'% peak':>7} {'vs dense':>9}"]
+    for r in result["rows"]:
+        head = f"{r['tokens_per_expert']:>8} {r['impl']:<11} {r['pass']:<8}"
+        if "error" in r:
+            lines.append(f"{head} ERROR {r['error']}")
+            continue
+        pct = "" if r.get("frac_peak") is None else f"{100 * r['frac_peak']:.1f}"
+        vs = r.get("vs_dense")
+        lines.append(f"{head} {r['median_ms']:>10.3f} {r['tflops']:>9.3f} {pct:>7} "
+                     f"{'' if vs is None else f'{vs:.2f}':>9}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    a = parse_args(sys.argv[1:] if argv is None else argv)
+    result = run(a)
+    print(format_table(result))
+    path = a.json if a.json is not None else ("-" if a.tiny else None)
+    if path is None:
+        kind = result["meta"]["device_kind"].replace(" ", "_").replace("/", "_")
+        path = os.path.join("benchmarks", f"moe_{kind}_{result['meta']['preset']}.json")
+    if path != "-":
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
