@@ -2,6 +2,7 @@
 ahead of time on this (CPU) host: the fused kernel vs the naive score-then-top-k forms.
 
     python -m kernels_pallas.indexer_topk.aot_memory [--seq 65536] [--topology v5p:2x2x1]
+                                                     [--measure]   # + measured on a GPU/TPU
 
 Arms (V4-Flash indexer shapes: 64 heads x 128, ratio 4, top-k 512, bf16 inputs):
   fused        `indexer_topk(..., implementation="pallas_tpu")`: scores stay in VMEM, HBM holds
@@ -106,12 +107,66 @@ def indexer_footprints(seq: int = 65536, topology: str = "v5p:2x2x1", *, heads: 
         return {a: footprint(names[a], fns[a], args) for a in arms}
 
 
+_MEASURE = """
+import sys, jax, jax.numpy as jnp
+from kernels_pallas.indexer_topk.aot_memory import {fn}
+from kernels_pallas.indexer_topk import indexer_topk
+s, k, arm = {seq}, {topk}, "{arm}"
+ks = jax.random.split(jax.random.key(0), 3)
+q = jax.random.normal(ks[0], (1, s, 64, 128), jnp.float32).astype(jnp.bfloat16)
+w = jax.random.normal(ks[1], (1, s, 64), jnp.float32) / 64
+keys = jax.random.normal(ks[2], (1, s // 4, 128), jnp.float32).astype(jnp.bfloat16)
+jax.block_until_ready((q, w, keys))
+dev = jax.devices()[0]
+base = dev.memory_stats()["peak_bytes_in_use"]
+if arm == "fused":
+    f = lambda q, w, keys: indexer_topk(q, w, keys, k=k, ratio=4)
+else:
+    f = lambda q, w, keys: {fn}(q, w, keys, k=k, ratio=4)
+jax.block_until_ready(jax.jit(f)(q, w, keys))
+print("PEAK", base, dev.memory_stats()["peak_bytes_in_use"])
+"""
+
+
+def measure_on_device(seq: int = 65536, topk: int = 512) -> dict:
+    """Measured peak device memory (`memory_stats()["peak_bytes_in_use"]`, one fresh process per
+    arm) of the fused kernel (the platform default) and the naive form on the local GPU/TPU:
+    {arm: (peak before the call = inputs, peak after)} in bytes, or an error string."""
+    import subprocess
+    import sys
+    out = {}
+    for arm in ("fused", "naive"):
+        code = _MEASURE.format(fn="naive_topk", seq=seq, topk=topk, arm=arm)
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        line = [x for x in r.stdout.splitlines() if x.startswith("PEAK")]
+        out[arm] = (tuple(int(v) for v in line[0].split()[1:]) if line
+                    else (r.stderr.strip().splitlines() or ["no output"])[-1][:300])
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seq", type=int, default=65536)
     ap.add_argument("--topology", default="v5p:2x2x1")
     ap.add_argument("--topk", type=int, default=512)
+    ap.add_argument("--measure", action="store_true",
+                    help="also run both forms on the local accelerator and print the measured "
+                         "peak memory (GPU/TPU only)")
     a = ap.parse_args(argv)
+    if a.measure:
+        if jax.default_backend() == "cpu":
+            raise SystemExit("--measure needs a GPU or TPU backend (JAX_PLATFORMS=cuda or tpu)")
+        res = measure_on_device(a.seq, a.topk)
+        print(f"measured on {jax.devices()[0].device_kind}, S={a.seq}, k={a.topk}:")
+        for arm, v in res.items():
+            if isinstance(v, tuple):
+                print(f"  {arm:6s} peak {v[1] / 2**30:.3f} GiB (inputs {v[0] / 2**30:.3f} GiB, "
+                      f"added {(v[1] - v[0]) / 2**30:.3f} GiB)")
+            else:
+                print(f"  {arm:6s} failed: {v}")
+        if all(isinstance(v, tuple) for v in res.values()):
+            add = {arm: v[1] - v[0] for arm, v in res.items()}
+            print(f"  naive / fused added memory: {add['naive'] / max(add['fused'], 1):.1f}x")
     fp = indexer_footprints(a.seq, a.topology, topk=a.topk)
     s, k = a.seq, a.topk
     inputs = s * 64 * 128 * 2 + s * 64 * 4 + (s // 4) * 128 * 2
