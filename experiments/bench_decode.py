@@ -1,0 +1,862 @@
+"""Decode step time against context length: the sparse V4 cache vs a dense full-context cache.
+
+    python -m experiments.bench_decode [--lengths 1024,2048,...,65536] [--arms sparse,dense]
+        [--runs 20] [--warmup 3] [--batch 1] [--dtype float32] [--no-parts]
+        [--json benchmarks/decode_cpu.json] [--plot benchmarks/decode_cpu.png] [--tiny]
+
+The model: a small V4-shaped model (`bench_config`: 7 layers swa, swa, [csa, hca] x 2, csa;
+16 heads over one shared K=V head of 256; window 128; CSA ratio 4 with top-512 over 16 indexer
+heads of 64; HCA ratio 128; MoE 8 experts top-2; mHC 4 streams). Its attention keeps the
+released V4-Flash proportions: the dense core reads and multiplies 16x more per token of context
+than the indexer does (memory 256 vs 64/4 values per token, MACs 16*256*2 vs 16*64/4).
+
+Arms, each timed on its own freshly allocated cache sized exactly for the context length L
+being measured (max_len = L):
+  sparse      the library decoder (`sparse_lm.inference.Decoder.step`: jitted, cache donated),
+              i.e. what `generate` runs: window ring buffer + compressor tails + compressed
+              entries and indexer keys for L tokens.
+  dense       the same model with a dense full-context cache: every layer becomes a plain
+              causal attention over a full KV cache [B, L, D] (MQA, the same shared K=V head,
+              the same query/KV/output projections, sinks, mHC and MoE; no compressor or
+              indexer). A step writes its row in place (scatter into the donated cache) and runs
+              the library's own cached attention (`ops.cached_attention`) over the cache; the
+              layers are unrolled (the scanned cycle's stacked parameters sliced per layer) so
+              that no cache is copied. An honest baseline: it does no work a full-KV decoder
+              would not do.
+  dense_ring  (optional) the library decoder with every layer an SWA layer whose window is L:
+              also a full-context cache, but through the ring-buffer code path, which copies
+              the window into the key array and rewrites the ring every step (fine for W = 128,
+              wasteful for W = L): shows what that path would cost, not a fair baseline.
+
+Cache contents: prefilling 64K tokens through the dense arm costs ~2.4e14 attention FLOPs
+(hours on a 2-core CPU), so every cache is filled directly with random but valid contents (`fill_cache`): `lengths` = L - n for
+the n steps that follow, ring slots / entries / indexer keys / dense rows of the held tokens
+random (unit scale, as after the kv RMSNorm), unused ones zero, compressor tails filled in the
+slots a real prefill fills (gates -inf elsewhere). Step time does not depend on the values
+except through the top-k's data-dependent sort. The timed steps cover positions L-n .. L-1.
+
+Timing (design.md section 8): one process, the same dtype for every arm; each arm's first call
+(compilation + one step) is excluded, then `--warmup` steps, then `--runs` timed steps per arm,
+interleaved between the arms (sparse, dense, sparse, dense, ...) so that the load of a shared
+machine drifts over all arms alike; each step is ended by `block_until_ready`; the median is
+reported (every run is in the JSON).
+
+Parts (`--no-parts` skips them): how each piece of attention grows with context, timed by
+jitting the library's functions alone on cache-shaped random inputs, one decode query, one layer:
+  window      `cached_attention` over the 128-row ring + the new row (every layer; = SWA layer)
+  csa_attn    the same + the top-k entries gathered from the [B, L/4, D] entries (CSA layer)
+  hca_attn    the same + every visible entry of the [B, L/128, D] entries (HCA layer)
+  indexer     `indexer_scores` over the [B, L/4, D_I] indexer keys + `select_topk` (CSA layer)
+  dense_attn  `cached_attention` over the full [B, L, D] cache (one layer of the dense arm)
+with their FLOPs (2 per multiply-add; attention 4*H*D per attended key, indexer 2*H_I*D_I per
+key) and the bytes of cache they read. `other` = step time minus the attention parts summed over
+the layers (projections, compressors, MoE, mHC, head, cache writes, dispatch).
+
+Output: a table on stdout, a JSON file (device, JAX version, git commit, load average, config,
+every run) and a log-log PNG plot. `--tiny` runs a toy model at two short lengths in seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform as platform_lib
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import flax
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+from flax import nnx
+
+from sparse_lm.analysis import accounting as acc
+from sparse_lm.config import ModelConfig
+from sparse_lm.inference import ops
+from sparse_lm.inference.cache import Cache, CompressorCache, LayerCache, cache_bytes, init_cache
+from sparse_lm.inference.decode import Decoder
+from sparse_lm.model.layers import dtype_of
+from sparse_lm.model.transformer import build_model
+from sparse_lm.ops.indexer import indexer_scores, select_topk
+
+ARMS = ("sparse", "dense", "dense_ring")
+PARTS = ("window", "csa_attn", "hca_attn", "indexer", "dense_attn")
+DEFAULT_LENGTHS = tuple(1024 << i for i in range(7))           # 1K .. 64K
+TINY_LENGTHS = (64, 128)
+
+
+class BenchError(ValueError):
+    """Bad benchmark arguments; the message names the flag."""
+
+
+# ------------------------------------------------------------------------------ models
+
+def bench_config(*, tiny: bool = False, dtype: str = "float32") -> ModelConfig:
+    """The benchmarked sparse model (see the module docstring); `tiny`: a toy one for tests."""
+    if tiny:
+        return ModelConfig(
+            vocab_size=256, hidden_size=32, num_layers=3, num_heads=2, head_dim=16,
+            rope_head_dim=8, q_lora_rank=16, o_groups=1, o_lora_rank=16, sliding_window=8,
+            layer_prefix=("swa",), layer_cycle=("csa", "hca"), layer_tail=(),
+            compress_ratio_csa=4, compress_ratio_hca=16, index_n_heads=2, index_head_dim=8,
+            index_topk=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+            num_hash_layers=1, yarn_original_max_position=64, mtp_depth=0, dtype=dtype,
+            param_dtype="float32")
+    return ModelConfig(
+        vocab_size=256, hidden_size=256, num_layers=7, num_heads=16, head_dim=256,
+        rope_head_dim=32, q_lora_rank=256, o_groups=4, o_lora_rank=128, sliding_window=128,
+        layer_prefix=("swa", "swa"), layer_cycle=("csa", "hca"), layer_tail=("csa",),
+        compress_ratio_csa=4, compress_ratio_hca=128, index_n_heads=16, index_head_dim=64,
+        index_topk=512, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=256,
+        num_hash_layers=2, yarn_original_max_position=4096, mtp_depth=0, dtype=dtype,
+        param_dtype="float32")
+
+
+def dense_config(cfg: ModelConfig, window: int | None = None) -> ModelConfig:
+    """`cfg` with every layer an SWA layer (same schedule shape, so the same head / scanned cycle
+    / tail grouping and hash layers); `window` replaces the sliding window if given."""
+    def swa(kinds):
+        return tuple("swa" for _ in kinds)
+    return cfg.replace(layer_prefix=swa(cfg.layer_prefix), layer_cycle=swa(cfg.layer_cycle),
+                       layer_tail=swa(cfg.layer_tail),
+                       sliding_window=cfg.sliding_window if window is None else window)
+
+
+# ------------------------------------------------------------------------------ cache filling
+
+def _normal(key, shape, dtype):
+    return jax.random.normal(key, shape, jnp.float32).astype(dtype)
+
+
+def _rows_held(n_rows: int, held: int) -> jax.Array:
+    """[n_rows] bool: row i < held."""
+    return jnp.arange(n_rows) < held
+
+
+def _fill_compressor(cc: CompressorCache, ratio: int, overlap: bool, length: int,
+                     key) -> CompressorCache:
+    """Tail slots a prefill of `length` tokens fills (see sparse_lm.inference.cache): with
+    overlap, slots 0..m-1 hold the previous complete window once one exists; then the first
+    `length mod m` slots of the current window. Entries: rows < length // m."""
+    m, ov = ratio, int(overlap)
+    slots = jnp.arange(cc.kv.shape[-2])
+    filled = ((slots < ov * m) & (length >= m)) | (
+        (slots >= ov * m) & (slots - ov * m < length % m))
+    filled = filled[:, None]
+    k1, k2, k3 = jax.random.split(key, 3)
+    kv = jnp.where(filled, _normal(k1, cc.kv.shape, cc.kv.dtype), 0.0)
+    gate = jnp.where(filled, _normal(k2, cc.gate.shape, cc.gate.dtype), -jnp.inf)
+    rows = _rows_held(cc.entries.shape[-2], length // m)[:, None]
+    entries = jnp.where(rows, _normal(k3, cc.entries.shape, cc.entries.dtype),
+                        jnp.zeros((), cc.entries.dtype))
+    return CompressorCache(kv=kv.astype(cc.kv.dtype), gate=gate.astype(cc.gate.dtype),
+                           entries=entries)
+
+
+def _fill_layer(cfg: ModelConfig, kind: str, lc: LayerCache, length: int, key) -> LayerCache:
+    kw, kc, ki = jax.random.split(key, 3)
+    w = lc.window.shape[-2]
+    held = ops.ring_positions(jnp.array([length], jnp.int32), w)[0] >= 0      # [W]
+    window = jnp.where(held[:, None], _normal(kw, lc.window.shape, lc.window.dtype),
+                       jnp.zeros((), lc.window.dtype))
+    comp = idx = None
+    if lc.compressor is not None:
+        comp = _fill_compressor(lc.compressor, cfg.ratio_of(kind), kind == "csa", length, kc)
+    if lc.indexer is not None:
+        idx = _fill_compressor(lc.indexer, cfg.compress_ratio_csa, True, length, ki)
+    return LayerCache(window=window, compressor=comp, indexer=idx)
+
+
+def fill_cache(cfg: ModelConfig, cache: Cache, length: int, seed: int = 0) -> Cache:
+    """Random but valid contents for `cache` as if every row held `length` tokens.
+
+    The structure, shapes and dtypes are those of `cache`; which ring slots, tail slots, entries
+    and indexer keys hold data is what a real prefill of `length` tokens leaves (the test checks
+    this against `Decoder.prefill`); held values are standard normal, the rest zero (gates -inf).
+    """
+    if not 0 <= length <= cache.max_len:
+        raise BenchError(f"length={length} is invalid: must be in [0, max_len={cache.max_len}]")
+    groups = cfg.layer_groups
+    key = jax.random.key(seed)
+    keys = iter(jax.random.split(key, len(groups.head) + len(groups.cycle) + len(groups.tail)))
+    head = tuple(_fill_layer(cfg, l.kind, lc, length, next(keys))
+                 for l, lc in zip(groups.head, cache.head))
+    cycles = tuple(_fill_layer(cfg, l.kind, lc, length, next(keys))
+                   for l, lc in zip(groups.cycle, cache.cycles))
+    tail = tuple(_fill_layer(cfg, l.kind, lc, length, next(keys))
+                 for l, lc in zip(groups.tail, cache.tail))
+    return Cache(lengths=jnp.full(cache.lengths.shape, length, jnp.int32), head=head,
+                 cycles=cycles, tail=tail, max_len=cache.max_len)
+
+
+# ------------------------------------------------------------------------------ the dense arm
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DenseCache:
+    """Full-context KV cache: one [B, max_len, D] array per layer, in layer order."""
+    lengths: jax.Array                 # [B] int32
+    layers: tuple[jax.Array, ...]      # num_layers x [B, max_len, D]
+    max_len: int = dataclasses.field(metadata=dict(static=True))
+
+
+def init_dense_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> DenseCache:
+    dtype = dtype or dtype_of(cfg.dtype)
+    shape = (batch, max_len, cfg.head_dim)
+    return DenseCache(lengths=jnp.zeros((batch,), jnp.int32),
+                      layers=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+                      max_len=max_len)
+
+
+def fill_dense_cache(cache: DenseCache, length: int, seed: int = 0) -> DenseCache:
+    """Rows < length standard normal, the rest zero; lengths = length."""
+    if not 0 <= length <= cache.max_len:
+        raise BenchError(f"length={length} is invalid: must be in [0, max_len={cache.max_len}]")
+    keys = jax.random.split(jax.random.key(seed), max(len(cache.layers), 1))
+
+    def fill(a, key):
+        held = _rows_held(a.shape[-2], length)[:, None]
+        return jnp.where(held, _normal(key, a.shape, a.dtype), jnp.zeros((), a.dtype))
+    return DenseCache(lengths=jnp.full(cache.lengths.shape, length, jnp.int32),
+                      layers=tuple(fill(a, k) for a, k in zip(cache.layers, keys)),
+                      max_len=cache.max_len)
+
+
+def dense_key_positions(lengths: jax.Array, n: int) -> jax.Array:
+    """[B] position of the query -> [B, n] position of each cache row, -1 past the query."""
+    k = jnp.arange(n, dtype=jnp.int32)[None, :]
+    return jnp.where(k <= lengths[:, None], k, -1)
+
+
+def dense_attention(q: jax.Array, kv_cache: jax.Array, lengths: jax.Array, sink: jax.Array, *,
+                    scale: float) -> jax.Array:
+    """One decode query per row against a full KV cache: q [B, 1, H, D] at positions
+    lengths [B], kv_cache [B, n, D] (row p = token p, the query's own row already written)
+    -> [B, 1, H, D]. The library's cached attention with every held row in the window."""
+    n = kv_cache.shape[1]
+    return ops.cached_attention(q, lengths[:, None], kv_cache, dense_key_positions(lengths, n),
+                                sink, window=n, scale=scale)
+
+
+def _dense_layer(block, x, tokens, kv_cache, lengths):
+    """One layer of the dense arm: x [B, 1, n, d] streams -> (streams, updated kv_cache)."""
+    attn = block.attn
+    positions = lengths[:, None]
+
+    def attend(h):
+        q, _ = attn.project_queries(h, positions)
+        kv = attn.project_kv(h, positions)
+        rows = jnp.arange(kv_cache.shape[0])
+        cache = kv_cache.at[rows, lengths].set(kv[:, 0].astype(kv_cache.dtype), mode="drop")
+        o = dense_attention(q, cache, lengths, attn.sink[...], scale=attn.softmax_scale)
+        return attn.project_output(o, positions), cache
+
+    x, kv_cache = block.attention_residual(x, attend)
+    x, _ = block.ffn_residual(x, tokens)
+    return x, kv_cache
+
+
+def _blocks(model):
+    """Every Block of the model in layer order; the scanned cycle is unrolled (its stacked
+    parameters sliced per cycle), so that every layer's cache is updated in place."""
+    blocks = list(model.head_layers)
+    if model.cycles is not None:
+        graphdef, params = nnx.split(model.cycles)
+        n = jax.tree.leaves(params)[0].shape[0]
+        for i in range(n):
+            cyc = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], params))
+            blocks += list(cyc.blocks)
+    return blocks + list(model.tail_layers)
+
+
+def dense_decode_step(model, cache: DenseCache, tokens: jax.Array):
+    """tokens [B] -> (logits [B, V], cache with one more token per row). Every layer a causal
+    attention over its full KV cache; the rest of the layer is the model's own code."""
+    lengths = cache.lengths
+    tok = tokens[:, None]
+    x = model.embed_streams(tok)
+    new = []
+    for block, kc in zip(_blocks(model), cache.layers, strict=True):
+        x, kc = _dense_layer(block, x, tok, kc, lengths)
+        new.append(kc)
+    out = DenseCache(lengths=lengths + 1, layers=tuple(new), max_len=cache.max_len)
+    return model.final_logits(x)[:, 0], out
+
+
+class DenseDecoder:
+    """Jitted `dense_decode_step` over (params, cache) with the cache donated."""
+
+    def __init__(self, model):
+        self.cfg = model.cfg
+        self.graphdef, self.params = nnx.split(model)
+        self._step = jax.jit(self._step_fn, donate_argnames=("cache",))
+
+    def _step_fn(self, params, cache, tokens):
+        return dense_decode_step(nnx.merge(self.graphdef, params), cache, tokens)
+
+    def step(self, cache: DenseCache, tokens):
+        return self._step(self.params, cache, tokens)
+
+
+def dense_cache_bytes(cache: DenseCache) -> int:
+    return sum(int(a.size) * a.dtype.itemsize for a in cache.layers)
+
+
+# ------------------------------------------------------------------------------ timing
+
+def time_fn(fn, args, *, warmup: int, runs: int):
+    """Median-ready timings of jitted `fn(*args)`: compiled ahead of time, warmed up, timed."""
+    compiled = jax.jit(fn).lower(*args).compile()
+    for _ in range(warmup):
+        jax.block_until_ready(compiled(*args))
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _summary(times: list[float]) -> dict:
+    return {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times),
+            "runs_ms": [round(1e3 * t, 4) for t in times]}
+
+
+def _start(length: int, warmup: int, runs: int) -> int:
+    """Tokens held before the first (untimed) call, so that the last timed step is at L - 1."""
+    return length - (1 + warmup + runs)
+
+
+@dataclasses.dataclass
+class Arm:
+    """One arm at one context length: a donated-state step and what it is measured on."""
+    name: str
+    step: object                  # state -> (logits, state)
+    state: object                 # the cache (donated to every step)
+    cache_bytes: int
+    flops: acc.DecodeFlops
+    first_call_s: float = 0.0
+    times: list = dataclasses.field(default_factory=list)
+    logits: object = None
+
+    def call(self):
+        out, self.state = self.step(self.state)
+        jax.block_until_ready((out, self.state))
+        self.logits = out
+
+
+def arm_config(arm: str, cfg: ModelConfig, length: int) -> ModelConfig:
+    """The model config an arm runs at context `length` (for the dense arm: the one whose FLOPs
+    the accounting counts, every layer attending all `length` tokens)."""
+    if arm == "sparse":
+        return cfg
+    if arm in ("dense", "dense_ring"):
+        return dense_config(cfg, window=length)
+    raise BenchError(f"arm {arm!r} is invalid: allowed values {ARMS}")
+
+
+def empty_arm_cache(arm: str, cfg: ModelConfig, batch: int, length: int):
+    """The arm's empty cache allocated for `length` tokens."""
+    if arm == "dense":
+        return init_dense_cache(dense_config(cfg), batch, length)
+    acfg = arm_config(arm, cfg, length)
+    return init_cache(acfg, batch, length)
+
+
+def arm_cache_bytes(arm: str, cfg: ModelConfig, batch: int, length: int) -> int:
+    """Bytes of the arm's cache for `length` tokens (`lengths` excluded), from the shapes of the
+    arrays the arm allocates (`jax.eval_shape`: nothing allocated)."""
+    shapes = jax.eval_shape(lambda: empty_arm_cache(arm, cfg, batch, length))
+    if arm == "dense":
+        return dense_cache_bytes(shapes)
+    per_kind = cache_bytes(arm_config(arm, cfg, length), shapes)
+    return sum(d["state"] + d["entries"] for d in per_kind.values())
+
+
+def prepare_arm(arm: str, cfg: ModelConfig, length: int, start: int, *, batch: int,
+                seed: int = 0) -> Arm:
+    """Build the arm's model and a cache allocated for `length` tokens holding `start`."""
+    tokens = jnp.asarray(np.random.default_rng(seed).integers(0, cfg.vocab_size, batch), jnp.int32)
+    acfg = arm_config(arm, cfg, length)
+    nbytes = arm_cache_bytes(arm, cfg, batch, length)
+    flops = acc.flops_per_token(acfg, length)
+    empty = empty_arm_cache(arm, cfg, batch, length)
+    if arm == "dense":
+        dec = DenseDecoder(build_model(dense_config(cfg), seed))
+        cache = fill_dense_cache(empty, start, seed)
+        return Arm(arm, lambda c: dec.step(c, tokens), cache, nbytes, flops)
+    dec = Decoder(build_model(acfg, seed))
+    cache = fill_cache(acfg, empty, start, seed)
+    tok2, ones = tokens[:, None], jnp.ones((batch,), jnp.int32)
+    return Arm(arm, lambda c: dec.step(c, tok2, ones, logits="last"), cache, nbytes, flops)
+
+
+def bench_length(arms: list[str], cfg: ModelConfig, length: int, *, batch: int, warmup: int,
+                 runs: int, seed: int = 0) -> list[dict]:
+    """Time every arm at context `length`, interleaved: each arm makes its first call
+    (compilation + one step, excluded) and `warmup` steps, then the timed steps alternate
+    between the arms (arm a, arm b, arm a, ...) so that a loaded machine's drift hits all arms
+    alike. Every call ends with `block_until_ready`."""
+    start = _start(length, warmup, runs)
+    if start < 0:
+        raise BenchError(f"--lengths: {length} is too short for 1 + warmup {warmup} + runs {runs} "
+                         "steps")
+    prepared = []
+    for name in arms:
+        a = prepare_arm(name, cfg, length, start, batch=batch, seed=seed)
+        t0 = time.perf_counter()
+        a.call()
+        a.first_call_s = time.perf_counter() - t0
+        for _ in range(warmup):
+            a.call()
+        prepared.append(a)
+    for _ in range(runs):
+        for a in prepared:
+            t0 = time.perf_counter()
+            a.call()
+            a.times.append(time.perf_counter() - t0)
+    rows = []
+    for a in prepared:
+        f = a.flops
+        rows.append({"length": length, "arm": a.name, **_summary(a.times),
+                     "first_call_s": a.first_call_s, "positions": [start + 1 + warmup, length - 1],
+                     "cache_bytes": a.cache_bytes, "cache_bytes_per_seq": a.cache_bytes / batch,
+                     "flops": {"linear": f.linear, "attention": f.attention,
+                               "indexer": f.indexer, "total": f.total},
+                     "logits_finite": bool(np.isfinite(np.asarray(a.logits)).all())})
+        a.state = None                       # free the cache before the next length
+    return rows
+
+
+# ------------------------------------------------------------------------------ parts
+
+def part_cost(part: str, cfg: ModelConfig, length: int, batch: int) -> tuple[float, int]:
+    """(FLOPs, cache bytes read) of one part for one decode query per row at position
+    length - 1 (every earlier token held). Attention: 4*H*D per attended key (q.k and p.v, V=K);
+    indexer: 2*H_I*D_I per visible key (the accounting module's conventions)."""
+    h, d, w = cfg.num_heads, cfg.head_dim, cfg.sliding_window
+    nbytes = jnp.dtype(dtype_of(cfg.dtype)).itemsize
+    per_key = 4.0 * h * d
+    n_win = min(w, length)
+    if part == "window":
+        return batch * per_key * n_win, batch * (w + 1) * d * nbytes
+    if part == "csa_attn":
+        k = min(cfg.index_topk, length // cfg.compress_ratio_csa)
+        return batch * per_key * (n_win + k), batch * (w + 1 + k) * d * nbytes
+    if part == "hca_attn":
+        n = length // cfg.compress_ratio_hca
+        return batch * per_key * (n_win + n), batch * (w + 1 + n) * d * nbytes
+    if part == "indexer":
+        n = length // cfg.compress_ratio_csa
+        hi, di = cfg.index_n_heads, cfg.index_head_dim
+        return batch * 2.0 * hi * di * n, batch * n * di * nbytes
+    if part == "dense_attn":
+        return batch * per_key * length, batch * length * d * nbytes
+    raise BenchError(f"unknown part {part!r}; allowed: {PARTS}")
+
+
+def part_inputs(part: str, cfg: ModelConfig, length: int, batch: int, seed: int = 0):
+    """(function, args) of one attention part at context `length` on random cache-shaped
+    inputs: one decode query per row at position length - 1 with every earlier token held."""
+    if part not in PARTS:
+        raise BenchError(f"unknown part {part!r}; allowed: {PARTS}")
+    dt = dtype_of(cfg.dtype)
+    h, d, w = cfg.num_heads, cfg.head_dim, cfg.sliding_window
+    ks = iter(jax.random.split(jax.random.key(seed), 8))
+    b = batch
+    scale = d ** -0.5
+    pos = jnp.full((b,), length - 1, jnp.int32)
+    q = _normal(next(ks), (b, 1, h, d), dt)
+    sink = jnp.zeros((h,), jnp.float32)
+    ring = _normal(next(ks), (b, w + 1, d), dt)                  # ring buffer + the new row
+    ring_pos = jnp.concatenate([ops.ring_positions(pos, w), pos[:, None]], axis=1)
+    if part == "window":
+        def f(q, ring, ring_pos, sink):
+            return ops.cached_attention(q, pos[:, None], ring, ring_pos, sink, window=w,
+                                        scale=scale)
+        return f, (q, ring, ring_pos, sink)
+    if part in ("csa_attn", "hca_attn"):
+        m = cfg.ratio_of(part[:3])
+        n = length // m
+        entries = _normal(next(ks), (b, n, d), dt)
+        if part == "csa_attn":                  # k distinct visible entries, scattered
+            k = min(cfg.index_topk, n)
+            idx = jax.random.permutation(next(ks), max(n, 1))[:k]
+            topk = jnp.broadcast_to(idx.astype(jnp.int32), (b, 1, k))
+
+            def f(q, ring, ring_pos, sink, entries, topk):
+                return ops.cached_attention(q, pos[:, None], ring, ring_pos, sink, window=w,
+                                            scale=scale, entries=entries, ratio=m, topk_idx=topk)
+            return f, (q, ring, ring_pos, sink, entries, topk)
+
+        def f(q, ring, ring_pos, sink, entries):
+            return ops.cached_attention(q, pos[:, None], ring, ring_pos, sink, window=w,
+                                        scale=scale, entries=entries, ratio=m)
+        return f, (q, ring, ring_pos, sink, entries)
+    if part == "indexer":
+        m = cfg.compress_ratio_csa
+        hi, di = cfg.index_n_heads, cfg.index_head_dim
+        qi = _normal(next(ks), (b, 1, hi, di), dt)
+        wi = _normal(next(ks), (b, 1, hi), dt)
+        keys = _normal(next(ks), (b, length // m, di), dt)
+
+        def f(qi, wi, keys):
+            visible = ops.entry_visible(pos[:, None], keys.shape[1], m)
+            return select_topk(indexer_scores(qi, wi, keys, visible), cfg.index_topk)
+        return f, (qi, wi, keys)
+    kv = _normal(next(ks), (b, length, d), dt)                   # dense_attn
+
+    def f(q, kv, sink):
+        return dense_attention(q, kv, pos, sink, scale=scale)
+    return f, (q, kv, sink)
+
+
+def bench_part(part: str, cfg: ModelConfig, length: int, *, batch: int, warmup: int,
+               runs: int) -> dict:
+    fn, args = part_inputs(part, cfg, length, batch)
+    flops, nbytes = part_cost(part, cfg, length, batch)
+    times = time_fn(fn, args, warmup=warmup, runs=runs)
+    return {"length": length, "part": part, **_summary(times), "flops": flops,
+            "bytes_read": nbytes}
+
+
+def layer_counts(cfg: ModelConfig) -> dict[str, int]:
+    kinds = cfg.layer_kinds
+    return {k: sum(1 for x in kinds if x == k) for k in ("swa", "csa", "hca")}
+
+
+def attention_part_ms(parts: dict[str, float], cfg: ModelConfig, arm: str) -> float | None:
+    """Attention time of one step summed over the arm's layers from the part medians (ms)."""
+    n = layer_counts(cfg)
+    if arm == "sparse":
+        need = ("window", "csa_attn", "hca_attn", "indexer")
+        if not all(p in parts for p in need):
+            return None
+        return (n["swa"] * parts["window"] + n["csa"] * (parts["csa_attn"] + parts["indexer"])
+                + n["hca"] * parts["hca_attn"])
+    if arm == "dense" and "dense_attn" in parts:
+        return cfg.num_layers * parts["dense_attn"]
+    return None
+
+
+# ------------------------------------------------------------------------------ reporting
+
+def _git() -> dict:
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                    cwd=here, capture_output=True, text=True,
+                                    check=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        return {"git_commit": None, "git_dirty": None}
+    return {"git_commit": commit, "git_dirty": dirty}
+
+
+def _load() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def summarize(result: dict) -> dict:
+    """Per length: speedup of sparse over each dense arm and the FLOP ratio; the 64K goal."""
+    by = {(r["length"], r["arm"]): r for r in result["rows"]}
+    out = {}
+    for length in result["meta"]["lengths"]:
+        s = by.get((length, "sparse"))
+        if s is None:
+            continue
+        row = {}
+        for arm in ("dense", "dense_ring"):
+            d = by.get((length, arm))
+            if d is not None:
+                row[f"speedup_vs_{arm}"] = d["median_ms"] / s["median_ms"]
+                row[f"flop_ratio_vs_{arm}"] = d["flops"]["total"] / s["flops"]["total"]
+                row[f"cache_ratio_vs_{arm}"] = d["cache_bytes"] / s["cache_bytes"]
+        out[str(length)] = row
+    goal = out.get(str(65536), {}).get("speedup_vs_dense")
+    growth = {}
+    parts = result.get("parts", [])
+    for name in PARTS:
+        rows = sorted((p for p in parts if p["part"] == name), key=lambda p: p["length"])
+        if len(rows) >= 2:
+            lo, hi = rows[0], rows[-1]
+            growth[name] = {"from": lo["length"], "to": hi["length"],
+                            "time_ratio": hi["median_ms"] / lo["median_ms"],
+                            "flop_ratio": hi["flops"] / lo["flops"],
+                            "bytes_ratio": hi["bytes_read"] / lo["bytes_read"]}
+    return {"per_length": out, "goal_5x_at_64k": None if goal is None else goal >= 5.0,
+            "speedup_at_64k": goal, "part_growth": growth}
+
+
+def _fmt_len(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def table_cells(result: dict) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the results table: arms, speedup, ratios and parts per length."""
+    arms = result["meta"]["arms"]
+    by = {(r["length"], r["arm"]): r for r in result["rows"]}
+    parts = {(p["length"], p["part"]): p["median_ms"] for p in result.get("parts", [])}
+    part_names = [p for p in PARTS if any(k[1] == p for k in parts)]
+    summ = result["summary"]["per_length"]
+    both = "sparse" in arms and "dense" in arms
+    header = ["L"] + [f"{a} ms" for a in arms]
+    if both:
+        header += ["speedup", "FLOP ratio", "cache ratio"]
+    header += [f"{p} ms" for p in part_names]
+    rows = []
+    for length in result["meta"]["lengths"]:
+        r = [_fmt_len(length)]
+        for a in arms:
+            x = by.get((length, a))
+            r.append(f"{x['median_ms']:.2f}" if x else "-")
+        if both:
+            s = summ.get(str(length), {})
+            r += [f"{s['speedup_vs_dense']:.2f}x" if "speedup_vs_dense" in s else "-",
+                  f"{s['flop_ratio_vs_dense']:.2f}x" if "flop_ratio_vs_dense" in s else "-",
+                  f"{s['cache_ratio_vs_dense']:.1f}x" if "cache_ratio_vs_dense" in s else "-"]
+        r += [f"{parts[(length, p)]:.3f}" if (length, p) in parts else "-" for p in part_names]
+        rows.append(r)
+    return header, rows
+
+
+def table(result: dict) -> str:
+    """Fixed-width text table (see `table_cells`)."""
+    header, rows = table_cells(result)
+    widths = [max(len(x[i]) for x in [header] + rows) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(wd) for c, wd in zip(x, widths)) for x in [header] + rows]
+    lines.insert(1, "  ".join("-" * wd for wd in widths))
+    return "\n".join(lines)
+
+
+def markdown_table(result: dict) -> str:
+    """The same table in Markdown (for benchmarks/decode.md)."""
+    header, rows = table_cells(result)
+    out = ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def plot(result: dict, path: str) -> None:
+    """Log-log step time vs context for every arm, and the attention parts."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    has_parts = bool(result.get("parts"))
+    fig, axes = plt.subplots(1, 2 if has_parts else 1, figsize=(12 if has_parts else 6.5, 4.8))
+    axes = np.atleast_1d(axes)
+    styles = {"sparse": ("tab:blue", "o"), "dense": ("tab:red", "s"),
+              "dense_ring": ("tab:orange", "^")}
+    ax = axes[0]
+    for arm in result["meta"]["arms"]:
+        rows = sorted((r for r in result["rows"] if r["arm"] == arm), key=lambda r: r["length"])
+        if rows:
+            c, mk = styles[arm]
+            ax.plot([r["length"] for r in rows], [r["median_ms"] for r in rows], marker=mk,
+                    color=c, label=arm)
+    summ = result["summary"]["per_length"]
+    for length, s in summ.items():
+        if "speedup_vs_dense" in s:
+            y = next(r["median_ms"] for r in result["rows"]
+                     if r["length"] == int(length) and r["arm"] == "sparse")
+            ax.annotate(f"{s['speedup_vs_dense']:.1f}x", (int(length), y),
+                        textcoords="offset points", xytext=(0, -14), ha="center", fontsize=8)
+    meta = result["meta"]
+    ax.set(xscale="log", yscale="log", xlabel="context length L (tokens)",
+           ylabel="decode step time (ms, median)",
+           title=f"decode step, batch {meta['batch']}, {meta['dtype']}, {meta['device_kind']}")
+    ax.set_xscale("log", base=2)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    if has_parts:
+        ax = axes[1]
+        for part in PARTS:
+            rows = sorted((p for p in result["parts"] if p["part"] == part),
+                          key=lambda p: p["length"])
+            if rows:
+                ax.plot([p["length"] for p in rows], [p["median_ms"] for p in rows], marker=".",
+                        label=part)
+        ax.set(xscale="log", yscale="log", xlabel="context length L (tokens)",
+               ylabel="one layer, one query (ms, median)", title="attention parts")
+        ax.set_xscale("log", base=2)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------ driver
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise BenchError(f"{flag}={text!r} is invalid: a comma-separated list of integers")
+    if not vals:
+        raise BenchError(f"{flag}={text!r} is invalid: empty")
+    return vals
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", default=None,
+                   help="comma list of context lengths (default 1K..64K; --tiny: 64,128)")
+    p.add_argument("--arms", default="sparse,dense", help=f"comma list from {ARMS}")
+    p.add_argument("--runs", type=int, default=None, help="timed steps per arm (default 20)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps after the first call "
+                   "(default 3)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="compute and cache dtype of both arms")
+    p.add_argument("--no-parts", action="store_true", help="skip the per-part timings")
+    p.add_argument("--json", default=None, help="output JSON (default "
+                   "benchmarks/decode_<platform>.json; '-' = none)")
+    p.add_argument("--plot", default=None, help="output PNG (default: the JSON path with .png; "
+                   "'-' = none)")
+    p.add_argument("--tiny", action="store_true", help="toy model and lengths (seconds; tests)")
+    p.add_argument("--markdown", action="store_true", help="also print the table in Markdown")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    a.lengths = _int_list(a.lengths, "--lengths") if a.lengths else list(
+        TINY_LENGTHS if a.tiny else DEFAULT_LENGTHS)
+    a.arms = [x.strip() for x in a.arms.split(",") if x.strip()]
+    bad = [x for x in a.arms if x not in ARMS]
+    if bad or not a.arms:
+        raise BenchError(f"--arms={','.join(a.arms)!r} is invalid: allowed values {ARMS}")
+    if a.runs is None:
+        a.runs = 3 if a.tiny else 20
+    if a.warmup is None:
+        a.warmup = 1 if a.tiny else 3
+    if a.runs < 1:
+        raise BenchError(f"--runs={a.runs} is invalid: must be >= 1")
+    if a.warmup < 0:
+        raise BenchError(f"--warmup={a.warmup} is invalid: must be >= 0")
+    if a.batch < 1:
+        raise BenchError(f"--batch={a.batch} is invalid: must be >= 1")
+    cfg = bench_config(tiny=a.tiny, dtype=a.dtype)
+    unit = max(cfg.compress_ratio_csa, cfg.compress_ratio_hca)
+    for n in a.lengths:
+        if n < unit or n % unit:
+            raise BenchError(f"--lengths: {n} is invalid: must be a positive multiple of the "
+                             f"largest compress ratio {unit}")
+        if _start(n, a.warmup, a.runs) < 0:
+            raise BenchError(f"--lengths: {n} is too short for 1 + warmup {a.warmup} + runs "
+                             f"{a.runs} steps")
+    return a
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Run every (length, arm) and every (length, part); returns the result dict."""
+    cfg = bench_config(tiny=args.tiny, dtype=args.dtype)
+    dev = jax.devices()[0]
+    meta = {
+        "device": str(dev), "device_kind": dev.device_kind, "platform": dev.platform,
+        "cpu_count": os.cpu_count(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+        "flax": flax.__version__, "python": platform_lib.python_version(), **_git(),
+        "load_avg_start": _load(),
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([os.path.basename(sys.executable), "-m", "experiments.bench_decode"]
+                            + sys.argv[1:]),
+        "tiny": args.tiny, "lengths": args.lengths, "arms": args.arms, "runs": args.runs,
+        "warmup": args.warmup, "batch": args.batch, "dtype": args.dtype,
+        "config": {k: (list(v) if isinstance(v, tuple) else v)
+                   for k, v in cfg.to_dict().items()},
+        "layer_kinds": list(cfg.layer_kinds), "layer_counts": layer_counts(cfg),
+        "cache_fill": "random-valid: caches filled directly (no prefill), see fill_cache",
+        "dense_arm": "same model, every layer a causal attention over a full [B, L, D] KV "
+                     "cache written in place (DenseDecoder); no compressor/indexer",
+        "parts_method": "library functions jitted alone on cache-shaped random inputs, one "
+                        "decode query, one layer",
+    }
+    jobs = [("arms", n, ",".join(args.arms)) for n in args.lengths]
+    if not args.no_parts:
+        jobs += [("part", n, p) for n in args.lengths for p in PARTS]
+    rows, parts = [], []
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(jobs), desc="bench_decode", file=sys.stderr, leave=False)
+    for kind, n, name in jobs:
+        if bar is not None:
+            bar.set_postfix_str(f"{kind} {name} L={n}")
+        if kind == "arms":
+            rows += bench_length(args.arms, cfg, n, batch=args.batch, warmup=args.warmup,
+                                 runs=args.runs)
+        else:
+            parts.append(bench_part(name, cfg, n, batch=args.batch, warmup=args.warmup,
+                                    runs=args.runs))
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    meta["load_avg_end"] = _load()
+    result = {"meta": meta, "rows": rows, "parts": parts}
+    by_part = {}
+    for p in parts:
+        by_part.setdefault(p["length"], {})[p["part"]] = p["median_ms"]
+    for r in rows:
+        att = attention_part_ms(by_part.get(r["length"], {}), cfg, r["arm"])
+        if att is not None:
+            r["attention_parts_ms"] = att
+            r["other_ms"] = r["median_ms"] - att
+    result["summary"] = summarize(result)
+    return result
+
+
+def main(argv=None) -> int:
+    try:
+        args = parse_args(argv)
+    except BenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    result = run(args)
+    print(table(result))
+    if args.markdown:
+        print()
+        print(markdown_table(result))
+    s = result["summary"]
+    if s["part_growth"]:
+        g = next(iter(s["part_growth"].values()))
+        print(f"\ngrowth of each part from L={_fmt_len(g['from'])} to L={_fmt_len(g['to'])} "
+              "(time ratio / FLOP ratio / cache bytes read ratio):")
+        for name, g in s["part_growth"].items():
+            print(f"  {name:<10} {g['time_ratio']:8.2f}x {g['flop_ratio']:8.2f}x "
+                  f"{g['bytes_ratio']:8.2f}x")
+    if s["speedup_at_64k"] is not None:
+        print(f"\nspeedup at 64K: {s['speedup_at_64k']:.2f}x (goal >= 5x: "
+              f"{'met' if s['goal_5x_at_64k'] else 'not met'})")
+    m = result["meta"]
+    print(f"device {m['device_kind']} ({m['platform']}), jax {m['jax']}, load average "
+          f"{m['load_avg_start']} -> {m['load_avg_end']} on {m['cpu_count']} CPUs; caches filled "
+          "with random valid contents (no prefill)")
+    path = args.json
+    if path is None:
+        path = f"benchmarks/decode_{m['platform']}{'_tiny' if args.tiny else ''}.json"
+    if path != "-":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {path}")
+    png = args.plot if args.plot is not None else (
+        None if path == "-" else str(Path(path).with_suffix(".png")))
+    if png and png != "-":
+        plot(result, png)
+        print(f"wrote {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
