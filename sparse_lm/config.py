@@ -14,7 +14,7 @@ LAYER_KINDS = ("swa", "csa", "hca")
 ATTENTION_IMPLEMENTATIONS = ("reference", "xla", "pallas")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16")
-MOE_IMPLEMENTATIONS = ("ragged_dot", "blocked")
+MOE_IMPLEMENTATIONS = ("ragged_dot", "blocked", "grouped", "pallas", "tokamax")
 
 
 class ConfigError(ValueError):
@@ -77,7 +77,9 @@ class ModelConfig:
     routed_scaling_factor: float = 1.5
     swiglu_limit: float = 10.0
     # Routed-expert matmuls: "ragged_dot" (lax.ragged_dot) or "blocked" (padded row blocks; the
-    # faster one on XLA:CPU). Same results.
+    # faster one on XLA:CPU), or through kernels_pallas.grouped_matmul: "grouped" (the platform's
+    # choice: Pallas kernel on TPU/GPU, ragged_dot on CPU), "pallas" (the platform's Pallas
+    # kernel, interpreted on CPU), "tokamax" (optional package). Same results.
     moe_impl: str = "ragged_dot"
     # mHC.
     hc_mult: int = 4

@@ -8,7 +8,7 @@ from sparse_lm.config import ModelConfig
 from sparse_lm.model.compressor import Compressor
 from sparse_lm.model.layers import param
 from sparse_lm.ops.compress import entry_visibility
-from sparse_lm.ops.indexer import indexer_scores, select_topk
+from sparse_lm.ops.indexer import indexer_scores, select_topk, select_topk_fused
 from sparse_lm.ops.rope import apply_rope
 
 
@@ -38,6 +38,18 @@ class Indexer(nnx.Module):
         keys, valid = self.compressor(x, positions, inv_freq, segment_ids)
         visible = entry_visibility(s, self.ratio, valid, segment_ids)
         return indexer_scores(q, w, keys, visible)
+
+    def select(self, x, q_latent, positions, inv_freq, segment_ids=None, *,
+               implementation: str | None = None):
+        """Top-k indices only [B, S, min(k, N)] (the second output of `__call__`) through the
+        fused score + top-k kernels (`ops.indexer.select_topk_fused`): the [B, S, N] scores are
+        never formed. For inference and the sparse stage when the KL objective is not needed."""
+        sg = jax.lax.stop_gradient
+        x, q_latent = sg(x), sg(q_latent)
+        q, w = self.project_queries(x, q_latent, positions, inv_freq)
+        keys, valid = self.compressor(x, positions, inv_freq, segment_ids)
+        return select_topk_fused(q, w, keys, valid, self.topk, ratio=self.ratio,
+                                 segment_ids=segment_ids, implementation=implementation)
 
     def __call__(self, x, q_latent, positions, inv_freq, segment_ids=None):
         """(scores [B, S, N], top-k indices [B, S, min(k, N)] int32, -1 where fewer are visible).

@@ -29,6 +29,26 @@ def select_topk(scores: jax.Array, k: int) -> jax.Array:
     return jnp.where(jnp.isfinite(vals), idx, -1).astype(jnp.int32)
 
 
+def select_topk_fused(q: jax.Array, weights: jax.Array, keys: jax.Array, valid: jax.Array,
+                      k: int, *, ratio: int, segment_ids: jax.Array | None = None,
+                      implementation: str | None = None) -> jax.Array:
+    """`select_topk(indexer_scores(q, weights, keys, entry_visibility(S, ratio, valid,
+    segment_ids)), k)` without the [B, S, N] score matrix: the fused score + streaming top-k
+    kernels of `kernels_pallas.indexer_topk` (implementation None = Pallas on TPU/GPU, the
+    query-chunked XLA form on CPU; or "reference" / "xla" / "pallas_tpu" / "pallas_gpu").
+
+    q [B, S, Hi, Di], weights [B, S, Hi], keys [B, N, Di], valid [B, N] -> [B, S, min(k, N)]
+    int32, -1 where fewer entries are visible; same indices, same order (ties to the lower index).
+    """
+    from kernels_pallas.indexer_topk import indexer_topk
+    n = keys.shape[1]
+    k_eff = min(k, n)
+    if k_eff == 0:
+        return jnp.zeros(q.shape[:2] + (0,), jnp.int32)
+    return indexer_topk(q, weights, keys.astype(q.dtype), k=k_eff, ratio=ratio, key_valid=valid,
+                        segment_ids=segment_ids, implementation=implementation)
+
+
 def compressed_attention_mass(q: jax.Array, entries: jax.Array, lse: jax.Array,
                               visible: jax.Array, scale: float) -> jax.Array:
     """Probability the main attention puts on each compressed entry, summed over heads.

@@ -102,7 +102,53 @@ def experts_blocked(u, idx, weights, w_gate, w_up, w_down, limit: float, block: 
     return jnp.zeros((t, u.shape[-1]), jnp.float32).at[token_of].add(y).astype(dt)
 
 
-EXPERT_IMPLEMENTATIONS = {"ragged_dot": experts_dropless, "blocked": experts_blocked}
+def experts_grouped(u, idx, weights, w_gate, w_up, w_down, limit: float,
+                    implementation: str | None = None):
+    """`experts_dropless` with its three grouped matmuls taken from the kernel registry
+    (`kernels_pallas.grouped_matmul`): implementation None = the platform's choice (Pallas
+    kernel on TPU/GPU, `lax.ragged_dot` on CPU), or "ragged_dot" / "pallas_tpu" / "pallas_gpu" /
+    "tokamax". Same shapes and result as `experts_dropless`; differentiable (the Pallas kernels
+    carry their own backward grouped matmuls).
+    """
+    from kernels_pallas.grouped_matmul import grouped_matmul
+    t, k = idx.shape
+    e = w_gate.shape[0]
+    dt = u.dtype
+    flat = idx.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    token_of = order // k
+    group_sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
+    x = u[token_of]
+
+    def gmm(a, w):
+        return grouped_matmul(a, w.astype(dt), group_sizes, implementation=implementation,
+                              preferred_element_type=jnp.float32)
+
+    h = swiglu(gmm(x, w_gate), gmm(x, w_up), limit)
+    h = h * weights.reshape(-1)[order][:, None].astype(jnp.float32)
+    y = gmm(h.astype(dt), w_down)
+    return jnp.zeros((t, u.shape[-1]), jnp.float32).at[token_of].add(y).astype(dt)
+
+
+def _grouped(implementation):
+    def experts(u, idx, weights, w_gate, w_up, w_down, limit: float):
+        return experts_grouped(u, idx, weights, w_gate, w_up, w_down, limit,
+                               implementation=implementation)
+    return experts
+
+
+def _platform_pallas():
+    import jax as _jax
+    return "pallas_gpu" if _jax.default_backend() == "gpu" else "pallas_tpu"
+
+
+# "grouped": the grouped-matmul registry's platform default; "pallas": the platform's Pallas
+# kernel (TPU/GPU; interpreted on CPU: slow, for tests); "tokamax": the optional tokamax backend
+# (an error naming the package if it is not installed).
+EXPERT_IMPLEMENTATIONS = {"ragged_dot": experts_dropless, "blocked": experts_blocked,
+                          "grouped": _grouped(None),
+                          "pallas": lambda *a, **kw: _grouped(_platform_pallas())(*a, **kw),
+                          "tokamax": _grouped("tokamax")}
 
 
 def experts_dense_reference(u, idx, weights, w_gate, w_up, w_down, limit: float):
