@@ -15,6 +15,7 @@ ATTENTION_IMPLEMENTATIONS = ("reference", "xla", "pallas")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16")
 MOE_IMPLEMENTATIONS = ("ragged_dot", "blocked", "grouped", "pallas", "tokamax")
+MOE_DISPATCHES = ("local", "a2a_padded", "ragged_a2a")
 
 
 class ConfigError(ValueError):
@@ -81,6 +82,13 @@ class ModelConfig:
     # choice: Pallas kernel on TPU/GPU, ragged_dot on CPU), "pallas" (the platform's Pallas
     # kernel, interpreted on CPU), "tokamax" (optional package). Same results.
     moe_impl: str = "ragged_dot"
+    # How routed tokens reach their experts: "local" (every device computes the experts it is
+    # given; GSPMD moves weights/tokens) or expert parallelism under shard_map over the mesh's
+    # `expert` axis (sparse_lm/sharding/expert_parallel.py): "a2a_padded" (capacity-padded
+    # all-to-all, runs everywhere) or "ragged_a2a" (lax.ragged_all_to_all, TPU/GPU).
+    moe_dispatch: str = "local"
+    # Expert-parallel receive buffer in units of the tokens*k rows a device routes; 0 = no drop.
+    moe_capacity_factor: float = 0.0
     # mHC.
     hc_mult: int = 4
     hc_sinkhorn_iters: int = 20
@@ -203,6 +211,10 @@ class ModelConfig:
                   f"allowed values: {ATTENTION_IMPLEMENTATIONS + (None,)}")
         if self.moe_impl not in MOE_IMPLEMENTATIONS:
             _fail("moe_impl", self.moe_impl, f"allowed values: {MOE_IMPLEMENTATIONS}")
+        if self.moe_dispatch not in MOE_DISPATCHES:
+            _fail("moe_dispatch", self.moe_dispatch, f"allowed values: {MOE_DISPATCHES}")
+        if not self.moe_capacity_factor >= 0:
+            _fail("moe_capacity_factor", self.moe_capacity_factor, "must be >= 0 (0 = no drop)")
         if self.remat not in REMAT_POLICIES:
             _fail("remat", self.remat, f"allowed values: {REMAT_POLICIES}")
         if self.yarn and (self.yarn_factor <= 0 or self.yarn_original_max_position < 1):

@@ -15,6 +15,7 @@ from sparse_lm.ops.compress import entry_visibility
 from sparse_lm.ops.indexer import compressed_attention_mass, indexer_objective
 from sparse_lm.ops.norms import rms_norm
 from sparse_lm.ops.rope import Yarn, apply_rope, inv_frequencies
+from sparse_lm.sharding.constraints import constrain
 
 
 def rope_table(cfg: ModelConfig, kind: str) -> np.ndarray:
@@ -61,9 +62,12 @@ class Attention(nnx.Module):
         inv_freq = self.inv_freq
         q, q_latent = self.project_queries(x, positions)
         kv = self.project_kv(x, positions)
+        q = constrain(q, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
+        kv = constrain(kv, ("activation_batch", "activation_kv_length", "activation_kv"))
         entries = valid = topk = scores = None
         if self.compressor is not None:
             entries, valid = self.compressor(x, positions, inv_freq, segment_ids)
+            entries = constrain(entries, ("activation_batch", "activation_kv_length", "activation_kv"))
             if self.indexer is not None:
                 scores, topk = self.indexer(x, q_latent, positions, inv_freq, segment_ids)
         o, lse = sparse_attention(q, kv, self.sink[...], window=cfg.sliding_window,

@@ -7,6 +7,8 @@ from flax import nnx
 from sparse_lm.config import ModelConfig
 from sparse_lm.model.layers import HashTable, RouterBias, param
 from sparse_lm.ops import moe as moe_ops
+from sparse_lm.sharding import expert_parallel
+from sparse_lm.sharding.constraints import constrain
 
 
 class MoE(nnx.Module):
@@ -37,6 +39,7 @@ class MoE(nnx.Module):
         """
         cfg = self.cfg
         b, s, d = u.shape
+        u = constrain(u, ("activation_batch", "activation_length", "activation_embed"))
         flat = u.reshape(b * s, d)
         scores = moe_ops.affinities(flat, self.gate[...])
         if self.routing == "score":
@@ -44,9 +47,15 @@ class MoE(nnx.Module):
         else:
             idx = moe_ops.select_by_hash(token_ids.reshape(-1), self.tid2eid[...])
         weights = moe_ops.combine_weights(scores, idx, cfg.routed_scaling_factor)
-        experts = moe_ops.EXPERT_IMPLEMENTATIONS[cfg.moe_impl]
-        y = experts(flat, idx, weights, self.w_gate[...], self.w_up[...], self.w_down[...],
-                    cfg.swiglu_limit)
+        if cfg.moe_dispatch == "local":
+            experts = moe_ops.EXPERT_IMPLEMENTATIONS[cfg.moe_impl]
+            y = experts(flat, idx, weights, self.w_gate[...], self.w_up[...], self.w_down[...],
+                        cfg.swiglu_limit)
+        else:   # expert parallelism over the active mesh's `expert` axis
+            y = expert_parallel.dispatch(cfg.moe_dispatch, flat, idx, weights, self.w_gate[...],
+                                         self.w_up[...], self.w_down[...], limit=cfg.swiglu_limit,
+                                         moe_impl=cfg.moe_impl,
+                                         capacity_factor=cfg.moe_capacity_factor)
         if cfg.n_shared_experts:
             y = y + moe_ops.ffn(flat, self.shared_gate[...], self.shared_up[...],
                                 self.shared_down[...], cfg.swiglu_limit)

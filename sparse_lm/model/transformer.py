@@ -17,6 +17,7 @@ from sparse_lm.config import ModelConfig
 from sparse_lm.model.block import Block
 from sparse_lm.model.layers import RMSNorm, dtype_of, param
 from sparse_lm.model.mhc import HcHead
+from sparse_lm.sharding.constraints import constrain
 
 REMAT = {
     "none": None,
@@ -92,6 +93,12 @@ def _stack_cycles(cfg: ModelConfig, kinds, n: int, rngs: nnx.Rngs) -> Cycle:
     return make(rngs)
 
 
+def _streams(x):
+    """Sharding constraint on the residual streams [B, S, n, d] between blocks (no-op without
+    active sharding rules)."""
+    return constrain(x, ("activation_batch", "activation_length", "activation_hc", "activation_embed"))
+
+
 def segment_positions(segment_ids: jax.Array) -> jax.Array:
     """[B, S] segment ids -> position of each token inside its document."""
     s = segment_ids.shape[1]
@@ -138,7 +145,9 @@ class DeepseekV4(nnx.Module):
         policy = REMAT[self.cfg.remat]
 
         def body(x, layer_state):
-            return nnx.merge(graphdef, layer_state)(x, token_ids, positions, segment_ids, **static)
+            x, st = nnx.merge(graphdef, layer_state)(_streams(x), token_ids, positions, segment_ids,
+                                                     **static)
+            return _streams(x), st
         if policy is not None:
             body = jax.checkpoint(body, policy=policy)
         return jax.lax.scan(body, x, state)   # stats: [num_cycles, len(cycle), ...]
@@ -177,13 +186,15 @@ class DeepseekV4(nnx.Module):
         x = self.embed_streams(input_ids)
         stats = []
         for block in self.head_layers:
-            x, st = self._checkpointed(block, x, input_ids, positions, segment_ids, **static)
+            x, st = self._checkpointed(block, _streams(x), input_ids, positions, segment_ids, **static)
+            x = _streams(x)
             stats.append(jax.tree.map(lambda a: a[None], st))
         if self.cycles is not None:
             x, st = self._run_cycles(x, input_ids, positions, segment_ids, static)
             stats.append(jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), st))
         for block in self.tail_layers:
-            x, st = self._checkpointed(block, x, input_ids, positions, segment_ids, **static)
+            x, st = self._checkpointed(block, _streams(x), input_ids, positions, segment_ids, **static)
+            x = _streams(x)
             stats.append(jax.tree.map(lambda a: a[None], st))
         logits = self.final_logits(x)
         if not return_aux:

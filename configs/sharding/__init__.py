@@ -1,0 +1,1 @@
+"""Sharding presets: one config file per named preset (see sparse_lm/sharding/presets.py)."""

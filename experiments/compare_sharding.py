@@ -1,0 +1,127 @@
+"""Which sharding preset fits a TPU slice, and which is fastest, before spending TPU hours.
+
+    python -m experiments.compare_sharding --config=configs/v4_flash.py \
+        --presets=dp,fsdp,fsdp_tp,fsdp_ep,ep_as_cp,cp --topology=v5p-128,v6e-256 \
+        [--seq_len=4096 --batch_per_device=1 --remat=full --out=runs/compare_sharding]
+
+For every preset x topology the full train step (forward, backward, optimizer update) is
+compiled ahead of time with libtpu on this CPU host (no TPU needed) for the topology's devices,
+and a table reports per device: parameter / optimizer / activation memory and the compiler's
+peak against HBM, compiled FLOPs (loop trip counts included) against the analytic count,
+collectives by kind, and an analytic step-time estimate. Also written: <out>/compare.csv,
+<out>/compare.json and <out>/compare.png. `--measured=FILE` (JSON list of {preset, topology,
+step_time_s}) merges step times measured on hardware into the table.
+
+Presets take overrides after a colon (`fsdp_ep:expert=16`); topologies are Cloud TPU names
+(`v5p-128`, `v6e-256`, `v5e-8`; `x2` for two slices) or topology strings (`v5e:2x2`).
+How to read the table: docs/sharding.md.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/v4_flash.py",
+                                          "Model config file (get_config() with a `model` field).")
+_PRESETS = flags.DEFINE_string("presets", "dp,fsdp,fsdp_tp,fsdp_ep,ep_as_cp,cp",
+                               "Comma-separated sharding presets (name[:overrides]).")
+_TOPOLOGY = flags.DEFINE_string("topology", "v5p-128,v6e-256", "Comma-separated TPU topologies.")
+_SEQ = flags.DEFINE_integer("seq_len", 4096, "Training sequence length.")
+_BPD = flags.DEFINE_float("batch_per_device", 1.0, "Rows of seq_len per device (global batch = "
+                          "this x devices).")
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype.")
+_REMAT = flags.DEFINE_enum("remat", "full", ["none", "full", "dots", "dots_no_batch", "config"],
+                           "Rematerialization policy (config = keep the model config's).")
+_OPT = flags.DEFINE_enum("optimizer", "report", ["report", "adamw"],
+                         "report = Muon + AdamW of sparse_lm.train.optimizer; adamw = optax.adamw.")
+_DENSE = flags.DEFINE_bool("dense", False, "Compile the indexer warm-up stage (CSA dense).")
+_OUT = flags.DEFINE_string("out", "runs/compare_sharding", "Output directory.")
+_MEASURED = flags.DEFINE_string("measured", "", "JSON file of measured step times to merge.")
+_KEEP_HLO = flags.DEFINE_bool("keep_hlo", False, "Also write each compiled HLO text to <out>/hlo/.")
+
+
+def split_presets(text: str) -> list[str]:
+    """'fsdp,fsdp_ep:expert=16,dcn_data=2,cp' -> ['fsdp', 'fsdp_ep:expert=16,dcn_data=2', 'cp']
+    (a comma-separated item with '=' but no ':' continues the previous preset's overrides)."""
+    out: list[str] = []
+    for item in (s.strip() for s in text.split(",")):
+        if not item:
+            continue
+        if "=" in item and ":" not in item and out:
+            out[-1] += "," + item
+        else:
+            out.append(item)
+    return out
+
+
+def main(argv):
+    del argv
+    import jax  # noqa: F401  (after the environment is set)
+    from tqdm.auto import tqdm
+
+    from sparse_lm.config import ModelConfig
+    from sparse_lm.sharding import compare
+    from sparse_lm.sharding.mesh import ShardingError
+    from sparse_lm.sharding.presets import load_preset
+    from sparse_lm.sharding.topology import resolve_topology
+
+    d = _CONFIG.value.model.to_dict()
+    d["dtype"] = _DTYPE.value
+    d["param_dtype"] = "float32"
+    if _REMAT.value != "config":
+        d["remat"] = _REMAT.value
+    cfg = ModelConfig.from_dict(d)
+    presets = split_presets(_PRESETS.value)
+    try:
+        for p in presets:
+            load_preset(p)
+        topos = [resolve_topology(t) for t in _TOPOLOGY.value.split(",") if t.strip()]
+    except ShardingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    opts = compare.Options(seq_len=_SEQ.value, batch_per_device=_BPD.value, optimizer=_OPT.value,
+                           sparse=not _DENSE.value,
+                           keep_hlo=str(Path(_OUT.value) / "hlo") if _KEEP_HLO.value else "")
+    print(f"[compare_sharding] model: {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
+          f"{cfg.n_routed_experts} experts; seq_len {opts.seq_len}, {opts.batch_per_device:g} "
+          f"row(s)/device, dtype {cfg.dtype}, remat {cfg.remat}; optimizer: "
+          f"{'Muon + AdamW (sparse_lm.train.optimizer)' if opts.optimizer == 'report' else 'optax.adamw stand-in'}",
+          flush=True)
+    rows = []
+    t_start = time.perf_counter()
+    jobs = [(p, t) for t in topos for p in presets]
+    bar = tqdm(jobs, desc="compile", dynamic_ncols=True)
+    for p, t in bar:
+        bar.set_postfix_str(f"{p} @ {t.name}")
+        row = compare.analyze(p, t, cfg, opts)
+        rows.append(row)
+        bar.write(f"  {p} @ {t.name}: {row['status']} ({row.get('compile_s', 0):.0f} s) "
+                  f"{row.get('reason', '')}")
+    if _MEASURED.value:
+        compare.merge_measured(rows, json.loads(Path(_MEASURED.value).read_text()))
+    out = Path(_OUT.value)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"model": cfg.to_dict(), "options": vars(opts), "presets": presets,
+            "topologies": [t.name for t in topos], "wall_s": time.perf_counter() - t_start,
+            "jax": jax.__version__}
+    (out / "compare.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
+    compare.write_csv(rows, out / "compare.csv")
+    compare.plot(rows, out / "compare.png")
+    print()
+    print(compare.format_table(rows))
+    print(f"\n[compare_sharding] {len(rows)} rows in {meta['wall_s']:.0f} s; wrote {out}/compare.csv, "
+          f"compare.json, compare.png")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,346 @@
+"""Compare sharding presets on TPU topologies by compiling the train step ahead of time.
+
+For one (preset, topology) `analyze` builds the plan on the topology's abstract devices, lowers
+and compiles the full train step (forward, backward, optimizer update, router-bias update) with
+libtpu on the CPU host, and reports per device:
+
+  memory   parameters / optimizer state / buffers (from the shardings), the compiler's temp
+           (activations, gathered weights, workspace) and peak (`memory_analysis()`); fits if
+           peak <= HBM. A `RESOURCE_EXHAUSTED ... hbm` compile error becomes a "does not fit" row
+           with the required and available bytes from the compiler's message.
+  FLOPs    `cost_analysis()` (loop bodies counted once) and the same corrected for loop trip
+           counts (hlo_stats), split forward / backward / other (optimizer); the forward +
+           backward matmul FLOPs are checked against the analytic count
+           (`accounting.train_flops_per_token`, + one forward per remat recomputation).
+  comms    collectives by kind (count and bytes per step, loops counted) and their time on ICI
+           and DCN by the rules in `topology.collective_seconds`.
+  time     compute (FLOPs / peak), HBM (bytes / bandwidth) and communication estimates; the step
+           estimate assumes perfect overlap (the largest of them) and is also given without
+           overlap (their sum).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+import traceback
+from typing import Any
+
+import jax
+import numpy as np
+
+from sparse_lm.analysis import accounting
+from sparse_lm.config import ModelConfig
+from sparse_lm.sharding import hlo_stats, partition
+from sparse_lm.sharding.mesh import ShardingError, describe
+from sparse_lm.sharding.presets import load_preset
+from sparse_lm.sharding.topology import (TopologySpec, collective_seconds, resolve_topology,
+                                         topology_devices)
+
+GB = 1e9
+
+
+@dataclasses.dataclass
+class Options:
+    seq_len: int = 4096
+    batch_per_device: float = 1.0      # rows of seq_len per device (global batch = this x devices)
+    optimizer: str = "report"          # "report" (Muon + AdamW, sparse_lm.train.optimizer) | "adamw"
+    sparse: bool = True
+    keep_hlo: str = ""                 # directory to write the compiled HLO text into
+
+
+def make_tx(kind: str, schedule):
+    if kind == "report":
+        from sparse_lm.train import optimizer as opt_lib
+        return opt_lib.make_optimizer(opt_lib.OptimizerConfig(), schedule)
+    if kind == "adamw":
+        import optax
+        return optax.adamw(schedule, b1=0.9, b2=0.95, eps=1e-20, weight_decay=0.1)
+    raise ValueError(f"optimizer={kind!r} is invalid: allowed values ('report', 'adamw')")
+
+
+_OOM = re.compile(r"(?:Used|used)\s+([\d.]+)([KMGT]?)i?B?\s+of\s+([\d.]+)([KMGT]?)i?B?\s+hbm", re.I)
+_UNIT = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_oom(msg: str) -> tuple[float, float] | None:
+    """(required, available) bytes from a TPU compile-time HBM OOM message, if it is one."""
+    if "RESOURCE_EXHAUSTED" not in msg and "hbm" not in msg.lower():
+        return None
+    m = _OOM.search(msg)
+    if m:
+        return (float(m.group(1)) * _UNIT[m.group(2).upper()],
+                float(m.group(3)) * _UNIT[m.group(4).upper()])
+    if "RESOURCE_EXHAUSTED" in msg:
+        return (float("nan"), float("nan"))
+    return None
+
+
+def _tree_bytes(abstract, shardings, sizes) -> float:
+    total = 0.0
+    for x, s in zip(jax.tree.leaves(abstract),
+                    jax.tree.leaves(shardings, is_leaf=lambda v: isinstance(v, jax.sharding.Sharding))):
+        total += partition.shard_bytes(x.shape, x.dtype, s.spec, sizes)
+    return total
+
+
+def analytic_flops(cfg: ModelConfig, seq_len: int, sparse: bool) -> dict:
+    f = accounting.train_flops_per_token(cfg, seq_len, sparse=sparse)
+    recompute = {"none": 0.0}.get(cfg.remat, 1.0)       # one forward recomputation under remat
+    return {"per_token": f.total, "forward": f.forward, "expected_per_token": f.total + recompute * f.forward}
+
+
+def analyze(preset_spec: str, topo: str | TopologySpec, model_cfg: ModelConfig,
+            opts: Options = Options(), schedule=None, loss_cfg=None) -> dict[str, Any]:
+    """One row of the comparison (a dict; `status` is ok / does not fit / invalid / error)."""
+    from sparse_lm.sharding.plan import make_plan
+    from sparse_lm.train.schedule import Schedule
+    from sparse_lm.train.steps import LossConfig
+    spec = resolve_topology(topo) if isinstance(topo, str) else topo
+    chip = spec.chip
+    row: dict[str, Any] = {"preset": preset_spec, "topology": spec.name, "generation": spec.generation,
+                           "topology_str": spec.topology + (f" x{spec.slices}" if spec.slices > 1 else ""),
+                           "seq_len": opts.seq_len, "optimizer": opts.optimizer}
+    devices = topology_devices(spec)
+    n = len(devices)
+    per_chip = n / (spec.chips * spec.slices)
+    hbm = chip.hbm_bytes / per_chip
+    row.update(devices=n, hbm_gb=hbm / GB)
+    schedule = schedule or Schedule(peak_lr=1e-3, total_steps=1000)
+    loss_cfg = loss_cfg or LossConfig()
+    tx = make_tx(opts.optimizer, schedule)
+    try:
+        preset = load_preset(preset_spec)
+        plan = make_plan(preset, model_cfg, tx, devices)
+        global_batch = int(round(opts.batch_per_device * n))
+        batch = plan.batch_spec_struct(global_batch, opts.seq_len)
+    except (ShardingError, ValueError) as e:
+        row.update(status="invalid", reason=str(e))
+        return row
+    cfg = plan.model_cfg
+    sizes = plan.sizes
+    row.update(mesh=describe(plan.mesh), moe_dispatch=cfg.moe_dispatch, global_batch=global_batch,
+               tokens_per_device=global_batch * opts.seq_len / n, remat=cfg.remat, dtype=cfg.dtype)
+    abstract = plan.abstract
+    row["params_gb"] = _tree_bytes(abstract.params, plan.shardings.params, sizes) / GB
+    row["opt_gb"] = _tree_bytes(abstract.opt_state, plan.shardings.opt_state, sizes) / GB
+    row["buffers_gb"] = _tree_bytes(abstract.buffers, plan.shardings.buffers, sizes) / GB
+    rep = partition.replication_report(abstract.params, sizes, preset.rules)
+    row["replicated_frac"] = rep["replicated_fraction"]
+    step = plan.train_step(schedule, loss_cfg, sparse=opts.sparse, donate=True)
+    t0 = time.perf_counter()
+    try:
+        lowered = step.lower(plan.abstract_state(), batch)
+        row["lower_s"] = time.perf_counter() - t0
+        compiled = lowered.compile()
+    except Exception as e:       # noqa: BLE001 - every compile failure becomes a row
+        msg = str(e)
+        row["compile_s"] = time.perf_counter() - t0
+        oom = parse_oom(msg)
+        if oom is not None:
+            row.update(status="does not fit", fits=False, required_gb=oom[0] / GB,
+                       available_gb=oom[1] / GB)
+            row["reason"] = explain(row)
+        else:
+            row.update(status="error", reason=msg.splitlines()[0][:300] if msg else repr(e),
+                       traceback=traceback.format_exc()[-2000:])
+        return row
+    row["compile_s"] = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    arg, out, alias, temp = (float(getattr(mem, k, 0) or 0) for k in (
+        "argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes"))
+    peak = float(getattr(mem, "peak_memory_in_bytes", 0) or 0) or (arg + out - alias + temp)
+    row.update(status="ok", argument_gb=arg / GB, temp_gb=temp / GB, peak_gb=peak / GB,
+               fits=peak <= hbm, required_gb=peak / GB, available_gb=hbm / GB)
+    if not row["fits"]:
+        row["status"] = "does not fit"
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    text = compiled.as_text()
+    if opts.keep_hlo:
+        import pathlib
+        p = pathlib.Path(opts.keep_hlo)
+        p.mkdir(parents=True, exist_ok=True)
+        (p / f"{_slug(preset_spec)}__{_slug(spec.name)}.hlo.txt").write_text(text)
+    hs = hlo_stats.summarize(text, n)
+    del text
+    raw_flops = float(cost.get("flops", 0.0))
+    raw_bytes = float(cost.get("bytes accessed", 0.0))
+    row["flops_raw"] = raw_flops
+    row["flops"] = raw_flops + hs.matmul_flops - hs.matmul_flops_once
+    row["bytes_hbm"] = raw_bytes + hs.bytes - hs.bytes_once
+    row["flops_forward"] = hs.flops.get("forward", 0.0)
+    row["flops_backward"] = hs.flops.get("backward", 0.0)
+    row["flops_other"] = hs.flops.get("other", 0.0)
+    row["unknown_loops"] = len(hs.unknown_loops)
+    an = analytic_flops(cfg, opts.seq_len, opts.sparse)
+    expected = an["expected_per_token"] * row["tokens_per_device"]
+    row["flops_model_analytic"] = expected
+    model = row["flops_forward"] + row["flops_backward"]
+    row["flops_ratio"] = model / expected if expected else float("nan")
+    # Communication.
+    t_ici = t_dcn = 0.0
+    by_kind: dict[str, dict] = {}
+    flat = list(plan.mesh.devices.flat)
+    for c in hs.collectives:
+        t, link = collective_seconds(c.kind, c.bytes, c.groups[0] if c.groups else None,
+                                     c.group_size, flat, chip)
+        d = by_kind.setdefault(c.kind, {"count": 0.0, "bytes": 0.0, "seconds": 0.0})
+        d["count"] += c.count
+        d["bytes"] += c.bytes * c.count
+        d["seconds"] += t * c.count
+        if link == "dcn":
+            t_dcn += t * c.count
+        else:
+            t_ici += t * c.count
+    row["collectives"] = by_kind
+    row["comm_gb"] = sum(d["bytes"] for d in by_kind.values()) / GB
+    row["t_compute_s"] = row["flops"] / chip.peak_flops * per_chip
+    row["t_hbm_s"] = row["bytes_hbm"] / chip.hbm_bw * per_chip
+    row["t_ici_s"] = t_ici
+    row["t_dcn_s"] = t_dcn
+    parts = {"compute": row["t_compute_s"], "hbm": row["t_hbm_s"], "ici": t_ici, "dcn": t_dcn}
+    row["bound"] = max(parts, key=parts.get)
+    row["est_step_s"] = max(parts.values())
+    row["est_step_serial_s"] = max(row["t_compute_s"], row["t_hbm_s"]) + t_ici + t_dcn
+    tokens = global_batch * opts.seq_len
+    row["est_tokens_per_s"] = tokens / row["est_step_s"] if row["est_step_s"] else float("nan")
+    row["est_mfu"] = (an["per_token"] * tokens / row["est_step_s"] / (chip.peak_flops * n / per_chip)
+                      if row["est_step_s"] else float("nan"))
+    row["reason"] = explain(row)
+    return row
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^\w.=-]+", "_", s)
+
+
+def explain(row: dict) -> str:
+    """A one-line why for a row, from its numbers."""
+    state = row.get("params_gb", 0) + row.get("opt_gb", 0) + row.get("buffers_gb", 0)
+    hbm = row.get("available_gb") or row.get("hbm_gb") or 0
+    if row.get("status") == "does not fit":
+        need = row.get("required_gb", float("nan"))
+        if state > hbm:
+            return (f"parameters + optimizer state alone are {state:.1f} GB/device "
+                    f"(> {hbm:.1f} GB HBM): the preset does not shard them enough")
+        return (f"needs {need:.1f} GB/device of {hbm:.1f} GB: state {state:.1f} GB fits, the rest "
+                f"is activations / gathered weights / workspace")
+    if row.get("status") != "ok":
+        return row.get("reason", "")
+    bound = row.get("bound", "")
+    top = max(row.get("collectives", {}).items(), key=lambda kv: kv[1]["seconds"], default=None)
+    comm = f"; largest collective: {top[0]} ({top[1]['bytes'] / GB:.1f} GB/step)" if top else ""
+    return (f"fits ({row['peak_gb']:.1f} of {hbm:.1f} GB; state {state:.1f} GB); "
+            f"{bound}-bound{comm}")
+
+
+# ----------------------------------------------------------------------------- output
+COLUMNS = [("preset", "preset", "{}"), ("topology", "topology", "{}"), ("mesh", "mesh", "{}"),
+           ("status", "status", "{}"), ("peak_gb", "peak GB", "{:.1f}"), ("hbm_gb", "HBM GB", "{:.1f}"),
+           ("params_gb", "param GB", "{:.2f}"), ("opt_gb", "opt GB", "{:.2f}"),
+           ("temp_gb", "temp GB", "{:.1f}"), ("flops", "TFLOP/dev", "{:.1f}", 1e-12),
+           ("flops_ratio", "model/analytic", "{:.2f}"), ("comm_gb", "comm GB", "{:.1f}"),
+           ("t_compute_s", "compute s", "{:.2f}"), ("t_ici_s", "ICI s", "{:.2f}"),
+           ("t_dcn_s", "DCN s", "{:.2f}"), ("est_step_s", "est step s", "{:.2f}"),
+           ("est_mfu", "est MFU", "{:.0%}"), ("measured_step_s", "measured s", "{:.2f}"),
+           ("compile_s", "compile s", "{:.0f}")]
+
+
+def _cell(row, col) -> str:
+    key, _, fmt = col[:3]
+    v = row.get(key)
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if len(col) > 3:
+        v = v * col[3]
+    try:
+        return fmt.format(v)
+    except (ValueError, TypeError):
+        return str(v)
+
+
+def format_table(rows: list[dict]) -> str:
+    cols = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+    cells = [[c[1] for c in cols]] + [[_cell(r, c) for c in cols] for r in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(cols))]
+    lines = ["  ".join(v.rjust(w) if j > 3 else v.ljust(w) for j, (v, w) in enumerate(zip(line, widths)))
+             for line in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append("")
+    lines.extend(f"{r['preset']} @ {r['topology']}: {r.get('reason', '')}" for r in rows)
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[dict], path) -> None:
+    import csv
+    keys = []
+    for r in rows:
+        for k in r:
+            if k not in keys and k not in ("collectives", "traceback"):
+                keys.append(k)
+    kinds = sorted({k for r in rows for k in r.get("collectives", {})})
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(keys + [f"{k}_{m}" for k in kinds for m in ("count", "gb", "s")])
+        for r in rows:
+            c = r.get("collectives", {})
+            w.writerow([r.get(k, "") for k in keys]
+                       + [x for k in kinds for x in (c.get(k, {}).get("count", ""),
+                                                      c.get(k, {}).get("bytes", 0) / GB if k in c else "",
+                                                      c.get(k, {}).get("seconds", ""))])
+
+
+def plot(rows: list[dict], path) -> None:
+    """Two panels per topology: peak memory per device against HBM, and the step estimate
+    split into compute and communication."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    topos = list(dict.fromkeys(r["topology"] for r in rows))
+    fig, axes = plt.subplots(2, len(topos), figsize=(5.5 * len(topos), 8), squeeze=False)
+    for j, t in enumerate(topos):
+        rs = [r for r in rows if r["topology"] == t]
+        names = [r["preset"] for r in rs]
+        x = np.arange(len(rs))
+        ax = axes[0, j]
+        need = [r.get("required_gb") or r.get("peak_gb") or 0 for r in rs]
+        state = [r.get("params_gb", 0) + r.get("opt_gb", 0) for r in rs]
+        ax.bar(x, need, color=["tab:blue" if r.get("fits") else "tab:red" for r in rs],
+               label="peak (red: does not fit)")
+        ax.bar(x, state, color="none", edgecolor="black", hatch="//", label="params + optimizer")
+        hbm = next((r["hbm_gb"] for r in rs if r.get("hbm_gb")), None)
+        if hbm:
+            ax.axhline(hbm, color="k", ls="--", label=f"HBM {hbm:.0f} GB")
+        ax.set_yscale("log")
+        ax.set_xticks(x, names, rotation=30, ha="right")
+        ax.set_ylabel("GB per device")
+        ax.set_title(f"{t}: memory")
+        ax.legend(fontsize=7)
+        ax = axes[1, j]
+        comp = [r.get("t_compute_s", 0) or 0 for r in rs]
+        comm = [(r.get("t_ici_s", 0) or 0) + (r.get("t_dcn_s", 0) or 0) for r in rs]
+        ax.bar(x - 0.2, comp, 0.4, label="compute")
+        ax.bar(x + 0.2, comm, 0.4, label="ICI + DCN")
+        for i, r in enumerate(rs):
+            if r.get("measured_step_s"):
+                ax.plot([i], [r["measured_step_s"]], "k*", ms=10)
+        ax.set_xticks(x, names, rotation=30, ha="right")
+        ax.set_ylabel("seconds per step (estimate)")
+        ax.set_title(f"{t}: step time")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def merge_measured(rows: list[dict], measured: list[dict]) -> None:
+    """Add `measured_step_s` from hardware runs ({preset, topology, step_time_s} records)."""
+    table = {(m["preset"], m["topology"]): float(m["step_time_s"]) for m in measured}
+    for r in rows:
+        v = table.get((r["preset"], r["topology"]))
+        if v is not None:
+            r["measured_step_s"] = v
+            if r.get("est_step_s"):
+                r["measured_over_estimate"] = v / r["est_step_s"]

@@ -1,0 +1,74 @@
+"""Activation sharding constraints by logical names, active only inside `use_rules(mesh, rules)`.
+
+The model calls `constrain(x, ("activation_batch", "activation_length", "activation_embed"))`
+at a few points (block input/output, attention q/kv, MoE input). Outside a `use_rules` context
+(single-device runs, decoding, tests of the model core) it returns x unchanged, so the model
+code does not depend on sharding.
+
+`use_rules` is entered while a step is traced (`steps.shard_step` wraps the traced function in
+it), so the constraints end up in the compiled program whatever context the caller is in.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+from typing import Sequence
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from sparse_lm.sharding.mesh import axis_sizes
+from sparse_lm.sharding.rules import Rules, spec_for
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingContext:
+    mesh: Mesh
+    rules: Rules
+    moe_dispatch: str = ""            # dispatcher override of the active preset ("" = model's)
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return axis_sizes(self.mesh)
+
+
+_ACTIVE: contextvars.ContextVar[ShardingContext | None] = contextvars.ContextVar(
+    "sparse_lm_sharding", default=None)
+
+
+@contextlib.contextmanager
+def use_rules(mesh: Mesh, rules: Rules, moe_dispatch: str = ""):
+    """Make `mesh` + `rules` the active sharding context (constraints, EP dispatchers)."""
+    token = _ACTIVE.set(ShardingContext(mesh, tuple(rules), moe_dispatch))
+    try:
+        yield _ACTIVE.get()
+    finally:
+        _ACTIVE.reset(token)
+
+
+def active() -> ShardingContext | None:
+    return _ACTIVE.get()
+
+
+def spec(names: Sequence[str | None], shape: Sequence[int] | None = None) -> PartitionSpec | None:
+    """The PartitionSpec the active rules give `names` (None without an active context)."""
+    ctx = _ACTIVE.get()
+    if ctx is None:
+        return None
+    return spec_for(names, shape, ctx.sizes, ctx.rules)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """`with_sharding_constraint(x, rules(names))` inside `use_rules`, else x unchanged.
+
+    names: one logical name (or None) per dimension of x.
+    """
+    ctx = _ACTIVE.get()
+    if ctx is None:
+        return x
+    if len(names) != x.ndim:
+        raise ValueError(f"constrain: {len(names)} logical names {tuple(names)} for an array of "
+                         f"rank {x.ndim} (shape {x.shape})")
+    p = spec_for(names, x.shape, ctx.sizes, ctx.rules)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(ctx.mesh, p))

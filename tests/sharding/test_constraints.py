@@ -1,0 +1,55 @@
+"""Activation constraints are a no-op outside a rules context and follow the rules inside it;
+the model config validates the dispatcher fields; meshes use Auto axes and the ICI x DCN split."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import AxisType, PartitionSpec as P
+
+from sparse_lm.config import ConfigError
+from sparse_lm.sharding import constraints
+from sparse_lm.sharding.mesh import make_mesh
+from sparse_lm.sharding.presets import load_preset
+from tests.conftest import tiny_config
+from tests.sharding.helpers import run_worker
+
+
+def test_constrain_is_identity_without_rules():
+    x = jnp.ones((2, 4, 8))
+    assert constraints.constrain(x, ("activation_batch", "activation_length", "activation_embed")) is x
+    assert constraints.spec(("activation_batch",)) is None
+
+
+def test_constrain_follows_the_active_rules():
+    preset = load_preset("cp")
+    mesh = make_mesh({}, devices=jax.devices()[:1])
+    with constraints.use_rules(mesh, preset.rules):
+        assert constraints.active().mesh is mesh
+        assert constraints.spec(("activation_batch", "activation_length")) == P()   # all size 1
+        lowered = jax.jit(lambda x: constraints.constrain(x, ("activation_batch", None)) * 2).lower(
+            jnp.ones((2, 3)))
+        assert "sharding" in lowered.as_text()
+        with pytest.raises(ValueError, match="2 logical names"):
+            constraints.constrain(jnp.ones((2, 3, 4)), ("activation_batch", None))
+    assert constraints.active() is None
+
+
+def test_meshes_have_auto_axes():
+    mesh = make_mesh({"fsdp": -1})
+    assert all(t == AxisType.Auto for t in mesh.axis_types)
+
+
+def test_moe_dispatch_config_validation():
+    assert tiny_config().moe_dispatch == "local"
+    with pytest.raises(ConfigError, match="allowed values: \\('local', 'a2a_padded', 'ragged_a2a'\\)"):
+        tiny_config(moe_dispatch="alltoall")
+    with pytest.raises(ConfigError, match="moe_capacity_factor"):
+        tiny_config(moe_capacity_factor=-1.0)
+
+
+def test_two_slices_put_the_dcn_factor_on_the_outer_axis():
+    r = run_worker("mesh_slices", devices=8, timeout=300)
+    assert r["shape"] == {"data": 2, "fsdp": 4, "tensor": 1, "expert": 1, "context": 1}
+    assert r["slice_of_data_row"] == [[1], [0]] or r["slice_of_data_row"] == [[0], [1]]
+    assert all(t.endswith("Auto") for t in r["axis_types"])
