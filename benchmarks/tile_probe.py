@@ -27,7 +27,7 @@ BSA_VARIANTS = {
     "default": None,
     "dq64rows": BlockSizes(block_q=1, block_kv=64, block_kv_dq=32, block_kv_dkv=32, num_warps=8,
                            num_stages=1, block_rows=64, block_rows_dq=64, block_rows_dkv=32),
-    "bwd_k64": BlockSizes(block_q=1, block_kv=64, num_warps=8, num_stages=1, block_rows=64,
+    "k64all": BlockSizes(block_q=1, block_kv=64, num_warps=8, num_stages=1, block_rows=64,
                           block_rows_dq=32, block_rows_dkv=32),
     "dkv16rows_k64": BlockSizes(block_q=1, block_kv=64, block_kv_dq=32, num_warps=8,
                                 num_stages=1, block_rows=64, block_rows_dq=32,
@@ -38,12 +38,12 @@ BSA_VARIANTS = {
                               num_warps=8, num_stages=1, block_rows=64, block_rows_dq=32,
                               block_rows_dkv=32),
 }
-CSA_VARIANTS = {
+CSA_VARIANTS = {   # every variant's backward keeps the 32-head x 32-row tiles that fit
     "default": None,
-    "k32_w4": SparseAttentionConfig(block_k=32, num_warps=4),
-    "k64_w8": SparseAttentionConfig(block_k=64, num_warps=8),
-    "k128_w8": SparseAttentionConfig(block_k=128, num_warps=8),
-    "bwd32heads": SparseAttentionConfig(block_k=64, num_warps=4, bwd_heads=32),
+    "w8": SparseAttentionConfig(block_k=64, num_warps=8, bwd_block_k=32, bwd_heads=32),
+    "fwd_k32": SparseAttentionConfig(block_k=32, bwd_block_k=32, bwd_heads=32),
+    "fwd_k128_w8": SparseAttentionConfig(block_k=128, num_warps=8, bwd_block_k=32,
+                                         bwd_heads=32),
 }
 
 

@@ -2,6 +2,7 @@
 # GPU checks the lead runs on the GPU machine (JAX 0.11.2 + CUDA + Triton there):
 #     bash tools/gpu_check.sh            # every section
 #     bash tools/gpu_check.sh csa        # only the named sections
+#     bash tools/gpu_check.sh tests bench   # both kernels' compiled tests, then the full benchmark
 # Each kernel owns one section (a function below); add yours to SECTIONS. Compiled, not
 # interpreted: JAX_PLATFORMS=cuda. Logs go to $OUT (the device tool's output folder) or
 # ./gpu_check_out. Exit status: non-zero if any section failed.
@@ -70,7 +71,40 @@ block_sparse() {
   return "$rc"
 }
 
-SECTIONS=(csa block_sparse)
+# --- Both kernels' compiled tests in one pytest process (no benchmark) --------------------------
+tests() {
+  if [ "$JAX_PLATFORMS" != cpu ] && ! "$PYTHON" -c 'import jax, sys; sys.exit(not any(
+      d.platform == "gpu" for d in jax.devices()))' 2>/dev/null; then
+    echo "no GPU visible to JAX (JAX_PLATFORMS=$JAX_PLATFORMS): the compiled tests would only skip"
+    return 1
+  fi
+  "$PYTHON" -m pytest -q -p no:cacheprovider --noconftest -rs --durations=5 \
+    tests/kernels/test_sparse_attention_gpu.py tests/kernels/test_block_sparse_attention_gpu.py \
+    2>&1 | tee "$LOG_DIR/tests_pytest.log"
+  return "${PIPESTATUS[0]}"
+}
+
+# --- The whole attention benchmark, every arm, dense_core once per S ----------------------------
+# BENCH_SEQ (8K,32K) at BENCH_RUNS (20) with the cuDNN check, then BENCH_LONG_SEQ (128K) at
+# BENCH_LONG_RUNS (5) after 1 warm-up: dense_core at 128K takes seconds per call (S^2), so 20
+# runs there cost minutes of device time. BENCH_PRESET: flash (default) or pro. The tables land
+# in $LOG_DIR as bench_<preset>_main.json and bench_<preset>_long.json.
+bench() {
+  local preset=${BENCH_PRESET:-flash} rc=0
+  "$PYTHON" -m experiments.bench_attention --preset "$preset" --seq "${BENCH_SEQ:-8192,32768}" \
+    --runs "${BENCH_RUNS:-20}" --cudnn-check --json "$LOG_DIR/bench_${preset}_main.json" 2>&1 \
+    | tr '\r' '\n' | grep -v '^bench_attention' | tee "$LOG_DIR/bench_${preset}_main.log"
+  rc=${PIPESTATUS[0]}
+  if [ -n "${BENCH_LONG_SEQ-131072}" ]; then
+    "$PYTHON" -m experiments.bench_attention --preset "$preset" --seq "${BENCH_LONG_SEQ-131072}" \
+      --runs "${BENCH_LONG_RUNS:-5}" --warmup 1 --json "$LOG_DIR/bench_${preset}_long.json" 2>&1 \
+      | tr '\r' '\n' | grep -v '^bench_attention' | tee "$LOG_DIR/bench_${preset}_long.log"
+    rc=$(( rc || PIPESTATUS[0] ))
+  fi
+  return "$rc"
+}
+
+SECTIONS=(csa block_sparse)   # `tests` and `bench` run only when named: bash tools/gpu_check.sh tests bench
 
 main() {
   local wanted=("$@") failed=()

@@ -3,15 +3,17 @@
 One program per (batch, query): the query's H heads are the rows (M) of every matmul, which is
 what makes a token-level gather worth it (FlashMLA's layout): each gathered KV row is used by
 all H heads. The program
-  * loads its window as one contiguous [Wb, D] tile (kv is front-padded by Wb = next_pow2(W)
-    rows, so the tile never starts before row 0; positions outside the window are masked);
+  * loads its window, a contiguous [Wb, D] slab, in sub-tiles of min(Wb, block_k) rows (kv is
+    front-padded by Wb = next_pow2(W) rows, so the slab never starts before row 0; positions
+    outside the window are masked);
   * walks its top-k list `block_k` entries at a time, gathering the listed compressed rows with
     a masked pointer gather (-1 = none: masked load, masked logit; the address 0 is never used
     as a valid entry);
   * keeps an online softmax in fp32 registers whose running max starts at the sink logit.
-The backward recomputes the probabilities from the saved lse, writes dq, and adds the dK rows
+The backward (one program per query and group of `bwd_heads` heads, `bwd_block_k` rows per
+step) recomputes the probabilities from the saved lse, writes dq, and adds the dK rows
 (V = K, so value and key paths add up) into fp32 accumulators with atomics: the window rows of
-dkv as one [Wb, D] tile, the gathered rows of dcompressed as a [block_k, D] scatter whose -1
+dkv tile by tile, the gathered rows of dcompressed as a [block_k, D] scatter whose -1
 slots point at a trash row N that is dropped afterwards.
 
 Interpret mode (CPU) runs the same kernels; only the atomic scatter of gathered rows is issued
@@ -19,6 +21,7 @@ row by row there, because the interpreter's vector atomic loses duplicate update
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -49,8 +52,9 @@ class _Layout:
         # Window tile rows: a power of two, and >= 16 because a bf16 tl.dot needs K >= 16 (with
         # an 8-row tile the compiled bf16 kernel counted the window twice; fp32 was unaffected).
         self.wb = max(16, next_pow2(window))
-        # The backward walks the window in sub-tiles: q, dout and a [128, 512] bf16 window tile
-        # together need 256 KiB of shared memory, over the H100's 227 KiB.
+        # Both kernels walk the window in sub-tiles of wt rows: q, dout and a [128, 512] bf16
+        # window tile together needed 256 KiB of shared memory in the backward (the H100 has
+        # 227 KiB), and at 128 heads q and the whole window tile need 256 KiB in the forward.
         self.wt = min(self.wb, self.bk)
         self.window = window
         # Heads per backward program (cfg.bwd_heads; None = all): ng programs per query.
@@ -117,8 +121,9 @@ def _fwd_kernel(*refs, lay, scale, has_seg):
 
     m0 = compat.triton_load(sink_ref).astype(jnp.float32)                # sink opens the softmax
     carry = (m0, jnp.ones_like(m0), jnp.zeros((lay.h, lay.d), jnp.float32))
-    keys, valid = _window(lay, b, t, kv_ref, seg_ref)
-    carry = update(carry, compat.triton_dot(qi, keys, trans_b=True) * scale, valid, keys)
+    for start in range(0, lay.wb, lay.wt):   # window in sub-tiles (shared memory, see _Layout)
+        keys, valid = _window(lay, b, t, kv_ref, seg_ref, start, lay.wt)
+        carry = update(carry, compat.triton_dot(qi, keys, trans_b=True) * scale, valid, keys)
 
     def body(c, carry):
         rows, valid, _ = _chunk(lay, b, t, c, idx_ref, c_ref)
@@ -207,6 +212,8 @@ def _bwd_kernel(*refs, lay, scale, has_seg, interpret):
 def csa_bwd_gpu(q, kv, compressed, topk_idx, sink, out, lse, dout, *, window, scale,
                 segment_ids, cfg: SparseAttentionConfig, interpret: bool, dlse=None):
     """Gradients (dq, dkv, dcompressed, dsink) of `csa_fwd_gpu` (fp32 atomic accumulation)."""
+    if cfg.bwd_block_k is not None:
+        cfg = dataclasses.replace(cfg, block_k=cfg.bwd_block_k)
     lay = _Layout(q.shape, topk_idx.shape[-1], compressed.shape[1], window, cfg)
     kvp, idx, segp = _prepare(lay, kv, topk_idx, segment_ids)
     has_seg = segp is not None

@@ -96,12 +96,14 @@ def test_all_queries_share_duplicated_entries(impl):
 
 
 def test_gpu_backward_in_head_groups():
-    """bwd_heads=2 of 4 heads: the GPU backward runs two programs per query (its q / dout tiles
-    halved); dq per group and dK summed over the groups equal the reference (packed documents,
-    shared duplicated entries)."""
+    """bwd_heads=2 of 4 heads and bwd_block_k=2 (forward block_k=4): the GPU backward runs two
+    programs per query (its q / dout tiles halved) over its own chunking of the list and window;
+    dq per group and dK summed over the groups equal the reference (packed documents, shared
+    duplicated entries)."""
     shape = dict(b=2, s=12, h=4, d=8, n=4, k=6)
     idx = jnp.broadcast_to(jnp.array([0, 0, 2, -1, 2, 3], jnp.int32), (2, 12, 6))
-    _check("pallas_gpu", shape, 3, [5, 7], SparseAttentionConfig(block_k=4, bwd_heads=2),
+    _check("pallas_gpu", shape, 3, [5, 7], SparseAttentionConfig(block_k=4, bwd_heads=2,
+                                                             bwd_block_k=2),
            jnp.float32, idx=idx)
 
 
