@@ -161,9 +161,12 @@ def csa_data(s: int, sh: Shapes, dtype, seed: int = 1):
     j = jnp.arange(k)[None, :]
     spread = jnp.floor((j + 0.5) * (vis / k)).astype(jnp.int32)
     idx = jnp.where(vis >= k, spread, jnp.where(j < vis, j, -1)).astype(jnp.int32)
-    return {"cq": jax.random.normal(ks[0], (b, s, sh.heads, sh.head_dim), jnp.float32).astype(dtype),
-            "ckv": jax.random.normal(ks[1], (b, s, sh.head_dim), jnp.float32).astype(dtype),
-            "comp": jax.random.normal(ks[2], (b, max(n, 1), sh.head_dim), jnp.float32).astype(dtype),
+    def nrm(key, shape):
+        return jax.random.normal(key, shape, jnp.float32).astype(dtype)
+
+    return {"cq": nrm(ks[0], (b, s, sh.heads, sh.head_dim)),
+            "ckv": nrm(ks[1], (b, s, sh.head_dim)),
+            "comp": nrm(ks[2], (b, max(n, 1), sh.head_dim)),
             "idx": jnp.broadcast_to(idx, (b, s, k)),
             "sink": jnp.zeros((sh.heads,), jnp.float32)}
 

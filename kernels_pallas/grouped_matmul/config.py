@@ -35,7 +35,8 @@ class GroupedMatmulConfig:
         for name in ("block_m", "block_k", "block_n", "num_warps", "num_stages"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"GroupedMatmulConfig.{name}={v!r} is invalid: must be an int >= 1")
+                raise ValueError(f"GroupedMatmulConfig.{name}={v!r} is invalid: must be an "
+                                 "int >= 1")
         if self.block_m % 8:
             raise ValueError(f"GroupedMatmulConfig.block_m={self.block_m} is invalid: must be a "
                              "multiple of 8 (sublane tile)")

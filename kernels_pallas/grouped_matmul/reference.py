@@ -23,7 +23,8 @@ def grouped_transposed(lhs, dout, group_sizes, num_groups: int, *, out_dtype=Non
     ends = jnp.cumsum(group_sizes)
     starts = ends - group_sizes
     rows = jnp.arange(m)
-    onehot = ((rows[None, :] >= starts[:, None]) & (rows[None, :] < ends[:, None])).astype(jnp.float32)
+    onehot = ((rows[None, :] >= starts[:, None])
+              & (rows[None, :] < ends[:, None])).astype(jnp.float32)
     out = jnp.einsum("gm,mk,mn->gkn", onehot, lhs.astype(jnp.float32), dout.astype(jnp.float32),
                      precision=jax.lax.Precision.HIGHEST)
     return out.astype(out_dtype or lhs.dtype)

@@ -1,4 +1,4 @@
-"""Block sizes of the fused indexer score + top-k kernels: a frozen dataclass, validated up front."""
+"""Block sizes of the fused indexer score + top-k kernels (a frozen dataclass, validated)."""
 from __future__ import annotations
 
 import dataclasses

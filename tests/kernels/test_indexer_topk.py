@@ -22,7 +22,7 @@ KERNELS = {"pallas_tpu": IndexerTopkConfig(block_q=8),
 
 
 def _int_inputs(seed, b, s, h, d, n, dtype=jnp.float32):
-    """Small integers: every product and sum is exact in fp32, ReLU zeros and equal scores abound."""
+    """Small integers: products and sums are exact in fp32; ReLU zeros and ties abound."""
     rng = np.random.default_rng(seed)
     q = jnp.asarray(rng.integers(-2, 3, size=(b, s, h, d)), jnp.float32).astype(dtype)
     w = jnp.asarray(rng.integers(-2, 3, size=(b, s, h)) * 0.5, jnp.float32)
@@ -202,3 +202,19 @@ def test_bad_input_is_refused_with_clear_errors():
         IndexerTopkConfig().validate_for("tpu", compiled=True, k=2, heads=16, dim=8)
     with pytest.raises(ValueError, match="block_q=8 x Hi=3 is unsupported"):
         IndexerTopkConfig().validate_for("gpu", compiled=True, k=2, heads=3, dim=16)
+
+
+@pytest.mark.parametrize("impl", list(KERNELS))
+def test_max_score_probe_is_the_best_visible_score(impl):
+    """`indexer_max_score` (the benchmark's scoring-only pass) is the row max of the naive
+    scores, -inf for queries that see nothing."""
+    from kernels_pallas.indexer_topk import indexer_max_score
+    q, w, keys, kw = _case_inputs("packed_documents")
+    got = indexer_max_score(q, w, keys, ratio=kw["ratio"], key_valid=kw["key_valid"],
+                            segment_ids=kw["segment_ids"], implementation=impl,
+                            config=KERNELS[impl])
+    want = indexer_topk_reference(q, w, keys, **dict(kw, k=1))[1][..., 0]
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert np.any(np.isinf(np.asarray(want))) and np.any(np.isfinite(np.asarray(want)))
+    with pytest.raises(ValueError, match="invalid for indexer_max_score"):
+        indexer_max_score(q, w, keys, ratio=4, implementation="xla")
