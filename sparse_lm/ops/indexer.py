@@ -83,3 +83,56 @@ def indexer_objective(scores: jax.Array, mass: jax.Array, visible: jax.Array,
     count = jnp.maximum(jnp.sum(has), 1)
     return (jnp.sum(jnp.where(has, kl_rows, 0.0)) / count,
             jnp.sum(jnp.where(has, recall_rows, 0.0)) / count)
+
+
+def indexer_objective_chunked(q: jax.Array, weights: jax.Array, keys: jax.Array,
+                              q_attn: jax.Array, entries: jax.Array, lse: jax.Array,
+                              valid: jax.Array, selected: jax.Array, *, ratio: int, scale: float,
+                              segment_ids: jax.Array | None = None,
+                              chunk: int = 256) -> tuple[jax.Array, jax.Array]:
+    """`indexer_objective(indexer_scores(...), compressed_attention_mass(...), visible, selected)`
+    over query chunks: the [B, S, N] scores and attention mass (and their [B, S, H, N]
+    products) never exist at once; memory is O(chunk * N * max(Hi, H)), forward and backward
+    (each chunk is rematerialised in the backward pass).
+
+    q [B, S, Hi, Di], weights [B, S, Hi], keys [B, N, Di] (the indexer's; gradients flow to
+    them), q_attn [B, S, H, D], entries [B, N, D], lse [B, S, H] (the main attention's; no
+    gradient), valid [B, N], selected [B, S, K] -> (kl, recall) as `indexer_objective`.
+    """
+    from sparse_lm.ops.compress import window_segments
+    b, s = q.shape[:2]
+    n = keys.shape[1]
+    chunk = max(1, min(int(chunk), s))
+    pad = -s % chunk
+    nc = (s + pad) // chunk
+
+    def padded(x, value=0):
+        return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=value)
+
+    sg = jax.lax.stop_gradient
+    qp, wp, sel = padded(q), padded(weights), padded(selected, -1)
+    qa, lsep = padded(sg(q_attn)), padded(sg(lse))
+    seg_q = None if segment_ids is None else padded(segment_ids)
+    seg_e = None if segment_ids is None else window_segments(segment_ids, b, s, ratio)
+    entries = sg(entries)
+
+    @jax.checkpoint
+    def one(carry, c):
+        kl_sum, recall_sum, count = carry
+        rows = c * chunk + jnp.arange(chunk)
+        take = lambda x: jax.lax.dynamic_slice_in_dim(x, c * chunk, chunk, axis=1)  # noqa: E731
+        vis = ((jnp.arange(n)[None, :] < (rows[:, None] + 1) // ratio)
+               & (rows[:, None] < s))[None] & valid[:, None, :]
+        if seg_q is not None:
+            vis = vis & (take(seg_q)[:, :, None] == seg_e[:, None, :])
+        scores = indexer_scores(take(qp), take(wp), keys, vis)
+        mass = compressed_attention_mass(take(qa), entries, take(lsep), vis, scale)
+        kl, recall = indexer_objective(scores, mass, vis, take(sel))
+        has = jnp.sum(jnp.any(vis, axis=-1) & (jnp.sum(sg(mass), axis=-1) > 0))
+        return (kl_sum + kl * has, recall_sum + recall * has, count + has), None
+
+    zero = jnp.zeros((), jnp.float32)
+    (kl_sum, recall_sum, count), _ = jax.lax.scan(one, (zero, zero, jnp.zeros((), jnp.int32)),
+                                                  jnp.arange(nc))
+    denom = jnp.maximum(count, 1).astype(jnp.float32)
+    return kl_sum / denom, recall_sum / denom
