@@ -229,20 +229,27 @@ def fill_dense_cache(cache: DenseCache, length: int, seed: int = 0) -> DenseCach
                       max_len=cache.max_len)
 
 
-def dense_key_positions(lengths: jax.Array, n: int) -> jax.Array:
-    """[B] position of the query -> [B, n] position of each cache row, -1 past the query."""
-    k = jnp.arange(n, dtype=jnp.int32)[None, :]
-    return jnp.where(k <= lengths[:, None], k, -1)
-
-
 def dense_attention(q: jax.Array, kv_cache: jax.Array, lengths: jax.Array, sink: jax.Array, *,
                     scale: float) -> jax.Array:
-    """One decode query per row against a full KV cache: q [B, 1, H, D] at positions
-    lengths [B], kv_cache [B, n, D] (row p = token p, the query's own row already written)
-    -> [B, 1, H, D]. The library's cached attention with every held row in the window."""
+    """One decode query per row against a full KV cache, with a sink, in one softmax.
+
+    q [B, 1, H, D] at positions lengths [B]; kv_cache [B, n, D] holds token p in row p for
+    p <= length (the query's own row included; later rows are ignored); V = K.
+    Returns [B, 1, H, D] in q's dtype: the math of `ops.cached_attention` with every earlier
+    token in the window, written without the chunk axis (on XLA:CPU the library's einsums over
+    a long key axis materialise a transposed copy of the keys; these do not).
+    """
     n = kv_cache.shape[1]
-    return ops.cached_attention(q, lengths[:, None], kv_cache, dense_key_positions(lengths, n),
-                                sink, window=n, scale=scale)
+    qf = q[:, 0].astype(jnp.float32)                                          # [B, H, D]
+    cf = kv_cache.astype(jnp.float32)
+    held = jnp.arange(n)[None, None, :] <= lengths[:, None, None]
+    logits = jnp.where(held, jnp.einsum("bhd,bkd->bhk", qf, cf) * scale, -jnp.inf)
+    sk = jnp.broadcast_to(sink.astype(jnp.float32), logits.shape[:2])           # [B, H]
+    m = jnp.maximum(jnp.max(logits, axis=-1), sk)
+    p = jnp.exp(logits - m[..., None])
+    denom = jnp.sum(p, axis=-1) + jnp.exp(sk - m)
+    out = jnp.einsum("bhk,bkd->bhd", p, cf) / denom[..., None]
+    return out[:, None].astype(q.dtype)
 
 
 def _dense_layer(block, x, tokens, kv_cache, lengths):
@@ -252,9 +259,14 @@ def _dense_layer(block, x, tokens, kv_cache, lengths):
 
     def attend(h):
         q, _ = attn.project_queries(h, positions)
-        kv = attn.project_kv(h, positions)
-        rows = jnp.arange(kv_cache.shape[0])
-        cache = kv_cache.at[rows, lengths].set(kv[:, 0].astype(kv_cache.dtype), mode="drop")
+        kv = attn.project_kv(h, positions)                                   # [B, 1, D]
+        # Every row of the benchmark holds the same number of tokens: one dynamic-update-slice
+        # writes the new rows. The barrier keeps XLA from fusing the write into its readers,
+        # which made XLA:CPU copy the whole cache twice per layer; with it the write is in place
+        # (checked on the compiled HLO: no cache-sized copy or transpose).
+        cache = jax.lax.dynamic_update_slice(kv_cache, kv.astype(kv_cache.dtype),
+                                             (0, lengths[0], 0))
+        cache = jax.lax.optimization_barrier(cache)
         o = dense_attention(q, cache, lengths, attn.sink[...], scale=attn.softmax_scale)
         return attn.project_output(o, positions), cache
 
