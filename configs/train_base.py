@@ -35,7 +35,8 @@ def base(model_preset: str = "tiny") -> ml_collections.ConfigDict:
         steps=1000,
         batch_size=16,              # global rows per step
         seq_len=256,
-        sparse_start_step=0,        # steps before it: CSA dense (indexer warm-up); then top-k
+        sparse_start_step=0,        # steps before it: CSA dense (indexer learns by KL); then top-k
+        indexer_warmup_steps=0,     # last dense steps that train only the indexers (V3.2 recipe)
         log_every=10,
         eval_every=200,             # 0 = only at the end
         eval_batches=20,

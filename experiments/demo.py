@@ -123,6 +123,8 @@ def main(argv):
     # 5. Plots and the routing summary.
     records = read_metrics(workdir, "train")
     evals = read_metrics(workdir, "eval")
+    if not any(e["step"] == step for e in evals):          # the final evaluation above
+        evals.append({"step": step, "bits_per_byte": res["bits_per_byte"]["sparse"]})
     plot_loss(records, evals, h1, h2, workdir / "loss.png")
     names = layer_names(run.model_cfg)
     plot_expert_load(records, names, workdir / "expert_load.png")

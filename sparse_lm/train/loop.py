@@ -5,9 +5,10 @@ checkpoint in the workdir if there is one) and returns a summary dict. The same 
 one CPU, one accelerator, or every process of a multi-host slice (data parallel over all devices;
 each process feeds its own rows).
 
-Stages: steps < train.sparse_start_step run the CSA layers dense (every visible compressed entry,
-the indexer warm-up: the indexer learns from its KL loss to the attention distribution); later
-steps use the indexer's top-k (sparse).
+Stages: steps < train.sparse_start_step run the CSA layers dense (every visible compressed entry)
+while the indexer learns from its KL loss to the attention distribution; the last
+train.indexer_warmup_steps of them train only the indexers (everything else frozen, the V3.2
+warm-up recipe); later steps use the indexer's top-k (sparse).
 
 Failure handling: a non-finite metric stops the run with `TrainingDiverged`, naming the step and
 the metrics that went bad; nothing from that step is saved, so the latest checkpoint is the last
@@ -241,8 +242,23 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     sparse_start = int(t.sparse_start_step)
     impl = t.get("implementation") or None
     lcfg = loss_config(config)
-    steps = {s: make_train_step(graphdef, tx, schedule, lcfg, sparse=s, implementation=impl)
-             for s in (False, True)}
+    warm = int(t.get("indexer_warmup_steps", 0))
+    if not 0 <= warm <= sparse_start:
+        raise ValueError(f"train.indexer_warmup_steps={warm} is invalid: must be in "
+                         f"[0, train.sparse_start_step={sparse_start}]")
+
+    def stage(step):
+        if step >= sparse_start:
+            return "sparse"
+        return "indexer_warmup" if step >= sparse_start - warm else "dense"
+    steps = {}
+
+    def step_fn(name):
+        if name not in steps:
+            steps[name] = make_train_step(graphdef, tx, schedule, lcfg, sparse=name == "sparse",
+                                          implementation=impl,
+                                          only_indexer=name == "indexer_warmup")
+        return steps[name]
     eval_fns = {s: make_eval_step(graphdef, sparse=s, implementation=impl) for s in (False, True)}
     eval_src = None
     eval_batches = None
@@ -285,16 +301,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     try:
         for step in range(start, total):
             sparse = step >= sparse_start
+            st_name = stage(step)
             batch = next(it)
             gbatch = pipeline.to_global(batch, run.batch_sharding)
             if step == nan_step:      # test hook: poison the parameters
                 state = dataclasses.replace(state, params=jax.tree.map(lambda x: x * jnp.nan, state.params))
             t0 = time.perf_counter()
-            state, m = steps[sparse](state, gbatch)
+            state, m = step_fn(st_name)(state, gbatch)
             host = jax.device_get(m)
             dt = time.perf_counter() - t0
-            if sparse not in compile_s:
-                compile_s[sparse] = dt
+            if st_name not in compile_s:
+                compile_s[st_name] = dt
                 t_log = time.perf_counter()        # exclude compilation from throughput
                 steps_since_log = 0
             else:
@@ -315,6 +332,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
                 rec = {k: v / n_acc for k, v in acc.items() if k not in ("indexer_recall", "packing")}
                 rec["packing_efficiency"] = acc["packing"] / n_acc
                 rec["sparse"] = float(sparse)
+                rec["indexer_only"] = float(st_name == "indexer_warmup")
                 rec["tokens_per_s"] = rate
                 rec["step_time_s"] = tokens_per_step / rate if steps_since_log else float("nan")
                 rec["mfu"] = rate * fpt[sparse] / (peak * jax.device_count())
@@ -329,7 +347,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
                     progress.set_postfix({"bpb": f"{rec['bits_per_byte']:.3f}",
                                           "tok/s": f"{rate:.0f}", "lr": f"{rec['lr']:.2e}",
                                           "cv": f"{rec['moe/load_cv_mean']:.2f}",
-                                          "stage": "sparse" if sparse else "dense"}, refresh=False)
+                                          "stage": st_name}, refresh=False)
             if eval_every > 0 and (done % eval_every == 0 or done == total):
                 last_eval = run_eval(done, done >= sparse_start)
                 if progress is not None:

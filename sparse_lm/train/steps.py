@@ -106,9 +106,17 @@ def _forward(graphdef, params, buffers, batch, *, sparse: bool, implementation=N
                  implementation=implementation, return_aux=True)
 
 
+def is_indexer_param(path) -> bool:
+    """Parameters of a lightning indexer (its projections and its own compressor)."""
+    return any(getattr(k, "key", getattr(k, "name", None)) == "indexer" for k in path)
+
+
 def train_step(state: TrainState, batch, *, graphdef, tx, schedule, loss_cfg: LossConfig,
-               sparse: bool, implementation=None):
+               sparse: bool, implementation=None, only_indexer: bool = False):
     """One optimizer step. batch: {"tokens", "segment_ids"} [B, S+1] int32.
+
+    only_indexer=True is the indexer warm-up of the V3.2 recipe (spec §6): every parameter but
+    the indexers' is frozen (its update is zeroed) while the indexer learns from its KL loss.
 
     Returns (new state, metrics): fp32 scalars (loss, ce, bits_per_byte, mtp_ce, balance_loss,
     indexer_kl, grad_norm, update_norm, param_norm, lr, target_tokens) and per-layer arrays
@@ -124,9 +132,13 @@ def train_step(state: TrainState, batch, *, graphdef, tx, schedule, loss_cfg: Lo
 
     (_, (metrics, counts, recall)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    if only_indexer:
+        updates = jax.tree_util.tree_map_with_path(
+            lambda path, u: u if is_indexer_param(path) else jnp.zeros_like(u), updates)
     params = optax.apply_updates(state.params, updates)
     model = nnx.merge(graphdef, params, state.buffers)
-    update_router_biases(model, counts, loss_cfg.router_bias_rate)
+    if not only_indexer:
+        update_router_biases(model, counts, loss_cfg.router_bias_rate)
     _, _, buffers = nnx.split(model, nnx.Param, ...)
     metrics = dict(metrics, grad_norm=optax.global_norm(grads), update_norm=optax.global_norm(updates),
                    param_norm=optax.global_norm(params), lr=schedule.lr(state.step),
@@ -150,9 +162,10 @@ def eval_step(params, buffers, batch, *, graphdef, sparse: bool, implementation=
 
 
 def make_train_step(graphdef, tx, schedule, loss_cfg: LossConfig, *, sparse: bool,
-                    implementation=None, donate: bool = True):
+                    implementation=None, donate: bool = True, only_indexer: bool = False):
     fn = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
-                           loss_cfg=loss_cfg, sparse=sparse, implementation=implementation)
+                           loss_cfg=loss_cfg, sparse=sparse, implementation=implementation,
+                           only_indexer=only_indexer)
     return jax.jit(fn, donate_argnums=(0,) if donate else ())
 
 
