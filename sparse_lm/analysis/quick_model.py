@@ -3,15 +3,16 @@
     qm = load_or_train(workdir)          # workdir=None: a small model trained (once) for you
     qm.model, qm.config, qm.model_cfg, qm.step, qm.workdir
 
-Training goes through the training package (`sparse_lm.train.loop.train`): the same data, optimizer,
-router-bias rule, indexer warm-up, checkpoints and `metrics.jsonl` as any run. The quick config is
-a 4-layer model with every layer kind (SWA with hash routing, CSA, HCA, CSA; MTP) trained on the
-embedded stdlib corpus for about a minute on 2 CPU cores. It keeps a checkpoint every few steps so
-the router-bias trajectory can be read back from them (`routing.bias_trajectory`).
+Training goes through the training package (`sparse_lm.train.loop.train`): the same data,
+optimizer, router-bias rule, indexer warm-up, checkpoints and `metrics.jsonl` as any run. The
+quick config is a 4-layer model with every layer kind (SWA with hash routing, CSA, HCA, CSA; MTP)
+trained on the embedded stdlib corpus for 100 steps of 8 x 256 bytes (about two minutes of CPU
+time). It keeps a checkpoint every 10 steps so the router-bias trajectory can be read back from
+them (`internals.bias_trajectory`). A trained default run is reused: the default workdir is named
+by a hash of the quick config, so a changed config never resumes an old run.
 
-Fast mode (environment variable SPARSE_LM_NOTEBOOK_FAST=1, used by CI): a few steps of smaller
-batches, enough to exercise every code path. A trained default run is reused: the default
-workdir is named by a hash of the quick config, so a changed config never resumes an old run.
+Fast mode (environment variable SPARSE_LM_NOTEBOOK_FAST=1, used by CI): four steps of small
+batches without the warm-up stage (one compiled train step), enough to exercise every code path.
 """
 from __future__ import annotations
 
@@ -20,10 +21,12 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import ml_collections
+import numpy as np
 
 FAST_ENV = "SPARSE_LM_NOTEBOOK_FAST"
 WORKDIR_ENV = "SPARSE_LM_NOTEBOOK_WORKDIR"
@@ -61,15 +64,17 @@ def quick_config(fast: bool | None = None) -> ml_collections.ConfigDict:
     c = base()
     c.model = quick_model_config()
     if fast:
-        c.train.update(dict(steps=12, batch_size=4, seq_len=256, sparse_start_step=6,
-                            log_every=2, eval_every=0, eval_batches=2, checkpoint_every=3,
+        # One compiled train step (no dense warm-up stage), four steps, a checkpoint each.
+        c.train.update(dict(steps=4, batch_size=4, seq_len=256, sparse_start_step=0,
+                            log_every=1, eval_every=0, eval_batches=2, checkpoint_every=1,
                             keep_checkpoints=100, tensorboard=False, async_checkpoint=False))
-        c.schedule.update(dict(peak_lr=3e-3, warmup_steps=2, decay_steps=8, final_lr=3e-4))
+        c.schedule.update(dict(peak_lr=3e-3, warmup_steps=1, decay_steps=3, final_lr=3e-4))
     else:
-        c.train.update(dict(steps=160, batch_size=8, seq_len=256, sparse_start_step=60,
-                            log_every=5, eval_every=0, eval_batches=4, checkpoint_every=20,
+        # 100 steps of 8 x 256 bytes (205K tokens): the dense warm-up for 40 steps, then sparse.
+        c.train.update(dict(steps=100, batch_size=8, seq_len=256, sparse_start_step=40,
+                            log_every=5, eval_every=0, eval_batches=4, checkpoint_every=10,
                             keep_checkpoints=100, tensorboard=False))
-        c.schedule.update(dict(peak_lr=3e-3, warmup_steps=10, decay_steps=100, final_lr=3e-4))
+        c.schedule.update(dict(peak_lr=3e-3, warmup_steps=10, decay_steps=60, final_lr=3e-4))
     # A higher bias rate than the default makes the aux-loss-free balancing visible in a short run.
     c.loss.update(dict(router_bias_rate=1e-2))
     return c
@@ -155,9 +160,61 @@ def load_or_train(workdir: str | os.PathLike | None = None, *, fast: bool | None
 
 
 def _train(train_fn, config, wd: Path) -> float:
-    t0 = time.perf_counter()
-    print(f"[quick_model] training {config.train.steps} steps into {wd} ...", flush=True)
-    train_fn(config, wd)
-    dt = time.perf_counter() - t0
-    print(f"[quick_model] trained in {dt:.0f} s", flush=True)
+    """Run the training loop; its console text (data, optimizer split, MFU lines) goes to
+    <workdir>/train.log, its progress bar stays on stderr."""
+    import contextlib
+    t0, c0 = time.perf_counter(), time.process_time()
+    wd.mkdir(parents=True, exist_ok=True)
+    log = wd / "train.log"
+    print(f"[quick_model] training {config.train.steps} steps of the quick model into {wd} "
+          f"(console log: {log.name})", flush=True)
+    with open(log, "a") as f, contextlib.redirect_stdout(f), warnings.catch_warnings():
+        # tqdm.auto without ipywidgets falls back to the text bar; its warning says so
+        warnings.filterwarnings("ignore", message="IProgress not found")
+        summary = train_fn(config, wd)
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    hist = summary.get("history") or [{}]
+    last = hist[-1]
+    comp = sum(summary.get("compile_s", {}).values())
+    print(f"[quick_model] trained in {dt:.0f} s wall, {cpu:.0f} s of CPU time (compiling: "
+          f"{comp:.0f} s wall); last logged step {last.get('step')}: "
+          f"{last.get('bits_per_byte', float('nan')):.3f} bits/byte", flush=True)
     return dt
+
+
+# ---------------------------------------------------------------------------- real text
+def validation_rows(config, rows: int, seq_len: int | None = None) -> dict:
+    """The first `rows` packed rows of the run's validation split (documents in order, aligned
+    as in training): {"tokens" [rows, S], "segment_ids" [rows, S]} (0 = padding)."""
+    from sparse_lm.config import ModelConfig
+    from sparse_lm.data import pipeline
+    s = int(config.train.seq_len if seq_len is None else seq_len)
+    src = pipeline.make_source(config.data, config.data.eval_split)
+    align = pipeline.resolve_align(config.data, ModelConfig.from_dict(config.model.to_dict()))
+    batch = pipeline.eval_batches(src, seq_len=s, local_batch=rows, align=align, num_batches=1)
+    if not batch:
+        raise ValueError(f"the validation split of {config.data.source!r} yields no row of {s}")
+    b = batch[0]
+    return {"tokens": b["tokens"][:, :s], "segment_ids": b["segment_ids"][:, :s]}
+
+
+def long_documents(config, count: int, length: int, *, skip: int = 0) -> list[tuple[str, bytes]]:
+    """(name, first `length` bytes) of the first `count` validation documents that are at least
+    `length` bytes long (after skipping `skip` of them): real, unpacked long-context inputs."""
+    from sparse_lm.data import pipeline
+    src = pipeline.make_source(config.data, config.data.eval_split)
+    names = getattr(src, "paths", None)
+    out = []
+    for i in range(len(src)):
+        doc = np.asarray(src[i])
+        if len(doc) < length:
+            continue
+        if skip:
+            skip -= 1
+            continue
+        out.append((names[i] if names is not None else f"document {i}", doc[:length].tobytes()))
+        if len(out) == count:
+            break
+    if len(out) < count:
+        raise ValueError(f"only {len(out)} validation documents have >= {length} bytes")
+    return out
