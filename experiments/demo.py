@@ -32,14 +32,15 @@ def plot_loss(records, evals, h1, h2, path):
                 "o-", label="validation")
     ax.axhline(h1, color="gray", ls="--", lw=1, label=f"unigram entropy {h1:.2f}")
     ax.axhline(h2, color="gray", ls=":", lw=1, label=f"bigram conditional entropy {h2:.2f}")
+    ax.set_xlabel("training tokens (millions)")
+    ax.set_ylabel("bits per byte")
+    top = max(6.0, h1 + 0.5)
+    ax.set_ylim(1.5, top)
     sparse_from = next((r["tokens_seen"] for r in records if r.get("sparse")), None)
     if sparse_from is not None:
         ax.axvline(sparse_from / 1e6, color="tab:red", lw=0.8, alpha=0.6)
-        ax.text(sparse_from / 1e6, ax.get_ylim()[1] * 0.97, " sparse stage", color="tab:red",
-                va="top", fontsize=8)
-    ax.set_xlabel("training tokens (millions)")
-    ax.set_ylabel("bits per byte")
-    ax.set_ylim(1.5, max(6.0, h1 + 0.5))
+        ax.text(sparse_from / 1e6, top - 0.1, " sparse stage ->", color="tab:red", va="top",
+                fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("DeepSeek-V4-style model on the Python stdlib (byte level)")
@@ -48,7 +49,7 @@ def plot_loss(records, evals, h1, h2, path):
     plt.close(fig)
 
 
-def plot_expert_load(records, layer_names, path):
+def plot_expert_load(records, layer_names, hash_layers, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -57,8 +58,9 @@ def plot_expert_load(records, layer_names, path):
     for n in layer_names:
         key = f"moe/{n}/load_cv"
         if key in records[0]:
-            axes[0].plot(steps, [r[key] for r in records], label=n)
-            axes[1].plot(steps, [r[f"moe/{n}/load_max"] for r in records], label=n)
+            label = n + (" (hash-routed)" if n in hash_layers else "")
+            axes[0].plot(steps, [r[key] for r in records], label=label)
+            axes[1].plot(steps, [r[f"moe/{n}/load_max"] for r in records], label=label)
     axes[0].set_title("expert load CV (std / mean) per layer")
     axes[1].set_title("max expert load / mean load per layer")
     for ax in axes:
@@ -127,7 +129,8 @@ def main(argv):
         evals.append({"step": step, "bits_per_byte": res["bits_per_byte"]["sparse"]})
     plot_loss(records, evals, h1, h2, workdir / "loss.png")
     names = layer_names(run.model_cfg)
-    plot_expert_load(records, names, workdir / "expert_load.png")
+    hashed = {n for n, spec in zip(names, run.model_cfg.layers) if spec.routing == "hash"}
+    plot_expert_load(records, names, hashed, workdir / "expert_load.png")
     first, last = records[0], records[-1]
     cv0, cv1 = first["moe/load_cv_score_layers"], last["moe/load_cv_score_layers"]
 
