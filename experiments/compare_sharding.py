@@ -45,6 +45,8 @@ _REMAT = flags.DEFINE_enum("remat", "full", ["none", "full", "dots", "dots_no_ba
 _OPT = flags.DEFINE_enum("optimizer", "report", ["report", "adamw"],
                          "report = Muon + AdamW of sparse_lm.train.optimizer; adamw = optax.adamw.")
 _DENSE = flags.DEFINE_bool("dense", False, "Compile the indexer warm-up stage (CSA dense).")
+_CAPACITY = flags.DEFINE_float("moe_capacity_factor", -1.0, "Expert-parallel capacity factor "
+                               "(0 = no drop; < 0 = the model config's). Presets may override it.")
 _OUT = flags.DEFINE_string("out", "runs/compare_sharding", "Output directory.")
 _MEASURED = flags.DEFINE_string("measured", "", "JSON file of measured step times to merge.")
 _KEEP_HLO = flags.DEFINE_bool("keep_hlo", False, "Also write each compiled HLO text to <out>/hlo/.")
@@ -80,6 +82,8 @@ def main(argv):
     d["param_dtype"] = "float32"
     if _REMAT.value != "config":
         d["remat"] = _REMAT.value
+    if _CAPACITY.value >= 0:
+        d["moe_capacity_factor"] = _CAPACITY.value
     cfg = ModelConfig.from_dict(d)
     presets = split_presets(_PRESETS.value)
     try:
@@ -94,28 +98,35 @@ def main(argv):
                            keep_hlo=str(Path(_OUT.value) / "hlo") if _KEEP_HLO.value else "")
     print(f"[compare_sharding] model: {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
           f"{cfg.n_routed_experts} experts; seq_len {opts.seq_len}, {opts.batch_per_device:g} "
-          f"row(s)/device, dtype {cfg.dtype}, remat {cfg.remat}; optimizer: "
+          f"row(s)/device, dtype {cfg.dtype}, remat {cfg.remat}, EP capacity factor "
+          f"{cfg.moe_capacity_factor:g} (0 = no drop); optimizer: "
           f"{'Muon + AdamW (sparse_lm.train.optimizer)' if opts.optimizer == 'report' else 'optax.adamw stand-in'}",
           flush=True)
     rows = []
     t_start = time.perf_counter()
     jobs = [(p, t) for t in topos for p in presets]
     bar = tqdm(jobs, desc="compile", dynamic_ncols=True)
+    out = Path(_OUT.value)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"model": cfg.to_dict(), "options": vars(opts), "presets": presets,
+            "topologies": [t.name for t in topos], "jax": jax.__version__}
+
+    def save():          # after every row: a long run keeps what it has
+        meta["wall_s"] = time.perf_counter() - t_start
+        (out / "compare.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1,
+                                                     default=str))
+        compare.write_csv(rows, out / "compare.csv")
+
     for p, t in bar:
         bar.set_postfix_str(f"{p} @ {t.name}")
         row = compare.analyze(p, t, cfg, opts)
         rows.append(row)
         bar.write(f"  {p} @ {t.name}: {row['status']} ({row.get('compile_s', 0):.0f} s) "
                   f"{row.get('reason', '')}")
+        save()
     if _MEASURED.value:
         compare.merge_measured(rows, json.loads(Path(_MEASURED.value).read_text()))
-    out = Path(_OUT.value)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {"model": cfg.to_dict(), "options": vars(opts), "presets": presets,
-            "topologies": [t.name for t in topos], "wall_s": time.perf_counter() - t_start,
-            "jax": jax.__version__}
-    (out / "compare.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
-    compare.write_csv(rows, out / "compare.csv")
+    save()
     compare.plot(rows, out / "compare.png")
     print()
     print(compare.format_table(rows))

@@ -23,6 +23,15 @@ _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                                  "Call jax.distributed.initialize(): auto = when the environment "
                                  "describes a multi-process job.")
 
+# GPU clusters without a scheduler jax detects: coordinator, process count and id from flags or
+# the environment (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID).
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0 (default: $JAX_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "Number of processes (default: $JAX_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None,
+                                   "This process's id (default: $JAX_PROCESS_ID).")
+
 # Environment variables that describe a multi-process job (Cloud TPU slices are detected by
 # jax.distributed.initialize itself from the TPU metadata).
 _MULTI_PROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
@@ -42,8 +51,13 @@ def _is_multiprocess_env() -> bool:
 
 def maybe_initialize_distributed(mode: str) -> bool:
     import jax
-    if mode == "on" or (mode == "auto" and _is_multiprocess_env()):
-        jax.distributed.initialize()
+    if mode == "on" or (mode == "auto" and (_is_multiprocess_env() or _COORDINATOR.value)):
+        def from_env(value, key, kind=str):
+            return value if value is not None else (kind(os.environ[key]) if os.environ.get(key) else None)
+        jax.distributed.initialize(
+            coordinator_address=from_env(_COORDINATOR.value, "JAX_COORDINATOR_ADDRESS"),
+            num_processes=from_env(_NUM_PROCESSES.value, "JAX_NUM_PROCESSES", int),
+            process_id=from_env(_PROCESS_ID.value, "JAX_PROCESS_ID", int))
         return True
     return False
 

@@ -6,8 +6,9 @@ A preset is a ConfigDict with
   dcn                 mesh axis sizes across slices (multi-slice; all 1 on a single slice)
   rules               logical axis rules: (logical name, mesh axes) pairs
   moe_dispatch        "" (keep the model's `moe_dispatch`) or a dispatcher to use with this preset
+  moe_capacity_factor < 0 (keep the model's) or the expert-parallel capacity factor (0 = no drop)
 
-`get_config(arg)` takes overrides "axis=N,dcn_axis=N,moe_dispatch=NAME", e.g.
+`get_config(arg)` takes overrides "axis=N,dcn_axis=N,moe_dispatch=NAME,moe_capacity_factor=F", e.g.
 `fsdp_ep:expert=16` or `configs/sharding/fsdp_tp.py:tensor=8`.
 """
 import ml_collections
@@ -65,6 +66,7 @@ def preset(name, description, ici, rules, *, dcn=None, moe_dispatch=""):
     c.dcn = ml_collections.ConfigDict({a: int((dcn or {"data": -1}).get(a, 1)) for a in AXES})
     c.rules = [(n, list(axes)) for n, axes in rules]
     c.moe_dispatch = moe_dispatch
+    c.moe_capacity_factor = -1.0          # < 0: keep the model's moe_capacity_factor
     return c
 
 
@@ -82,11 +84,13 @@ def apply_overrides(c, arg):
         k, v = (s.strip() for s in item.split("=", 1))
         if k == "moe_dispatch":
             c.moe_dispatch = v
+        elif k == "moe_capacity_factor":
+            c.moe_capacity_factor = float(v)
         elif k in AXES:
             c.ici[k] = int(v)
         elif k.startswith("dcn_") and k[4:] in AXES:
             c.dcn[k[4:]] = int(v)
         else:
             raise ValueError(f"sharding preset override {k!r} is unknown; allowed: {list(AXES)}, "
-                             f"{['dcn_' + a for a in AXES]}, moe_dispatch")
+                             f"{['dcn_' + a for a in AXES]}, moe_dispatch, moe_capacity_factor")
     return c

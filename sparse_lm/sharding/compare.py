@@ -60,21 +60,27 @@ def make_tx(kind: str, schedule):
     raise ValueError(f"optimizer={kind!r} is invalid: allowed values ('report', 'adamw')")
 
 
-_OOM = re.compile(r"(?:Used|used)\s+([\d.]+)([KMGT]?)i?B?\s+of\s+([\d.]+)([KMGT]?)i?B?\s+hbm", re.I)
+_SIZE = r"\(?([\d.]+)\s*([KMGT]?)i?B?\)?"
+_OOM_FORMS = (
+    # "CompileTimeHbmOom: ... memory required for HLO temporaries (96.00G) exceeds available HBM (15.75G)"
+    re.compile(r"required[^()]*" + _SIZE + r"[^()]*available HBM\s*" + _SIZE, re.I),
+    # "Ran out of memory in memory space hbm. Used 150.00G of 95.74G hbm."
+    re.compile(r"Used\s+" + _SIZE + r"\s+of\s+" + _SIZE + r"\s+hbm", re.I),
+)
 _UNIT = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 def parse_oom(msg: str) -> tuple[float, float] | None:
-    """(required, available) bytes from a TPU compile-time HBM OOM message, if it is one."""
-    if "RESOURCE_EXHAUSTED" not in msg and "hbm" not in msg.lower():
+    """(required, available) bytes from a TPU compile-time HBM OOM message, (nan, nan) for an
+    out-of-memory error in another form, None if it is not one."""
+    if not re.search(r"RESOURCE_EXHAUSTED|HbmOom|out of memory", msg, re.I):
         return None
-    m = _OOM.search(msg)
-    if m:
-        return (float(m.group(1)) * _UNIT[m.group(2).upper()],
-                float(m.group(3)) * _UNIT[m.group(4).upper()])
-    if "RESOURCE_EXHAUSTED" in msg:
-        return (float("nan"), float("nan"))
-    return None
+    for form in _OOM_FORMS:
+        m = form.search(msg)
+        if m:
+            return (float(m.group(1)) * _UNIT[m.group(2).upper()],
+                    float(m.group(3)) * _UNIT[m.group(4).upper()])
+    return (float("nan"), float("nan"))
 
 
 def _tree_bytes(abstract, shardings, sizes) -> float:
@@ -140,7 +146,7 @@ def analyze(preset_spec: str, topo: str | TopologySpec, model_cfg: ModelConfig,
         oom = parse_oom(msg)
         if oom is not None:
             row.update(status="does not fit", fits=False, required_gb=oom[0] / GB,
-                       available_gb=oom[1] / GB)
+                       available_gb=oom[1] / GB, compiler_message=msg.splitlines()[0][:300])
             row["reason"] = explain(row)
         else:
             row.update(status="error", reason=msg.splitlines()[0][:300] if msg else repr(e),
@@ -172,12 +178,13 @@ def analyze(preset_spec: str, topo: str | TopologySpec, model_cfg: ModelConfig,
     row["bytes_hbm"] = raw_bytes + hs.bytes - hs.bytes_once
     row["flops_forward"] = hs.flops.get("forward", 0.0)
     row["flops_backward"] = hs.flops.get("backward", 0.0)
+    row["flops_unattributed"] = hs.flops.get("unattributed", 0.0)
     row["flops_other"] = hs.flops.get("other", 0.0)
     row["unknown_loops"] = len(hs.unknown_loops)
     an = analytic_flops(cfg, opts.seq_len, opts.sparse)
     expected = an["expected_per_token"] * row["tokens_per_device"]
     row["flops_model_analytic"] = expected
-    model = row["flops_forward"] + row["flops_backward"]
+    model = row["flops_forward"] + row["flops_backward"] + row["flops_unattributed"]
     row["flops_ratio"] = model / expected if expected else float("nan")
     # Communication.
     t_ici = t_dcn = 0.0

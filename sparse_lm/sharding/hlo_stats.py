@@ -6,7 +6,8 @@ as one layer. This module reads the compiled HLO text and:
   * finds every `while` loop's trip count (XLA's `known_trip_count` when printed, else the loop
     condition `i < constant` with i starting at 0) and the number of times each computation
     runs (product of the trip counts of the loops around it);
-  * counts matmul FLOPs (`dot`, and `convolution`, which is how TPU HLO spells most dots) per
+  * counts matmul FLOPs (`dot`, and `convolution`, which is how TPU HLO spells most dots, and
+    the cost estimate kernels such as TPU ragged_dot declare on their custom call) per
     computation, split by the op_name metadata into forward (`jvp(`), backward
     (`transpose(jvp(`) and the rest (optimizer, loss);
   * lists the collectives (all-gather, all-reduce, reduce-scatter, all-to-all,
@@ -278,11 +279,23 @@ def _mean_valid_taps(size_in: int, size_out: int, size: int = 1, stride: int = 1
     return float(ok.sum(axis=1).mean())
 
 
+def _custom_flops(ins: Instr) -> float:
+    """FLOPs a custom call (Pallas / Mosaic kernel, e.g. TPU ragged_dot) declares in its
+    backend config's cost_estimate; 0 when it declares none."""
+    m = re.search(r'"cost_estimate":\{"flops":"?(\d+)', ins.args)
+    return float(m.group(1)) if m else 0.0
+
+
 def phase_of(op_name: str) -> str:
+    """forward (`jvp(`), backward (`transpose(jvp(`), unattributed (ops the compiler made
+    without a jit(...) provenance, e.g. the weight-gradient half of TPU ragged_dot) or other
+    (outside differentiation: optimizer update, router-bias update)."""
     if "transpose(jvp" in op_name:
         return "backward"
     if "jvp(" in op_name:
         return "forward"
+    if op_name and not op_name.startswith("jit("):
+        return "unattributed"
     return "other"
 
 
@@ -371,8 +384,8 @@ def summarize(text: str, n_devices: int) -> HloSummary:
         if m == 0:
             continue
         for ins in instrs:
-            if ins.opcode in ("dot", "convolution"):
-                f = mod.dot_flops(ins)
+            if ins.opcode in ("dot", "convolution", "custom-call"):
+                f = mod.dot_flops(ins) if ins.opcode != "custom-call" else _custom_flops(ins)
                 ph = phase_of(ins.op_name)
                 flops[ph] += f * m
                 once[ph] += f

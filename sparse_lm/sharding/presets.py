@@ -29,6 +29,7 @@ class ShardingPreset:
     dcn: Mapping[str, int]
     rules: Rules
     moe_dispatch: str = ""           # "" = keep the model config's choice
+    moe_capacity_factor: float = -1.0   # < 0 = keep the model config's
 
     def __post_init__(self):
         for what, sizes in (("ici", self.ici), ("dcn", self.dcn)):
@@ -44,16 +45,20 @@ class ShardingPreset:
         return mesh_lib.make_mesh(self.ici, self.dcn, devices, slices=slices)
 
     def with_moe_dispatch(self, model_cfg):
-        """The model config with this preset's dispatcher applied (unchanged if it has none)."""
+        """The model config with this preset's dispatcher (and capacity) applied."""
+        kw = {}
         if self.moe_dispatch and self.moe_dispatch != model_cfg.moe_dispatch:
-            return model_cfg.replace(moe_dispatch=self.moe_dispatch)
-        return model_cfg
+            kw["moe_dispatch"] = self.moe_dispatch
+        if self.moe_capacity_factor >= 0 and self.moe_capacity_factor != model_cfg.moe_capacity_factor:
+            kw["moe_capacity_factor"] = self.moe_capacity_factor
+        return model_cfg.replace(**kw) if kw else model_cfg
 
     def metadata(self, mesh=None) -> dict[str, Any]:
         """What a run records: the preset, its sizes and the rules (resolved on `mesh` if given)."""
         sizes = mesh_lib.axis_sizes(mesh) if mesh is not None else None
         return {"name": self.name, "description": self.description, "ici": dict(self.ici),
                 "dcn": dict(self.dcn), "mesh": sizes, "moe_dispatch": self.moe_dispatch,
+                "moe_capacity_factor": self.moe_capacity_factor,
                 "rules": rules_table(self.rules, sizes)}
 
 
@@ -67,7 +72,8 @@ def from_config(c) -> ShardingPreset:
                           ici={k: int(v) for k, v in dict(d["ici"]).items()},
                           dcn={k: int(v) for k, v in dict(d.get("dcn") or {}).items()},
                           rules=normalize_rules(d["rules"]),
-                          moe_dispatch=str(d.get("moe_dispatch", "") or ""))
+                          moe_dispatch=str(d.get("moe_dispatch", "") or ""),
+                          moe_capacity_factor=float(d.get("moe_capacity_factor", -1.0)))
 
 
 def load_preset(spec: str | Any) -> ShardingPreset:

@@ -263,7 +263,39 @@ def task_mesh_slices(args):
             "axis_types": [str(t) for t in mesh.axis_types]}
 
 
-TASKS = {"presets": task_presets, "expert_parallel": task_expert_parallel,
+def task_hlo_stats(args):
+    """Loop-aware FLOP and collective accounting on a CPU-compiled SPMD program with a known
+    answer: a scan of `trips` matmuls on row-sharded activations, then an all-gather."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from sparse_lm.sharding import hlo_stats
+    from sparse_lm.sharding.mesh import make_mesh
+    mesh = make_mesh({"fsdp": -1})
+    n = mesh.devices.size
+    b, d, trips = 8 * n, 64, args.get("trips", 37)
+    rows = NamedSharding(mesh, P("fsdp"))
+    rep = NamedSharding(mesh, P())
+
+    def f(x, w, w2):
+        def body(h, _):
+            return jnp.tanh(h @ w), None
+        h, _ = jax.lax.scan(body, x, None, length=trips)
+        h = jax.lax.with_sharding_constraint(h, rep)       # all-gather of the rows
+        return h @ w2
+    c = jax.jit(f, in_shardings=(rows, rep, rep), out_shardings=rep).lower(
+        jax.ShapeDtypeStruct((b, d), jnp.float32), jax.ShapeDtypeStruct((d, d), jnp.float32),
+        jax.ShapeDtypeStruct((d, d), jnp.float32)).compile()
+    s = hlo_stats.summarize(c.as_text(), n)
+    cost = c.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return {"devices": n, "rows_per_device": b // n, "d": d, "trips": trips,
+            "matmul_flops": s.matmul_flops, "matmul_flops_once": s.matmul_flops_once,
+            "cost_analysis_flops": float(cost.get("flops", 0.0)),
+            "collectives": s.collective_table(), "unknown_loops": s.unknown_loops,
+            "global_rows": b}
+
+
+TASKS = {"hlo_stats": task_hlo_stats, "presets": task_presets, "expert_parallel": task_expert_parallel,
          "ep_tpu_compile": task_ep_tpu_compile, "mesh_slices": task_mesh_slices}
 
 if __name__ == "__main__":
