@@ -15,6 +15,11 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from sparse_lm.train.config_check import main_guard
+
+if __name__ == "__main__":          # before the flags: config_flags applies overrides at definition
+    main_guard(default_config="configs/demo.py")
+
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Demo config.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Run directory.")
 

@@ -11,9 +11,15 @@ checkpoint. The resolved config is written to <workdir>/config.json.
 from __future__ import annotations
 
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from sparse_lm.train.config_check import main_guard
+
+if __name__ == "__main__":          # before the flags: config_flags applies overrides at definition
+    main_guard(default_config="configs/train_base.py")
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/train_base.py",
                                           "Experiment config file (a get_config() module).")
@@ -67,12 +73,16 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)   # orbax logs every save at INFO
     multi = maybe_initialize_distributed(_DISTRIBUTED.value)
     import jax
-    from sparse_lm.train.loop import train
+    from sparse_lm.train.loop import KNOWN_ERRORS, train
     if jax.process_index() == 0:
         print(f"[launch] backend {jax.default_backend()}, {jax.device_count()} device(s), "
               f"{jax.process_count()} process(es){' (jax.distributed)' if multi else ''}; "
               f"workdir {_WORKDIR.value}", flush=True)
-    summary = train(_CONFIG.value, _WORKDIR.value)
+    try:
+        summary = train(_CONFIG.value, _WORKDIR.value)
+    except KNOWN_ERRORS as e:            # a clear one-line error, no traceback
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1)
     if jax.process_index() == 0:
         ev = summary.get("last_eval") or {}
         if ev:

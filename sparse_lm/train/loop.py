@@ -49,6 +49,17 @@ class TrainingDiverged(RuntimeError):
     """A metric became NaN or infinite; the message names the step and the metrics."""
 
 
+def _known_errors():
+    from sparse_lm.config import ConfigError
+    from sparse_lm.data.tfds_source import DataError
+    from sparse_lm.train.optimizer import OptimizerConfigError
+    return (ConfigError, DataError, OptimizerConfigError, ckpt_lib.CheckpointError,
+            TrainingDiverged, FileNotFoundError)
+
+
+KNOWN_ERRORS = None  # set below, once the classes exist
+
+
 # ---------------------------------------------------------------------------- config resolution
 def resolve_model_config(config) -> ModelConfig:
     """ModelConfig from config.model, with train.compute_dtype applied ("auto": bfloat16 on
@@ -382,3 +393,6 @@ def load_for_eval(config, workdir, step: int | None = None):
     state, _, _ = ckpt.restore(step, ckpt_lib.with_sharding(abstract, run.replicated))
     ckpt.close()
     return run, nnx.merge(graphdef, state.params, state.buffers), step
+
+
+KNOWN_ERRORS = _known_errors()
