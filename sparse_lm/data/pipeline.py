@@ -100,9 +100,15 @@ class TrainIterator:
 def eval_batches(source, *, seq_len: int, local_batch: int, align: int, num_batches: int,
                  process_index: int = 0, process_count: int = 1) -> list[dict[str, np.ndarray]]:
     """The first `num_batches` packed batches of a split, in document order (the same every
-    time). Stops early (fewer batches) when the split is smaller; 0 = the whole split."""
+    time). With num_batches > 0 every process returns exactly that many (a small shard wraps
+    around), so multi-process evaluations stay in step; 0 = one pass over the whole split
+    (single process only)."""
+    if num_batches <= 0 and process_count > 1:
+        raise DataError("evaluating the whole split (eval batches = 0) needs one process: the "
+                        "processes' shards give different numbers of batches; set a batch count")
     packer = Packer(source, seq_len=seq_len, align=align, shuffle=False,
-                    process_index=process_index, process_count=process_count, epochs=1)
+                    process_index=process_index, process_count=process_count,
+                    epochs=1 if num_batches <= 0 else None)
     out = []
     while num_batches <= 0 or len(out) < num_batches:
         b = packer.next_batch(local_batch)

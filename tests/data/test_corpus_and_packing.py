@@ -161,3 +161,22 @@ def test_synthetic_tasks_have_their_answers_where_the_mask_says():
         k, v = query.split(b"=")
         assert bytes(toks[mask].astype(np.uint8)) == v
         assert k + b"=" + v + b" " in body and len(toks) == 120
+
+
+def test_eval_batches_are_fixed_and_the_same_count_on_every_process():
+    src = ListSource(_docs(7, seed=3))
+    a = pipeline.eval_batches(src, seq_len=16, local_batch=2, align=4, num_batches=5,
+                              process_index=0, process_count=2)
+    b = pipeline.eval_batches(src, seq_len=16, local_batch=2, align=4, num_batches=5,
+                              process_index=1, process_count=2)
+    again = pipeline.eval_batches(src, seq_len=16, local_batch=2, align=4, num_batches=5,
+                                  process_index=0, process_count=2)
+    assert len(a) == len(b) == 5
+    for x, y in zip(a, again):
+        np.testing.assert_array_equal(x["tokens"], y["tokens"])
+    whole = pipeline.eval_batches(src, seq_len=16, local_batch=2, align=4, num_batches=0)
+    n_tokens = sum(int((w["segment_ids"] > 0).sum()) for w in whole)
+    assert n_tokens == sum(len(d) for d in src.docs)          # one pass, nothing twice
+    with pytest.raises(pipeline.DataError, match="one process"):
+        pipeline.eval_batches(src, seq_len=16, local_batch=2, align=4, num_batches=0,
+                              process_count=2)
