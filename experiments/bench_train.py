@@ -17,12 +17,16 @@ Both arms keep everything else of the model (the indexer and its KL target are c
 both: they are part of the training step).
 
 Tokens per step are constant (batch = tokens_per_step / S), so seconds per token compare
-directly across lengths. Compilation is excluded; the median of `steps` timed steps is reported.
+directly across lengths. Compilation is excluded; the median of `steps` timed steps is reported,
+as wall-clock time and as the process's CPU time (user + system, all threads): on a shared
+machine the CPU time is the steadier measure of the work done, the wall time the one a user sees
+on an idle one.
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import resource
 import statistics
 import time
 
@@ -146,16 +150,24 @@ def time_arm(config, model_cfg, seq: int, arm: str, steps: int, tokens: int) -> 
         state, m = step(state, data)
         jax.block_until_ready(m)
         compile_s = time.perf_counter() - t0
-        times = []
+        times, cpus = [], []
         for _ in range(steps):
-            t0 = time.perf_counter()
+            c0, t0 = _cpu_s(), time.perf_counter()
             state, m = step(state, data)
             jax.block_until_ready(m)
             times.append(time.perf_counter() - t0)
-    med = statistics.median(times)
-    return {"seq_len": seq, "arm": arm, "batch": batch, "tokens": batch * seq,
-            "step_s": med, "tokens_per_s": batch * seq / med, "us_per_token": 1e6 * med / (batch * seq),
-            "compile_s": compile_s, "loss": float(m["loss"]), "times": times}
+            cpus.append(_cpu_s() - c0)
+    med, cpu = statistics.median(times), statistics.median(cpus)
+    n = batch * seq
+    return {"seq_len": seq, "arm": arm, "batch": batch, "tokens": n,
+            "step_s": med, "tokens_per_s": n / med, "us_per_token": 1e6 * med / n,
+            "cpu_s": cpu, "tokens_per_cpu_s": n / cpu, "cpu_us_per_token": 1e6 * cpu / n,
+            "compile_s": compile_s, "loss": float(m["loss"]), "times": times, "cpu_times": cpus}
+
+
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def main(argv):
@@ -180,27 +192,32 @@ def main(argv):
             r = time_arm(config, model_cfg, s, arm, _STEPS.value, _TOKENS.value)
             rows.append(r)
             print(f"[bench] S={s:6d} {arm:6s} batch {r['batch']:3d}: {r['step_s']:8.2f} s/step, "
-                  f"{r['tokens_per_s']:8.0f} tokens/s (compile {r['compile_s']:.0f} s)", flush=True)
+                  f"{r['tokens_per_s']:8.0f} tokens/s; CPU {r['cpu_s']:8.2f} s/step, "
+                  f"{r['tokens_per_cpu_s']:8.0f} tokens per CPU-s (compile {r['compile_s']:.0f} s)",
+                  flush=True)
     by = {(r["seq_len"], r["arm"]): r for r in rows}
     seqs = sorted({r["seq_len"] for r in rows})
-    print("\n  S       sparse tok/s   dense tok/s   sparse/dense   us/token sparse   dense")
-    for s in seqs:
-        sp, de = by.get((s, "sparse")), by.get((s, "dense"))
-        ratio = sp["tokens_per_s"] / de["tokens_per_s"] if sp and de else float("nan")
-        print(f"  {s:6d}  {sp['tokens_per_s'] if sp else float('nan'):12.0f}  "
-              f"{de['tokens_per_s'] if de else float('nan'):12.0f}  {ratio:12.2f}x  "
-              f"{sp['us_per_token'] if sp else float('nan'):14.1f}  "
-              f"{de['us_per_token'] if de else float('nan'):8.1f}")
     slopes = {}
-    for arm in _ARMS.value:
-        pts = [(s, by[(s, arm)]["us_per_token"]) for s in seqs if (s, arm) in by]
-        if len(pts) >= 2:
-            x, y = np.asarray(pts, float).T
-            lin = np.polyfit(x / 1024, y, 1)[0]                       # us/token per 1K of S
-            loglog = np.polyfit(np.log(x), np.log(y), 1)[0]
-            slopes[arm] = {"us_per_token_per_1k": float(lin), "loglog_exponent": float(loglog)}
-            print(f"  {arm:6s}: cost per token grows {lin:8.2f} us per 1K tokens of S "
-                  f"(log-log exponent {loglog:.2f})")
+    for unit, rate, per in (("wall", "tokens_per_s", "us_per_token"),
+                            ("cpu", "tokens_per_cpu_s", "cpu_us_per_token")):
+        print(f"\n  [{unit} time]  S   sparse tok/s   dense tok/s   sparse/dense   "
+              f"us/token sparse    dense")
+        for s in seqs:
+            sp, de = by.get((s, "sparse")), by.get((s, "dense"))
+            nan = float("nan")
+            ratio = sp[rate] / de[rate] if sp and de else nan
+            print(f"  {s:13d}  {sp[rate] if sp else nan:12.0f}  {de[rate] if de else nan:12.0f}  "
+                  f"{ratio:12.2f}x  {sp[per] if sp else nan:14.1f}  {de[per] if de else nan:8.1f}")
+        for arm in _ARMS.value:
+            pts = [(s, by[(s, arm)][per]) for s in seqs if (s, arm) in by]
+            if len(pts) >= 2:
+                x, y = np.asarray(pts, float).T
+                lin = np.polyfit(x / 1024, y, 1)[0]                   # us/token per 1K of S
+                loglog = np.polyfit(np.log(x), np.log(y), 1)[0]
+                slopes[f"{arm}_{unit}"] = {"us_per_token_per_1k": float(lin),
+                                           "loglog_exponent": float(loglog)}
+                print(f"  {arm:6s} ({unit}): cost per token grows {lin:8.2f} us per 1K tokens "
+                      f"of S (log-log exponent {loglog:.2f})")
     out = {"backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
            "tokens_per_step": _TOKENS.value, "dense_arm_check_max_abs": err, "rows": rows,
            "slopes": slopes, "model": model_cfg.to_dict()}
