@@ -1,8 +1,9 @@
 """Decode step time against context length: the sparse V4 cache vs a dense full-context cache.
 
-    python -m experiments.bench_decode [--lengths 1024,2048,...,65536] [--arms sparse,dense]
-        [--runs 20] [--warmup 3] [--batch 1] [--dtype float32] [--no-parts]
-        [--json benchmarks/decode_cpu.json] [--plot benchmarks/decode_cpu.png] [--tiny]
+    python -m experiments.bench_decode [--lengths 1024,2048,...,65536]
+        [--arms sparse,dense[,dense_ring,sparse_flat]] [--runs 20] [--warmup 3] [--batch 1]
+        [--dtype float32] [--no-parts] [--hlo] [--json benchmarks/decode_cpu.json]
+        [--plot benchmarks/decode_cpu.png] [--markdown] [--tiny] [--from-json PATH]
 
 The model: a small V4-shaped model (`bench_config`: 7 layers swa, swa, [csa, hca] x 2, csa;
 16 heads over one shared K=V head of 256; window 128; CSA ratio 4 with top-512 over 16 indexer
@@ -18,19 +19,25 @@ being measured (max_len = L):
   dense       the same model with a dense full-context cache: every layer becomes a plain
               causal attention over a full KV cache [B, L, D] (MQA, the same shared K=V head,
               the same query/KV/output projections, sinks, mHC and MoE; no compressor or
-              indexer). A step writes its row in place (scatter into the donated cache) and runs
-              the library's own cached attention (`ops.cached_attention`) over the cache; the
-              layers are unrolled (the scanned cycle's stacked parameters sliced per layer) so
-              that no cache is copied. An honest baseline: it does no work a full-KV decoder
-              would not do.
+              indexer). A step writes its row in place (one dynamic-update-slice into the
+              donated cache) and attends over the cache with the math of the library's cached
+              attention (`dense_attention`); the layers are unrolled (the scanned cycle's
+              stacked parameters sliced per layer). Its compiled step holds no cache-sized copy
+              (`--hlo` checks): an honest baseline that does no work a full-KV decoder would not
+              do. (A first version with a per-row scatter and the library's einsums made XLA:CPU
+              copy and transpose every layer's cache each step, 3-4x slower at 64K.)
   dense_ring  (optional) the library decoder with every layer an SWA layer whose window is L:
               also a full-context cache, but through the ring-buffer code path, which copies
               the window into the key array and rewrites the ring every step (fine for W = 128,
               wasteful for W = L): shows what that path would cost, not a fair baseline.
+  sparse_flat (optional, diagnostic) the library's per-layer cached step (`block_step`: the same
+              attention, compressor and indexer code as `sparse`) with every layer unrolled and
+              one cache per layer instead of the scanned cycle's stacked caches: separates the
+              cost of scanning over stacked caches (XLA copies them) from the rest.
 
 Cache contents: prefilling 64K tokens through the dense arm costs ~2.4e14 attention FLOPs
-(hours on a 2-core CPU), so every cache is filled directly with random but valid contents (`fill_cache`): `lengths` = L - n for
-the n steps that follow, ring slots / entries / indexer keys / dense rows of the held tokens
+(hours on a 2-core CPU), so every cache is filled directly with random but valid contents
+(`fill_cache`, `fill_dense_cache`): `lengths` = L - n for the n steps that follow, ring slots / entries / indexer keys / dense rows of the held tokens
 random (unit scale, as after the kv RMSNorm), unused ones zero, compressor tails filled in the
 slots a real prefill fills (gates -inf elsewhere). Step time does not depend on the values
 except through the top-k's data-dependent sort. The timed steps cover positions L-n .. L-1.
@@ -47,13 +54,18 @@ jitting the library's functions alone on cache-shaped random inputs, one decode 
   csa_attn    the same + the top-k entries gathered from the [B, L/4, D] entries (CSA layer)
   hca_attn    the same + every visible entry of the [B, L/128, D] entries (HCA layer)
   indexer     `indexer_scores` over the [B, L/4, D_I] indexer keys + `select_topk` (CSA layer)
-  dense_attn  `cached_attention` over the full [B, L, D] cache (one layer of the dense arm)
+  dense_attn  `dense_attention` over the full [B, L, D] cache (one layer of the dense arm)
 with their FLOPs (2 per multiply-add; attention 4*H*D per attended key, indexer 2*H_I*D_I per
 key) and the bytes of cache they read. `other` = step time minus the attention parts summed over
 the layers (projections, compressors, MoE, mHC, head, cache writes, dispatch).
 
+`--hlo` (diagnostic) also counts, at the largest length, the bytes of cache-sized (>= 1 MiB)
+`copy` instructions in each arm's compiled step: copies XLA inserted (layout changes, buffers
+it could not update in place), counted once per instruction (not per loop iteration).
+
 Output: a table on stdout, a JSON file (device, JAX version, git commit, load average, config,
-every run) and a log-log PNG plot. `--tiny` runs a toy model at two short lengths in seconds.
+every run) and a log-log PNG plot; `--from-json` redraws both from an earlier JSON. `--tiny`
+runs a toy model at two short lengths (seconds of compute).
 """
 from __future__ import annotations
 
@@ -61,9 +73,9 @@ import argparse
 import dataclasses
 import datetime
 import json
-import math
 import os
 import platform as platform_lib
+import re
 import statistics
 import subprocess
 import sys
@@ -82,11 +94,12 @@ from sparse_lm.config import ModelConfig
 from sparse_lm.inference import ops
 from sparse_lm.inference.cache import Cache, CompressorCache, LayerCache, cache_bytes, init_cache
 from sparse_lm.inference.decode import Decoder
+from sparse_lm.inference.step import block_step
 from sparse_lm.model.layers import dtype_of
 from sparse_lm.model.transformer import build_model
 from sparse_lm.ops.indexer import indexer_scores, select_topk
 
-ARMS = ("sparse", "dense", "dense_ring")
+ARMS = ("sparse", "dense", "dense_ring", "sparse_flat")
 PARTS = ("window", "csa_attn", "hca_attn", "indexer", "dense_attn")
 DEFAULT_LENGTHS = tuple(1024 << i for i in range(7))           # 1K .. 64K
 TINY_LENGTHS = (64, 128)
@@ -321,6 +334,69 @@ def dense_cache_bytes(cache: DenseCache) -> int:
     return sum(int(a.size) * a.dtype.itemsize for a in cache.layers)
 
 
+# ------------------------------------------------------------------------------ sparse_flat arm
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class FlatCache:
+    """The library's per-layer caches, one `LayerCache` per layer in layer order (the scanned
+    cycle's stacked caches split per cycle)."""
+    lengths: jax.Array
+    layers: tuple[LayerCache, ...]
+    max_len: int = dataclasses.field(metadata=dict(static=True))
+
+
+def flatten_cache(cfg: ModelConfig, cache: Cache) -> FlatCache:
+    layers = list(cache.head)
+    for i in range(cfg.layer_groups.num_cycles):
+        layers += [jax.tree.map(lambda a: a[i], lc) for lc in cache.cycles]
+    return FlatCache(lengths=cache.lengths, layers=tuple(layers + list(cache.tail)),
+                     max_len=cache.max_len)
+
+
+def flat_decode_step(model, cache: FlatCache, tokens: jax.Array):
+    """tokens [B] -> (logits [B, V], cache): the library's per-layer cached step
+    (`sparse_lm.inference.step.block_step`) on every layer in turn, layers unrolled."""
+    lengths = cache.lengths
+    tok = tokens[:, None]
+    ones = jnp.ones_like(lengths)
+    x = model.embed_streams(tok)
+    new = []
+    for block, lc in zip(_blocks(model), cache.layers, strict=True):
+        x, lc = block_step(block, x, tok, lc, lengths, ones, sparse=True)
+        new.append(lc)
+    out = FlatCache(lengths=lengths + 1, layers=tuple(new), max_len=cache.max_len)
+    return model.final_logits(x)[:, 0], out
+
+
+class FlatDecoder(DenseDecoder):
+    """Jitted `flat_decode_step` over (params, cache) with the cache donated."""
+
+    def _step_fn(self, params, cache, tokens):
+        return flat_decode_step(nnx.merge(self.graphdef, params), cache, tokens)
+
+
+# ------------------------------------------------------------------------------ HLO copies
+
+_DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1,
+                "f64": 8, "s64": 8}
+_HLO_COPY = re.compile(r"=\s*(\w+)\[([\d,]*)\]\{[^}]*\}\s+copy\(")
+
+
+def hlo_copy_bytes(hlo_text: str, min_bytes: int = 1 << 20) -> dict:
+    """Bytes written by `copy` instructions of at least `min_bytes` in a compiled HLO module
+    (layout changes and buffer copies that XLA inserted), counted statically: an instruction
+    inside a loop body is counted once, not once per iteration."""
+    total, count = 0, 0
+    for m in _HLO_COPY.finditer(hlo_text):
+        dims = [int(x) for x in m.group(2).split(",") if x]
+        n = int(np.prod(dims)) * _DTYPE_BYTES.get(m.group(1), 4)
+        if n >= min_bytes:
+            total += n
+            count += 1
+    return {"bytes": total, "count": count, "min_bytes": min_bytes}
+
+
 # ------------------------------------------------------------------------------ timing
 
 def time_fn(fn, args, *, warmup: int, runs: int):
@@ -357,6 +433,7 @@ class Arm:
     first_call_s: float = 0.0
     times: list = dataclasses.field(default_factory=list)
     logits: object = None
+    lower: object = None          # state -> jax Lowered of the step (HLO diagnostic)
 
     def call(self):
         out, self.state = self.step(self.state)
@@ -367,7 +444,7 @@ class Arm:
 def arm_config(arm: str, cfg: ModelConfig, length: int) -> ModelConfig:
     """The model config an arm runs at context `length` (for the dense arm: the one whose FLOPs
     the accounting counts, every layer attending all `length` tokens)."""
-    if arm == "sparse":
+    if arm in ("sparse", "sparse_flat"):
         return cfg
     if arm in ("dense", "dense_ring"):
         return dense_config(cfg, window=length)
@@ -379,6 +456,8 @@ def empty_arm_cache(arm: str, cfg: ModelConfig, batch: int, length: int):
     if arm == "dense":
         return init_dense_cache(dense_config(cfg), batch, length)
     acfg = arm_config(arm, cfg, length)
+    if arm == "sparse_flat":
+        return flatten_cache(acfg, init_cache(acfg, batch, length))
     return init_cache(acfg, batch, length)
 
 
@@ -388,6 +467,8 @@ def arm_cache_bytes(arm: str, cfg: ModelConfig, batch: int, length: int) -> int:
     shapes = jax.eval_shape(lambda: empty_arm_cache(arm, cfg, batch, length))
     if arm == "dense":
         return dense_cache_bytes(shapes)
+    if arm == "sparse_flat":    # the same arrays as "sparse", split per layer
+        shapes = jax.eval_shape(lambda: empty_arm_cache("sparse", cfg, batch, length))
     per_kind = cache_bytes(arm_config(arm, cfg, length), shapes)
     return sum(d["state"] + d["entries"] for d in per_kind.values())
 
@@ -400,18 +481,26 @@ def prepare_arm(arm: str, cfg: ModelConfig, length: int, start: int, *, batch: i
     nbytes = arm_cache_bytes(arm, cfg, batch, length)
     flops = acc.flops_per_token(acfg, length)
     empty = empty_arm_cache(arm, cfg, batch, length)
-    if arm == "dense":
-        dec = DenseDecoder(build_model(dense_config(cfg), seed))
-        cache = fill_dense_cache(empty, start, seed)
-        return Arm(arm, lambda c: dec.step(c, tokens), cache, nbytes, flops)
+    if arm in ("dense", "sparse_flat"):
+        if arm == "dense":
+            dec = DenseDecoder(build_model(dense_config(cfg), seed))
+            cache = fill_dense_cache(empty, start, seed)
+        else:
+            dec = FlatDecoder(build_model(acfg, seed))
+            cache = flatten_cache(acfg, fill_cache(acfg, init_cache(acfg, batch, length), start,
+                                                   seed))
+        return Arm(arm, lambda c: dec.step(c, tokens), cache, nbytes, flops,
+                   lower=lambda c: dec._step.lower(dec.params, c, tokens))
     dec = Decoder(build_model(acfg, seed))
     cache = fill_cache(acfg, empty, start, seed)
     tok2, ones = tokens[:, None], jnp.ones((batch,), jnp.int32)
-    return Arm(arm, lambda c: dec.step(c, tok2, ones, logits="last"), cache, nbytes, flops)
+    # `lower` uses the Decoder's jitted step (a private attribute) for the HLO diagnostic only.
+    return Arm(arm, lambda c: dec.step(c, tok2, ones, logits="last"), cache, nbytes, flops,
+               lower=lambda c: dec._step.lower(dec.params, c, tok2, ones, logits="last"))
 
 
 def bench_length(arms: list[str], cfg: ModelConfig, length: int, *, batch: int, warmup: int,
-                 runs: int, seed: int = 0) -> list[dict]:
+                 runs: int, seed: int = 0, hlo: bool = False) -> list[dict]:
     """Time every arm at context `length`, interleaved: each arm makes its first call
     (compilation + one step, excluded) and `warmup` steps, then the timed steps alternate
     between the arms (arm a, arm b, arm a, ...) so that a loaded machine's drift hits all arms
@@ -421,8 +510,11 @@ def bench_length(arms: list[str], cfg: ModelConfig, length: int, *, batch: int, 
         raise BenchError(f"--lengths: {length} is too short for 1 + warmup {warmup} + runs {runs} "
                          "steps")
     prepared = []
+    copies = {}
     for name in arms:
         a = prepare_arm(name, cfg, length, start, batch=batch, seed=seed)
+        if hlo:
+            copies[name] = hlo_copy_bytes(a.lower(a.state).compile().as_text())
         t0 = time.perf_counter()
         a.call()
         a.first_call_s = time.perf_counter() - t0
@@ -443,6 +535,8 @@ def bench_length(arms: list[str], cfg: ModelConfig, length: int, *, batch: int, 
                      "flops": {"linear": f.linear, "attention": f.attention,
                                "indexer": f.indexer, "total": f.total},
                      "logits_finite": bool(np.isfinite(np.asarray(a.logits)).all())})
+        if a.name in copies:
+            rows[-1]["hlo_copies"] = copies[a.name]
         a.state = None                       # free the cache before the next length
     return rows
 
@@ -595,6 +689,9 @@ def summarize(result: dict) -> dict:
                 row[f"speedup_vs_{arm}"] = d["median_ms"] / s["median_ms"]
                 row[f"flop_ratio_vs_{arm}"] = d["flops"]["total"] / s["flops"]["total"]
                 row[f"cache_ratio_vs_{arm}"] = d["cache_bytes"] / s["cache_bytes"]
+        f, d = by.get((length, "sparse_flat")), by.get((length, "dense"))
+        if f is not None and d is not None:
+            row["sparse_flat_speedup_vs_dense"] = d["median_ms"] / f["median_ms"]
         out[str(length)] = row
     goal = out.get(str(65536), {}).get("speedup_vs_dense")
     growth = {}
@@ -624,8 +721,11 @@ def table_cells(result: dict) -> tuple[list[str], list[list[str]]]:
     summ = result["summary"]["per_length"]
     both = "sparse" in arms and "dense" in arms
     header = ["L"] + [f"{a} ms" for a in arms]
+    flat = "sparse_flat" in arms and "dense" in arms
     if both:
         header += ["speedup", "FLOP ratio", "cache ratio"]
+    if flat:
+        header += ["flat speedup"]
     header += [f"{p} ms" for p in part_names]
     rows = []
     for length in result["meta"]["lengths"]:
@@ -638,6 +738,10 @@ def table_cells(result: dict) -> tuple[list[str], list[list[str]]]:
             r += [f"{s['speedup_vs_dense']:.2f}x" if "speedup_vs_dense" in s else "-",
                   f"{s['flop_ratio_vs_dense']:.2f}x" if "flop_ratio_vs_dense" in s else "-",
                   f"{s['cache_ratio_vs_dense']:.1f}x" if "cache_ratio_vs_dense" in s else "-"]
+        if flat:
+            s = summ.get(str(length), {})
+            r.append(f"{s['sparse_flat_speedup_vs_dense']:.2f}x"
+                     if "sparse_flat_speedup_vs_dense" in s else "-")
         r += [f"{parts[(length, p)]:.3f}" if (length, p) in parts else "-" for p in part_names]
         rows.append(r)
     return header, rows
@@ -670,7 +774,7 @@ def plot(result: dict, path: str) -> None:
     fig, axes = plt.subplots(1, 2 if has_parts else 1, figsize=(12 if has_parts else 6.5, 4.8))
     axes = np.atleast_1d(axes)
     styles = {"sparse": ("tab:blue", "o"), "dense": ("tab:red", "s"),
-              "dense_ring": ("tab:orange", "^")}
+              "dense_ring": ("tab:orange", "^"), "sparse_flat": ("tab:cyan", "D")}
     ax = axes[0]
     for arm in result["meta"]["arms"]:
         rows = sorted((r for r in result["rows"] if r["arm"] == arm), key=lambda r: r["length"])
@@ -688,7 +792,9 @@ def plot(result: dict, path: str) -> None:
     meta = result["meta"]
     ax.set(xscale="log", yscale="log", xlabel="context length L (tokens)",
            ylabel="decode step time (ms, median)",
-           title=f"decode step, batch {meta['batch']}, {meta['dtype']}, {meta['device_kind']}")
+           title=f"decode step, batch {meta['batch']}, {meta['dtype']}, {meta['device_kind']}"
+                 + (f" (load avg {meta['load_avg_start'][0]:g})" if meta.get("load_avg_start")
+                    else ""))
     ax.set_xscale("log", base=2)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
@@ -735,12 +841,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="compute and cache dtype of both arms")
     p.add_argument("--no-parts", action="store_true", help="skip the per-part timings")
+    p.add_argument("--hlo", action="store_true", help="at the largest length, count the "
+                   "cache-sized copy instructions in each arm's compiled step (compiles twice)")
     p.add_argument("--json", default=None, help="output JSON (default "
                    "benchmarks/decode_<platform>.json; '-' = none)")
     p.add_argument("--plot", default=None, help="output PNG (default: the JSON path with .png; "
                    "'-' = none)")
     p.add_argument("--tiny", action="store_true", help="toy model and lengths (seconds; tests)")
     p.add_argument("--markdown", action="store_true", help="also print the table in Markdown")
+    p.add_argument("--from-json", default=None, help="measure nothing: print the table of an "
+                   "earlier run's JSON and redraw its plot (to --plot, default beside it)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     a.lengths = _int_list(a.lengths, "--lengths") if a.lengths else list(
@@ -807,7 +917,7 @@ def run(args: argparse.Namespace) -> dict:
             bar.set_postfix_str(f"{kind} {name} L={n}")
         if kind == "arms":
             rows += bench_length(args.arms, cfg, n, batch=args.batch, warmup=args.warmup,
-                                 runs=args.runs)
+                                 runs=args.runs, hlo=args.hlo and n == max(args.lengths))
         else:
             parts.append(bench_part(name, cfg, n, batch=args.batch, warmup=args.warmup,
                                     runs=args.runs))
@@ -835,7 +945,13 @@ def main(argv=None) -> int:
     except BenchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    result = run(args)
+    if args.from_json:
+        result = json.loads(Path(args.from_json).read_text())
+        args.json = "-"
+        if args.plot is None:
+            args.plot = str(Path(args.from_json).with_suffix(".png"))
+    else:
+        result = run(args)
     print(table(result))
     if args.markdown:
         print()
