@@ -15,6 +15,9 @@ def base(model_preset: str = "tiny") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.model = getattr(model_presets, model_preset)()
     c.seed = 0
+    # Sharding preset of configs/sharding/ (e.g. "fsdp", "fsdp_ep:expert=16"); "" = data
+    # parallel over all devices with replicated state (no preset).
+    c.sharding = ""
 
     c.data = ml_collections.ConfigDict(dict(
         source="stdlib",            # "stdlib" | "tfds:<name>" | "synthetic:needle" | "synthetic:recall"

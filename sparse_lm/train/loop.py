@@ -97,6 +97,7 @@ class Run:
     replicated: Any
     local_batch: int
     align: int
+    plan: Any = None     # sparse_lm.sharding.plan.ShardingPlan when config.sharding names a preset
 
 
 def setup(config, workdir) -> Run:
@@ -112,6 +113,12 @@ def setup(config, workdir) -> Run:
     if int(t.seq_len) % align:
         raise ValueError(f"train.seq_len={t.seq_len} must be a multiple of the document "
                          f"alignment {align} (data.align, default the largest compress ratio)")
+    if config.get("sharding"):     # a named preset (configs/sharding/): mesh, rules, sharded steps
+        from sparse_lm.sharding.plan import make_plan
+        plan = make_plan(str(config.sharding), model_cfg, make_tx(config))
+        return Run(config=config, model_cfg=plan.model_cfg, workdir=Path(workdir), mesh=plan.mesh,
+                   batch_sharding=plan.batch_sharding, replicated=plan.replicated,
+                   local_batch=int(t.batch_size) // n_proc, align=align, plan=plan)
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
     P = jax.sharding.PartitionSpec
     return Run(config=config, model_cfg=model_cfg, workdir=Path(workdir), mesh=mesh,
@@ -126,9 +133,12 @@ def make_tx(config):
 
 
 def run_meta(run: Run, corpus: dict) -> dict:
-    return {"model": run.model_cfg.to_dict(), "corpus": corpus,
+    meta = {"model": run.model_cfg.to_dict(), "corpus": corpus,
             "seq_len": int(run.config.train.seq_len), "batch_size": int(run.config.train.batch_size),
             "processes": jax.process_count(), "devices": jax.device_count()}
+    if run.plan is not None:
+        meta["sharding"] = run.plan.metadata()
+    return meta
 
 
 def write_resolved_config(run: Run, corpus: dict) -> None:
@@ -145,6 +155,8 @@ def write_resolved_config(run: Run, corpus: dict) -> None:
            "runtime": {"jax": jax.__version__, "backend": jax.default_backend(),
                        "devices": jax.device_count(), "processes": jax.process_count(),
                        "device_kind": jax.devices()[0].device_kind}}
+    if run.plan is not None:
+        doc["sharding"] = run.plan.metadata()
     p = run.workdir / "config.json"
     tmp = p.with_suffix(".tmp")
     tmp.write_text(json.dumps(doc, indent=2, default=str))
@@ -220,7 +232,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
 
     # Model, optimizer, state.
     schedule = make_schedule(config)
-    tx = make_tx(config)
+    tx = run.plan.tx if run.plan is not None else make_tx(config)
     model_fn = lambda: build_model(cfg, seed=int(config.seed))
     ckpt = ckpt_lib.Checkpointer(run.workdir, keep=int(t.keep_checkpoints),
                                  async_save=bool(t.async_checkpoint))
@@ -236,10 +248,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
                  f"({saved_corpus.get('fingerprint')} -> {corpus.get('fingerprint')}): the resumed "
                  f"run reads different data than the interrupted one would have")
         graphdef, abstract = abstract_train_state(model_fn, tx)
-        state, data_states, _ = ckpt.restore(latest, ckpt_lib.with_sharding(abstract, run.replicated))
+        placed = (run.plan.abstract_state() if run.plan is not None
+                  else ckpt_lib.with_sharding(abstract, run.replicated))
+        state, data_states, _ = ckpt.restore(latest, placed)
         it.restore(data_states[pidx])
         writer.truncate_after(latest)
         _log(f"[resume] restored step {latest} from {ckpt.directory}")
+    elif run.plan is not None:       # created directly in the preset's layout
+        graphdef, state = run.plan.graphdef, run.plan.init_state(seed=int(config.seed))
     else:
         graphdef, state = init_train_state(model_fn(), tx)
         state = jax.device_put(state, run.replicated)
@@ -265,12 +281,18 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     steps = {}
 
     def step_fn(name):
+        if name not in steps and run.plan is not None:
+            steps[name] = run.plan.train_step(schedule, lcfg, sparse=name == "sparse",
+                                              implementation=impl,
+                                              only_indexer=name == "indexer_warmup")
         if name not in steps:
             steps[name] = make_train_step(graphdef, tx, schedule, lcfg, sparse=name == "sparse",
                                           implementation=impl,
                                           only_indexer=name == "indexer_warmup")
         return steps[name]
-    eval_fns = {s: make_eval_step(graphdef, sparse=s, implementation=impl) for s in (False, True)}
+    eval_fns = {s: (run.plan.eval_step(sparse=s, implementation=impl) if run.plan is not None
+                    else make_eval_step(graphdef, sparse=s, implementation=impl))
+                for s in (False, True)}
     eval_src = None
     eval_batches = None
 
@@ -390,7 +412,9 @@ def load_for_eval(config, workdir, step: int | None = None):
     ckpt.check_compatible(run.model_cfg.to_dict(), step)
     tx = make_tx(config)
     graphdef, abstract = abstract_train_state(lambda: build_model(run.model_cfg), tx)
-    state, _, _ = ckpt.restore(step, ckpt_lib.with_sharding(abstract, run.replicated))
+    placed = (run.plan.abstract_state() if run.plan is not None
+              else ckpt_lib.with_sharding(abstract, run.replicated))
+    state, _, _ = ckpt.restore(step, placed)
     ckpt.close()
     return run, nnx.merge(graphdef, state.params, state.buffers), step
 

@@ -296,7 +296,28 @@ def task_hlo_stats(args):
             "global_rows": b}
 
 
-TASKS = {"hlo_stats": task_hlo_stats, "presets": task_presets, "expert_parallel": task_expert_parallel,
+def task_train_loop(args):
+    """The training loop with a sharding preset: train, then resume under another preset."""
+    import pathlib
+
+    from sparse_lm.train.loop import train
+    from tests.train.tiny_train_config import get_config
+    work = pathlib.Path(args["workdir"])
+    out = {}
+    for preset, steps in (("fsdp", 4), ("fsdp_tp:tensor=2", 6)):
+        c = get_config()
+        c.sharding = preset
+        c.train.update(dict(steps=steps, batch_size=8, checkpoint_every=2, async_checkpoint=False))
+        c.schedule.update(dict(warmup_steps=1, decay_steps=0))
+        summary = train(c, work)
+        doc = json.loads((work / "config.json").read_text())
+        out[preset] = {"resumed_from": summary["resumed_from"],
+                       "last_loss": summary["history"][-1]["loss"],
+                       "sharding": {k: doc["sharding"][k] for k in ("name", "mesh", "rules")}}
+    return out
+
+
+TASKS = {"hlo_stats": task_hlo_stats, "train_loop": task_train_loop, "presets": task_presets, "expert_parallel": task_expert_parallel,
          "ep_tpu_compile": task_ep_tpu_compile, "mesh_slices": task_mesh_slices}
 
 if __name__ == "__main__":
