@@ -232,8 +232,11 @@ def explain(row: dict) -> str:
         if state > hbm:
             return (f"parameters + optimizer state alone are {state:.1f} GB/device "
                     f"(> {hbm:.1f} GB HBM): the preset does not shard them enough")
-        return (f"needs {need:.1f} GB/device of {hbm:.1f} GB: state {state:.1f} GB fits, the rest "
-                f"is activations / gathered weights / workspace")
+        what = ("temporaries" if "temporaries" in row.get("compiler_message", "")
+                else "the program")
+        return (f"state {state:.1f} GB/device fits, but the compiler's {what} need "
+                f"{need:.1f} GB of {hbm:.1f} GB: activations, gathered weights, collective "
+                f"buffers and workspace")
     if row.get("status") != "ok":
         return row.get("reason", "")
     bound = row.get("bound", "")

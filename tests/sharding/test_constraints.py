@@ -12,7 +12,7 @@ from sparse_lm.sharding import constraints
 from sparse_lm.sharding.mesh import make_mesh
 from sparse_lm.sharding.presets import load_preset
 from tests.conftest import tiny_config
-from tests.sharding.helpers import run_worker
+from tests.sharding.helpers import has_libtpu, run_worker
 
 
 def test_constrain_is_identity_without_rules():
@@ -53,3 +53,25 @@ def test_two_slices_put_the_dcn_factor_on_the_outer_axis():
     assert r["shape"] == {"data": 2, "fsdp": 4, "tensor": 1, "expert": 1, "context": 1}
     assert r["slice_of_data_row"] == [[1], [0]] or r["slice_of_data_row"] == [[0], [1]]
     assert all(t.endswith("Auto") for t in r["axis_types"])
+
+
+@pytest.mark.skipif(not has_libtpu(), reason="libtpu not installed: no TPU topologies")
+def test_two_tpu_slices_split_on_the_dcn_axis():
+    r = run_worker("tpu_multislice_mesh", {"topology": "v5e-4x2"}, devices=1, timeout=300)
+    assert r["shape"] == {"data": 2, "fsdp": 4, "tensor": 1, "expert": 1, "context": 1}
+    assert r["slices_per_data_row"] == [[0], [1]]
+
+
+def test_collectives_across_slices_are_priced_on_dcn():
+    from types import SimpleNamespace
+
+    from sparse_lm.sharding.topology import CHIPS, DCN_BW_PER_CHIP, collective_seconds
+    devs = [SimpleNamespace(id=i, coords=(i % 2, i // 2 % 2, 0), slice_index=i // 4)
+            for i in range(8)]
+    chip = CHIPS["v5e"]
+    t_ici, link = collective_seconds("all-gather", 1e9, [0, 1, 2, 3], 4, devs, chip)
+    assert link == "ici" and t_ici == pytest.approx(1e9 * 3 / 4 / (2 * chip.ici_link_bw * 2))
+    t_dcn, link = collective_seconds("all-gather", 1e9, [0, 4], 2, devs, chip)
+    assert link == "dcn" and t_dcn == pytest.approx(1e9 / 2 / DCN_BW_PER_CHIP)
+    assert collective_seconds("all-reduce", 1e9, [0, 1], 2, devs, chip)[0] == pytest.approx(
+        2 * collective_seconds("all-gather", 1e9, [0, 1], 2, devs, chip)[0])

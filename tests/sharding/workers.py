@@ -317,7 +317,19 @@ def task_train_loop(args):
     return out
 
 
-TASKS = {"hlo_stats": task_hlo_stats, "train_loop": task_train_loop, "presets": task_presets, "expert_parallel": task_expert_parallel,
+def task_tpu_multislice_mesh(args):
+    """A 2-slice TPU topology: the dcn factor of `data` separates the slices."""
+    from sparse_lm.sharding.mesh import make_mesh
+    from sparse_lm.sharding.topology import resolve_topology, topology_devices
+    devs = topology_devices(resolve_topology(args.get("topology", "v5e-4x2")))
+    mesh = make_mesh({"fsdp": -1}, {"data": -1}, devs)
+    arr = mesh.devices
+    return {"shape": dict(zip(mesh.axis_names, arr.shape)),
+            "slices_per_data_row": [sorted({d.slice_index for d in arr[j].flat})
+                                    for j in range(arr.shape[0])]}
+
+
+TASKS = {"hlo_stats": task_hlo_stats, "tpu_multislice_mesh": task_tpu_multislice_mesh, "train_loop": task_train_loop, "presets": task_presets, "expert_parallel": task_expert_parallel,
          "ep_tpu_compile": task_ep_tpu_compile, "mesh_slices": task_mesh_slices}
 
 if __name__ == "__main__":
