@@ -22,10 +22,12 @@ being measured (max_len = L):
               indexer). A step writes its row in place (one dynamic-update-slice into the
               donated cache) and attends over the cache with the math of the library's cached
               attention (`dense_attention`); the layers are unrolled (the scanned cycle's
-              stacked parameters sliced per layer). Its compiled step holds no cache-sized copy
-              (`--hlo` checks): an honest baseline that does no work a full-KV decoder would not
-              do. (A first version with a per-row scatter and the library's einsums made XLA:CPU
-              copy and transpose every layer's cache each step, 3-4x slower at 64K.)
+              stacked parameters sliced per layer once, outside the step). Its compiled step
+              holds no cache-sized copy (`--hlo` checks): an honest baseline that does no work a
+              full-KV decoder would not do. (A first version with a per-row scatter and the
+              library's einsums made XLA:CPU copy and transpose every layer's cache each step,
+              3-4x slower at 64K.) The MoE expert weights are transposed every step on XLA:CPU
+              (44 MB for this model) in every arm alike: the model's MoE code, not the cache.
   dense_ring  (optional) the library decoder with every layer an SWA layer whose window is L:
               also a full-context cache, but through the ring-buffer code path, which copies
               the window into the key array and rewrites the ring every step (fine for W = 128,
@@ -290,7 +292,7 @@ def _dense_layer(block, x, tokens, kv_cache, lengths):
 
 def _blocks(model):
     """Every Block of the model in layer order; the scanned cycle is unrolled (its stacked
-    parameters sliced per cycle), so that every layer's cache is updated in place."""
+    parameters sliced per cycle), so that every layer's cache is its own buffer."""
     blocks = list(model.head_layers)
     if model.cycles is not None:
         graphdef, params = nnx.split(model.cycles)
@@ -301,14 +303,15 @@ def _blocks(model):
     return blocks + list(model.tail_layers)
 
 
-def dense_decode_step(model, cache: DenseCache, tokens: jax.Array):
-    """tokens [B] -> (logits [B, V], cache with one more token per row). Every layer a causal
-    attention over its full KV cache; the rest of the layer is the model's own code."""
+def dense_decode_step(model, blocks, cache: DenseCache, tokens: jax.Array):
+    """tokens [B] -> (logits [B, V], cache with one more token per row). `blocks`: the model's
+    layers in order (`_blocks`). Every layer a causal attention over its full KV cache; the
+    rest of the layer is the model's own code."""
     lengths = cache.lengths
     tok = tokens[:, None]
     x = model.embed_streams(tok)
     new = []
-    for block, kc in zip(_blocks(model), cache.layers, strict=True):
+    for block, kc in zip(blocks, cache.layers, strict=True):
         x, kc = _dense_layer(block, x, tok, kc, lengths)
         new.append(kc)
     out = DenseCache(lengths=lengths + 1, layers=tuple(new), max_len=cache.max_len)
@@ -316,18 +319,30 @@ def dense_decode_step(model, cache: DenseCache, tokens: jax.Array):
 
 
 class DenseDecoder:
-    """Jitted `dense_decode_step` over (params, cache) with the cache donated."""
+    """Jitted `dense_decode_step` over (params, per-layer params, cache), cache donated.
+
+    The scanned cycle's stacked parameters are sliced per layer once, here, outside the step:
+    slicing them inside the jitted step made XLA:CPU copy every cycle layer's weights each step.
+    """
+    decode = staticmethod(dense_decode_step)
 
     def __init__(self, model):
         self.cfg = model.cfg
-        self.graphdef, self.params = nnx.split(model)
+        self.graphdef, self.params = nnx.split(model)       # embedding, head (and unused layers)
+        split = [nnx.split(b) for b in _blocks(model)]
+        self.block_defs = [g for g, _ in split]
+        self.block_params = [st for _, st in split]
         self._step = jax.jit(self._step_fn, donate_argnames=("cache",))
 
-    def _step_fn(self, params, cache, tokens):
-        return dense_decode_step(nnx.merge(self.graphdef, params), cache, tokens)
+    def _step_fn(self, params, block_params, cache, tokens):
+        blocks = [nnx.merge(g, st) for g, st in zip(self.block_defs, block_params)]
+        return self.decode(nnx.merge(self.graphdef, params), blocks, cache, tokens)
 
-    def step(self, cache: DenseCache, tokens):
-        return self._step(self.params, cache, tokens)
+    def step(self, cache, tokens):
+        return self._step(self.params, self.block_params, cache, tokens)
+
+    def lower(self, cache, tokens):
+        return self._step.lower(self.params, self.block_params, cache, tokens)
 
 
 def dense_cache_bytes(cache: DenseCache) -> int:
@@ -354,7 +369,7 @@ def flatten_cache(cfg: ModelConfig, cache: Cache) -> FlatCache:
                      max_len=cache.max_len)
 
 
-def flat_decode_step(model, cache: FlatCache, tokens: jax.Array):
+def flat_decode_step(model, blocks, cache: FlatCache, tokens: jax.Array):
     """tokens [B] -> (logits [B, V], cache): the library's per-layer cached step
     (`sparse_lm.inference.step.block_step`) on every layer in turn, layers unrolled."""
     lengths = cache.lengths
@@ -362,7 +377,7 @@ def flat_decode_step(model, cache: FlatCache, tokens: jax.Array):
     ones = jnp.ones_like(lengths)
     x = model.embed_streams(tok)
     new = []
-    for block, lc in zip(_blocks(model), cache.layers, strict=True):
+    for block, lc in zip(blocks, cache.layers, strict=True):
         x, lc = block_step(block, x, tok, lc, lengths, ones, sparse=True)
         new.append(lc)
     out = FlatCache(lengths=lengths + 1, layers=tuple(new), max_len=cache.max_len)
@@ -370,10 +385,8 @@ def flat_decode_step(model, cache: FlatCache, tokens: jax.Array):
 
 
 class FlatDecoder(DenseDecoder):
-    """Jitted `flat_decode_step` over (params, cache) with the cache donated."""
-
-    def _step_fn(self, params, cache, tokens):
-        return flat_decode_step(nnx.merge(self.graphdef, params), cache, tokens)
+    """Jitted `flat_decode_step` (per-layer parameters and caches), cache donated."""
+    decode = staticmethod(flat_decode_step)
 
 
 # ------------------------------------------------------------------------------ HLO copies
@@ -490,7 +503,7 @@ def prepare_arm(arm: str, cfg: ModelConfig, length: int, start: int, *, batch: i
             cache = flatten_cache(acfg, fill_cache(acfg, init_cache(acfg, batch, length), start,
                                                    seed))
         return Arm(arm, lambda c: dec.step(c, tokens), cache, nbytes, flops,
-                   lower=lambda c: dec._step.lower(dec.params, c, tokens))
+                   lower=lambda c: dec.lower(c, tokens))
     dec = Decoder(build_model(acfg, seed))
     cache = fill_cache(acfg, empty, start, seed)
     tok2, ones = tokens[:, None], jnp.ones((batch,), jnp.int32)
