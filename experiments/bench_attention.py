@@ -38,21 +38,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import math
-import os
-import platform as platform_lib
 import statistics
-import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
 
+from experiments.benchlib import device_peak, device_tag, run_meta, time_compiled, write_result
 from kernels_pallas.block_sparse_attention import block_sparse_attention
 from sparse_lm.config import ModelConfig
 from sparse_lm.ops.compress import compress, entry_positions
@@ -68,10 +63,6 @@ else:
     _CSA_IMPORT_ERROR = None
 
 ARMS = ("dense_core", "hca_core", "csa_core", "hca_layer", "csa_layer")
-# Dense bf16 tensor peaks (FLOP/s) by device kind substring, most specific first.
-PEAKS = (("H100", 989e12), ("H200", 989e12), ("H800", 989e12), ("GH200", 989e12),
-         ("A100", 312e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5p", 459e12),
-         ("TPU v5", 459e12), ("TPU v6", 918e12), ("TPU v4", 275e12))
 
 
 # ------------------------------------------------------------------------------ shapes
@@ -285,18 +276,6 @@ def build_arm(arm: str, s: int, sh: Shapes, *, interpret: bool, kernel_impl: str
     raise ValueError(f"unknown arm {arm!r}: allowed {ARMS}")
 
 
-def _timed(fn, args, runs: int, warmup: int) -> list[float]:
-    compiled = jax.jit(fn).lower(*args).compile()                # compile time excluded
-    for _ in range(warmup):
-        jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - t0)
-    return times
-
-
 def _forward_and_backward(fn, diff_names, other_names, data):
     """(fwd(*args), fwd_bwd(*args), args): fwd_bwd returns grads of sum(out * g) + sum(lse)."""
     diff = [data[k] for k in diff_names]
@@ -337,8 +316,8 @@ def cudnn_check(s: int, sh: Shapes, runs: int, warmup: int, dtype) -> dict:
         implementation="cudnn")
     out = {"seq": s, "heads": h, "head_dim": d}
     try:
-        t_ours = statistics.median(_timed(ours, (q, kv), runs, warmup))
-        t_cudnn = statistics.median(_timed(cudnn, (q, kv), runs, warmup))
+        t_ours = statistics.median(time_compiled(ours, (q, kv), runs, warmup))
+        t_cudnn = statistics.median(time_compiled(cudnn, (q, kv), runs, warmup))
         err = float(jnp.max(jnp.abs(jax.jit(ours)(q, kv).astype(jnp.float32)
                                     - jax.jit(cudnn)(q, kv).astype(jnp.float32))))
         fl = 4.0 * d * h * sh.batch * s * (s + 1) / 2
@@ -351,25 +330,6 @@ def cudnn_check(s: int, sh: Shapes, runs: int, warmup: int, dtype) -> dict:
 
 
 # --------------------------------------------------------------------------------- driver
-
-def device_peak(kind: str) -> float | None:
-    for key, peak in PEAKS:
-        if key.lower() in kind.lower():
-            return peak
-    return None
-
-
-def _git():
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                    cwd=here, capture_output=True, text=True).stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        return None, None
-    return commit, dirty
-
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -421,18 +381,11 @@ def run(args) -> dict:
     interpret = backend == "cpu"
     kernel_impl = "gpu" if backend == "gpu" else "tpu"
     csa_impl = "pallas_gpu" if backend == "gpu" else "pallas_tpu"
+    meta = run_meta(preset="tiny" if args.tiny else args.preset, shapes=dataclasses.asdict(sh),
+                    dtype=str(dtype), seq=args.seq, arms=args.arms, runs=args.runs,
+                    warmup=args.warmup, backward=not args.no_backward, interpret=interpret,
+                    csa_kernel=None if csa_attention is not None else _CSA_IMPORT_ERROR)
     peak = device_peak(dev.device_kind)
-    commit, dirty = _git()
-    meta = {"device": str(dev), "device_kind": dev.device_kind, "platform": backend,
-            "jax": jax.__version__, "jaxlib": jaxlib.__version__,
-            "python": platform_lib.python_version(), "git_commit": commit, "git_dirty": dirty,
-            "preset": "tiny" if args.tiny else args.preset, "shapes": dataclasses.asdict(sh),
-            "dtype": str(dtype), "seq": args.seq, "arms": args.arms, "runs": args.runs,
-            "warmup": args.warmup, "backward": not args.no_backward, "interpret": interpret,
-            "peak_bf16_tflops": None if peak is None else peak / 1e12,
-            "csa_kernel": None if csa_attention is not None else _CSA_IMPORT_ERROR,
-            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(sys.argv)}
     rows = []
     passes = ["fwd"] + ([] if args.no_backward else ["fwd+bwd"])
     work = [(s, a, ps) for s in args.seq for a in args.arms for ps in passes]
@@ -453,7 +406,7 @@ def run(args) -> dict:
                 row = {"seq": s, "arm": arm, "pass": ps,
                        "flops": arm_flops(arm, s, sh, ps == "fwd+bwd")}
                 try:
-                    times = _timed(fwd if ps == "fwd" else fwd_bwd,
+                    times = time_compiled(fwd if ps == "fwd" else fwd_bwd,
                                    fargs if ps == "fwd" else (*fargs, g), args.runs, args.warmup)
                     med = statistics.median(times)
                     row.update(median_ms=1e3 * med, min_ms=1e3 * min(times),
@@ -527,17 +480,8 @@ def main(argv=None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     result = run(args)
     print(format_table(result))
-    path = args.json
-    if path is None and args.tiny:
-        path = "-"
-    if path is None:
-        kind = result["meta"]["device_kind"].replace(" ", "_").replace("/", "_")
-        path = os.path.join("benchmarks", f"attention_{kind}_{result['meta']['preset']}.json")
-    if path != "-":
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {path}")
+    write_result(result, "-" if args.json is None and args.tiny else args.json,
+                 default_name=f"attention_{device_tag(result)}_{result['meta']['preset']}.json")
     return result
 
 

@@ -32,26 +32,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
-import os
-import platform as platform_lib
 import statistics
-import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
 
+from experiments.benchlib import device_peak, device_tag, run_meta, time_compiled, write_result
 from kernels_pallas.indexer_topk import indexer_max_score, indexer_topk
 
 ARMS = ("naive", "xla", "fused", "scores_only", "csa_core")
-PEAKS = (("H100", 989e12), ("H200", 989e12), ("H800", 989e12), ("A100", 312e12),
-         ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5p", 459e12), ("TPU v5", 459e12),
-         ("TPU v6", 918e12), ("TPU v4", 275e12))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,13 +55,6 @@ class Shapes:
     heads: int
     head_dim: int
     window: int
-
-
-def device_peak(kind: str) -> float | None:
-    for key, peak in PEAKS:
-        if key.lower() in kind.lower():
-            return peak
-    return None
 
 
 def visible_pairs(s: int, sh: Shapes) -> int:
@@ -86,30 +70,6 @@ def csa_core_flops(s: int, sh: Shapes) -> float:
     t = np.arange(s, dtype=np.int64)
     pairs = np.minimum(t + 1, sh.window).sum() + np.minimum((t + 1) // sh.ratio, sh.topk).sum()
     return 4.0 * sh.head_dim * sh.heads * sh.batch * float(pairs)
-
-
-def timed(fn, args, runs: int, warmup: int) -> list[float]:
-    compiled = jax.jit(fn).lower(*args).compile()                 # compile time excluded
-    for _ in range(warmup):
-        jax.block_until_ready(compiled(*args))
-    out = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        out.append(time.perf_counter() - t0)
-    return out
-
-
-def git_state():
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                    cwd=here, capture_output=True, text=True).stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        return None, None
-    return commit, dirty
 
 
 def make_data(s: int, sh: Shapes, dtype, seed: int = 0):
@@ -219,17 +179,9 @@ def run(a) -> dict:
     backend = jax.default_backend()
     interpret = backend == "cpu"
     kernel = "pallas_gpu" if backend == "gpu" else "pallas_tpu"
+    meta = run_meta(preset=preset, shapes=dataclasses.asdict(sh), dtype=str(dtype), seq=a.seq,
+                    arms=a.arms, runs=a.runs, warmup=a.warmup, interpret=interpret, kernel=kernel)
     peak = device_peak(dev.device_kind)
-    commit, dirty = git_state()
-    meta = {"device": str(dev), "device_kind": dev.device_kind, "platform": backend,
-            "jax": jax.__version__, "jaxlib": jaxlib.__version__,
-            "python": platform_lib.python_version(), "git_commit": commit, "git_dirty": dirty,
-            "preset": preset, "shapes": dataclasses.asdict(sh), "dtype": str(dtype),
-            "seq": a.seq, "arms": a.arms, "runs": a.runs, "warmup": a.warmup,
-            "interpret": interpret, "kernel": kernel,
-            "peak_bf16_tflops": None if peak is None else peak / 1e12,
-            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(sys.argv)}
     rows, summary = [], []
     try:
         from tqdm import tqdm
@@ -249,7 +201,7 @@ def run(a) -> dict:
             try:
                 fn, names = build_arm(arm, s, sh, kernel=kernel, interpret=interpret, dtype=dtype)
                 args = [data[x] for x in names]
-                times = timed(fn, args, a.runs, a.warmup)
+                times = time_compiled(fn, args, a.runs, a.warmup)
                 med = statistics.median(times)
                 row.update(median_ms=1e3 * med, min_ms=1e3 * min(times),
                            runs_ms=[1e3 * t for t in times], tflops=flops / med / 1e12,
@@ -308,15 +260,8 @@ def main(argv=None) -> dict:
     a = parse_args(sys.argv[1:] if argv is None else argv)
     result = run(a)
     print(format_table(result))
-    path = a.json if a.json is not None else ("-" if a.tiny else None)
-    if path is None:
-        kind = result["meta"]["device_kind"].replace(" ", "_").replace("/", "_")
-        path = os.path.join("benchmarks", f"indexer_{kind}_{result['meta']['preset']}.json")
-    if path != "-":
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {path}")
+    write_result(result, "-" if a.json is None and a.tiny else a.json,
+                 default_name=f"indexer_{device_tag(result)}_{result['meta']['preset']}.json")
     return result
 
 

@@ -26,19 +26,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
-import os
-import platform as platform_lib
 import statistics
 import sys
 
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
 
-from experiments.bench_indexer import device_peak, git_state, timed
+from experiments.benchlib import device_peak, device_tag, run_meta, time_compiled, write_result
 from kernels_pallas.grouped_matmul import grouped_matmul, tokamax_available
 
 IMPLS = ("ragged_dot", "pallas", "tokamax", "dense")
@@ -131,18 +126,11 @@ def run(a) -> dict:
     dev = jax.devices()[0]
     backend = jax.default_backend()
     interpret = backend == "cpu"
+    meta = run_meta(preset=preset, shapes=dataclasses.asdict(sh), dtype=str(dtype),
+                    tokens_per_expert=a.tokens_per_expert, distribution=a.distribution,
+                    impls=a.impls, runs=a.runs, warmup=a.warmup, interpret=interpret,
+                    backward=not a.no_backward, tokamax_available=tokamax_available())
     peak = device_peak(dev.device_kind)
-    commit, dirty = git_state()
-    meta = {"device": str(dev), "device_kind": dev.device_kind, "platform": backend,
-            "jax": jax.__version__, "jaxlib": jaxlib.__version__,
-            "python": platform_lib.python_version(), "git_commit": commit, "git_dirty": dirty,
-            "preset": preset, "shapes": dataclasses.asdict(sh), "dtype": str(dtype),
-            "tokens_per_expert": a.tokens_per_expert, "distribution": a.distribution,
-            "impls": a.impls, "runs": a.runs, "warmup": a.warmup, "interpret": interpret,
-            "backward": not a.no_backward, "tokamax_available": tokamax_available(),
-            "peak_bf16_tflops": None if peak is None else peak / 1e12,
-            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(sys.argv)}
     passes = ["fwd"] + ([] if a.no_backward else ["fwd+bwd"])
     rows = []
     try:
@@ -172,7 +160,7 @@ def run(a) -> dict:
                     fn = build(impl, backend, interpret)
                     f, args = (fn, (lhs, rhs, gs)) if ps == "fwd" else (fwd_bwd(fn),
                                                                          (lhs, rhs, gs, cot))
-                    times = timed(f, args, a.runs, a.warmup)
+                    times = time_compiled(f, args, a.runs, a.warmup)
                     med = statistics.median(times)
                     row.update(median_ms=1e3 * med, min_ms=1e3 * min(times),
                                runs_ms=[1e3 * t for t in times], tflops=flops / med / 1e12,
@@ -219,15 +207,8 @@ def main(argv=None) -> dict:
     a = parse_args(sys.argv[1:] if argv is None else argv)
     result = run(a)
     print(format_table(result))
-    path = a.json if a.json is not None else ("-" if a.tiny else None)
-    if path is None:
-        kind = result["meta"]["device_kind"].replace(" ", "_").replace("/", "_")
-        path = os.path.join("benchmarks", f"moe_{kind}_{result['meta']['preset']}.json")
-    if path != "-":
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {path}")
+    write_result(result, "-" if a.json is None and a.tiny else a.json,
+                 default_name=f"moe_{device_tag(result)}_{result['meta']['preset']}.json")
     return result
 
 
