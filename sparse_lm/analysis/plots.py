@@ -25,9 +25,10 @@ PART_COLORS = {"window": "#4c72b0", "compressed": "#dd8452", "sink": "#8c8c8c"}
 
 # ---------------------------------------------------------------------------- plumbing
 def new_figure(width: float, height: float, caption: str, *, nrows: int = 1, ncols: int = 1,
-               **subplot_kw):
+               grid: bool = False, **subplot_kw):
     """(fig, axes) with constrained layout and `caption` in italics under the axes (wrapped to
-    the figure's width; the figure grows by the caption's height)."""
+    the figure's width; the figure grows by the caption's height). axes is one Axes for a 1 x 1
+    figure unless grid=True, else the [nrows, ncols] array."""
     lines = textwrap.wrap(caption, width=max(40, int(width * 13)))
     cap_h = 0.16 * len(lines) + 0.12                       # inches
     fig = Figure(figsize=(width, height + cap_h))
@@ -38,7 +39,7 @@ def new_figure(width: float, height: float, caption: str, *, nrows: int = 1, nco
     axes = fig.subplots(nrows, ncols, squeeze=False, **subplot_kw)
     fig.text(0.01, bottom / 2, "\n".join(lines), fontsize=8.5, style="italic", color="#333333",
              va="center", ha="left")
-    return fig, (axes[0, 0] if nrows == ncols == 1 else axes)
+    return fig, (axes[0, 0] if nrows == ncols == 1 and not grid else axes)
 
 
 def to_png(fig: Figure, dpi: int = DPI, colors: int | None = 128) -> bytes:
@@ -131,7 +132,7 @@ def bias_trajectory(steps: Sequence[int], biases: Mapping[str, np.ndarray]):
     n = len(names)
     fig, axes = new_figure(3.0 * n + 1.2, 3.4, "Look for: experts that were overloaded early get "
                            "their bias pushed down (and vice versa); a bias moves by at most "
-                           "rate x steps.", ncols=n, sharey=True)
+                           "rate x steps.", ncols=n, grid=True, sharey=True)
     fig.suptitle("Router bias of each expert over training (score-routed layers)", fontsize=10)
     for ax, name in zip(axes[0], names):
         b = np.asarray(biases[name])
@@ -198,6 +199,7 @@ def token_expert_strip(chars: Sequence[str], experts_by_layer: Sequence[np.ndarr
     ax.set_yticks(range(len(ylabels)), ylabels, fontsize=7)
     ax.set_xticks([])
     ax.set_xlabel(f"snippet, {per_row} bytes per line (colour = top expert id)")
+    ax.set_ylabel("layer (one band per line of the snippet)")
     ax.set_title("Token -> expert map over a code snippet")
     handles = [Patch(color=cmap(x), label=f"e{x}") for x in range(num_experts)]
     ax.legend(handles=handles, fontsize=6, ncol=min(num_experts, 8), loc="upper center",
@@ -234,7 +236,7 @@ def selection_over_text(doc: bytes, queries: Sequence[int], topk: np.ndarray, ma
     fig, axes = new_figure(0.16 * per_row + 1.2, (0.2 * lines + 0.6) * nq + 1.0,
                            "Look for: selected blocks (orange) far outside the grey window, on "
                            "text that matters for the query (names defined earlier, matching "
-                           "brackets); darker = more dense attention mass.", nrows=nq)
+                           "brackets); darker = more dense attention mass.", nrows=nq, grid=True)
     for ax, t in zip(axes[:, 0], queries):
         img = np.ones((lines * per_row, 3))
         m = np.asarray(mass[t], np.float64)
@@ -260,6 +262,8 @@ def selection_over_text(doc: bytes, queries: Sequence[int], topk: np.ndarray, ma
         recall = float(sum(share[x] for x in sel))
         ax.set_title(f"query at byte {t}: {len(sel)} blocks of {ratio} bytes selected, keeping "
                      f"{recall:.0%} of the dense mass on compressed entries", fontsize=8.5)
+    axes[-1, 0].set_xlabel(f"{per_row} bytes per line; red = query, grey = its window of {window}, "
+                           f"orange = selected blocks of {ratio} bytes")
     if title:
         fig.suptitle(title, fontsize=10)
     return fig
@@ -399,11 +403,11 @@ def head_agreement(matrix: np.ndarray, *, layer: str = "", k: int | None = None)
 # ---------------------------------------------------------------------------- efficiency
 def efficiency_curves(contexts: Sequence[int], series: Mapping[str, Sequence[float]], *,
                       ylabel: str, title: str, caption: str, ratio_to: str | None = None,
-                      mark: int | None = None):
+                      mark: int | None = None, ratio_of: Sequence[str] | None = None):
     """Per-token cost against context length (log-log), and optionally the ratio of each series
-    to `ratio_to` in a second panel."""
+    (or of those in `ratio_of`) to `ratio_to` in a second panel, annotated at `mark`."""
     n = 2 if ratio_to else 1
-    fig, axes = new_figure(5.2 * n + 0.6, 3.9, caption, ncols=n)
+    fig, axes = new_figure(5.2 * n + 0.6, 3.9, caption, ncols=n, grid=True)
     ax = axes[0, 0]
     x = np.asarray(contexts)
     for i, (name, v) in enumerate(series.items()):
@@ -420,15 +424,18 @@ def efficiency_curves(contexts: Sequence[int], series: Mapping[str, Sequence[flo
     if ratio_to:
         ax2 = axes[0, 1]
         base = np.asarray(series[ratio_to], np.float64)
+        shown = 0
         for i, (name, v) in enumerate(series.items()):
-            if name == ratio_to:
+            if name == ratio_to or (ratio_of is not None and name not in ratio_of):
                 continue
             r = np.asarray(v, np.float64) / base
             ax2.plot(x, 100 * r, marker="o", ms=3, color=f"C{i}", label=f"{name} / {ratio_to}")
             if mark:
                 j = int(np.argmin(np.abs(x - mark)))
-                ax2.annotate(f"{100 * r[j]:.1f}%", (x[j], 100 * r[j]), textcoords="offset points",
-                             xytext=(-30, 6), fontsize=8, color=f"C{i}")
+                ax2.annotate(f"{100 * r[j]:.1f}% at {x[j]:,}", (x[j], 100 * r[j]),
+                             textcoords="offset points", xytext=(-90, 8 + 12 * shown),
+                             fontsize=8, color=f"C{i}")
+            shown += 1
         ax2.set_xscale("log", base=2)
         ax2.set_xlabel("context length (tokens)")
         ax2.set_ylabel(f"% of {ratio_to}")
@@ -458,11 +465,15 @@ def stacked_breakdown(contexts: Sequence[int], parts: Mapping[str, Sequence[floa
 # ---------------------------------------------------------------------------- sharding
 def sharding_bars(labels: Sequence[str], values: Mapping[str, Sequence[float]], *, ylabel: str,
                   title: str, caption: str, limit: float | None = None,
-                  limit_label: str = "", hatch_mask: Sequence[bool] | None = None):
-    """Grouped (stacked when several series) bars per configuration, an optional horizontal
-    limit (e.g. the chip's HBM); hatch_mask marks rows that do not fit / failed."""
+                  limit_label: str = "", hatch_mask: Sequence[bool] | None = None,
+                  xlabel: str = "sharding preset", log: bool = False,
+                  bar_labels: Sequence[str] | None = None):
+    """Stacked bars per configuration (one segment per series), an optional horizontal limit
+    (e.g. the chip's HBM); hatch_mask marks rows that do not fit / failed; bar_labels are written
+    above each bar (e.g. the total and the status). log=True: logarithmic y axis (memory needs
+    that span decades), its floor a decade under the smallest bar or limit."""
     x = np.arange(len(labels))
-    fig, ax = new_figure(max(6.0, 0.55 * len(labels) + 2.5), 4.4, caption)
+    fig, ax = new_figure(max(6.0, 0.55 * len(labels) + 2.5) + 2.2, 4.4, caption)
     bottom = np.zeros(len(labels))
     for i, (name, v) in enumerate(values.items()):
         v = np.nan_to_num(np.asarray(v, np.float64))
@@ -475,33 +486,56 @@ def sharding_bars(labels: Sequence[str], values: Mapping[str, Sequence[float]], 
         bottom += v
     if limit is not None:
         ax.axhline(limit, color="tab:red", ls="--", lw=1, label=limit_label or "limit")
+    if log:
+        ax.set_yscale("log")
+        pos = [float(t) for t in bottom if t > 0] + ([limit] if limit else [])
+        if pos:
+            ax.set_ylim(10 ** np.floor(np.log10(min(pos)) - 1), 10 ** np.ceil(np.log10(max(pos)) + 0.3))
+    if bar_labels is not None:
+        floor = ax.get_ylim()[0]
+        for xi, top, text in zip(x, bottom, bar_labels):
+            if text:
+                ax.annotate(text, (xi, max(top, floor)), textcoords="offset points", xytext=(0, 3),
+                            ha="center", va="bottom", fontsize=7)
+        lo, hi = ax.get_ylim()
+        ax.set_ylim(lo, hi * (3.0 if log else 1.12))          # room for the labels
     ax.set_xticks(x, labels, rotation=40, ha="right", fontsize=7.5)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7.5, loc="upper left", bbox_to_anchor=(1.01, 1.0))     # outside the bars
     return fig
 
 
 def grouped_bars(labels: Sequence[str], series: Mapping[str, Sequence[float]], *, ylabel: str,
                  title: str, caption: str, markers: Mapping[str, Sequence[float]] | None = None,
-                 log: bool = False):
+                 log: bool = False, xlabel: str = "sharding preset @ topology",
+                 hatch_mask: Sequence[bool] | None = None):
     """Side-by-side bars per configuration (one colour per series), optional point markers per
-    configuration (e.g. the step-time estimate, a measured time)."""
+    configuration (e.g. the step-time estimate, a measured time); hatch_mask marks
+    configurations that do not fit."""
     x = np.arange(len(labels))
     n = max(len(series), 1)
     w = 0.8 / n
     fig, ax = new_figure(max(6.0, 0.7 * len(labels) + 2.5), 4.4, caption)
     for i, (name, v) in enumerate(series.items()):
-        ax.bar(x - 0.4 + w * (i + 0.5), np.nan_to_num(np.asarray(v, np.float64)), w,
-               color=f"C{i}", label=name)
+        bars = ax.bar(x - 0.4 + w * (i + 0.5), np.nan_to_num(np.asarray(v, np.float64)), w,
+                      color=f"C{i}", label=name)
+        if hatch_mask is not None:
+            for b, h in zip(bars, hatch_mask):
+                if h:
+                    b.set_hatch("//")
+                    b.set_edgecolor("white")
     for j, (name, v) in enumerate((markers or {}).items()):
         v = np.asarray(v, np.float64)
         ok = np.isfinite(v)
-        ax.plot(x[ok], v[ok], ["k_", "k*"][j % 2], ms=18 if j % 2 == 0 else 10, mew=2, label=name)
+        if ok.any():
+            ax.plot(x[ok], v[ok], ["k_", "k*"][j % 2], ms=18 if j % 2 == 0 else 10, mew=2, label=name)
     if log:
         ax.set_yscale("log")
     ax.set_xticks(x, labels, rotation=40, ha="right", fontsize=7.5)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(axis="y", alpha=0.3)
