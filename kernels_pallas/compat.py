@@ -19,6 +19,7 @@ Things present only in 0.12 (`plgpu.sum/max/store`, `jax.no_collectives`, tuple
 from __future__ import annotations
 
 import functools
+import logging
 
 import jax
 from jax import lax
@@ -47,6 +48,28 @@ ARBITRARY = "arbitrary"
 def backend() -> str:
     """The default backend's platform name: "cpu", "gpu" or "tpu"."""
     return jax.default_backend()
+
+
+_PALLAS_BY_PLATFORM = {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}
+_fallbacks_logged: set[tuple[str, str]] = set()
+
+
+def platform_implementation(kernel: str, fallback: str, platform: str | None = None) -> str:
+    """The implementation a kernel entry point uses by default on `platform` (None = the
+    default backend): "pallas_tpu" on TPU, "pallas_gpu" on GPU, else `fallback` (an XLA form),
+    which is logged once per (kernel, platform) so the choice is never silent."""
+    platform = platform or backend()
+    impl = _PALLAS_BY_PLATFORM.get(platform, fallback)
+    if platform not in _PALLAS_BY_PLATFORM and (kernel, platform) not in _fallbacks_logged:
+        _fallbacks_logged.add((kernel, platform))
+        logging.getLogger(f"kernels_pallas.{kernel}").info(
+            "%s: no compiled Pallas kernel for platform %r; using %r", kernel, platform, impl)
+    return impl
+
+
+def is_concrete(x) -> bool:
+    """True unless x is a tracer (a value checks can read on the host)."""
+    return not isinstance(x, jax.core.Tracer)
 
 
 def resolve_interpret(interpret: bool | None) -> bool:

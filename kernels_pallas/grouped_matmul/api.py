@@ -24,7 +24,6 @@ falls back silently: an implementation that cannot run here raises, naming the r
 from __future__ import annotations
 
 import functools
-import logging
 
 import jax
 import jax.numpy as jnp
@@ -36,20 +35,11 @@ from kernels_pallas.grouped_matmul.config import GroupedMatmulConfig, default_co
 from kernels_pallas.grouped_matmul.vjp import Static, gmm_pallas, transposed_pallas
 
 IMPLEMENTATIONS = ("ragged_dot", "pallas_tpu", "pallas_gpu", "tokamax")
-_DEFAULT = {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}
 _TOKAMAX_DEFAULT = {"tpu": "mosaic", "gpu": "triton", "cpu": "xla"}
-_log = logging.getLogger(__name__)
-_logged: set[str] = set()
 
 
 def default_implementation(platform: str | None = None) -> str:
-    platform = platform or compat.backend()
-    impl = _DEFAULT.get(platform, "ragged_dot")
-    if platform not in _DEFAULT and platform not in _logged:
-        _logged.add(platform)
-        _log.info("grouped_matmul: no compiled Pallas kernel for platform %r; using %r",
-                  platform, impl)
-    return impl
+    return compat.platform_implementation("grouped_matmul", "ragged_dot", platform)
 
 
 @functools.cache
@@ -70,10 +60,6 @@ def tokamax_available() -> bool:
     except RuntimeError:
         return False
     return True
-
-
-def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
 
 
 def validate_inputs(lhs, rhs, group_sizes, *, transpose_rhs: bool = False):
@@ -98,7 +84,7 @@ def validate_inputs(lhs, rhs, group_sizes, *, transpose_rhs: bool = False):
     if group_sizes.shape != (rhs.shape[0],):
         raise ValueError(f"group_sizes has shape {group_sizes.shape}: expected [G] = "
                          f"{(rhs.shape[0],)} (one size per rhs group)")
-    if _is_concrete(group_sizes):
+    if compat.is_concrete(group_sizes):
         sizes = np.asarray(group_sizes)
         if sizes.size and int(sizes.min()) < 0:
             raise ValueError(f"group_sizes holds {int(sizes.min())}: sizes must be >= 0")

@@ -19,7 +19,6 @@ interpret the Pallas kernels iff the backend is CPU.
 """
 from __future__ import annotations
 
-import logging
 
 import jax
 import jax.numpy as jnp
@@ -31,23 +30,10 @@ from kernels_pallas.indexer_topk.config import IndexerTopkConfig, default_config
 from kernels_pallas.indexer_topk.plan import QUERY_PAD, Layout, finish
 
 IMPLEMENTATIONS = ("reference", "xla", "pallas_tpu", "pallas_gpu")
-_DEFAULT = {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}
-_log = logging.getLogger(__name__)
-_logged: set[str] = set()
 
 
 def default_implementation(platform: str | None = None) -> str:
-    platform = platform or compat.backend()
-    impl = _DEFAULT.get(platform, "xla")
-    if platform not in _DEFAULT and platform not in _logged:
-        _logged.add(platform)
-        _log.info("indexer_topk: no compiled Pallas kernel for platform %r; using %r",
-                  platform, impl)
-    return impl
-
-
-def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
+    return compat.platform_implementation("indexer_topk", "xla", platform)
 
 
 def validate_inputs(q, weights, keys, *, k, ratio, key_valid=None, segment_ids=None):
@@ -88,7 +74,7 @@ def validate_inputs(q, weights, keys, *, k, ratio, key_valid=None, segment_ids=N
         if n * ratio > s:
             raise ValueError(f"keys has N={n} entries but S={s} // ratio={ratio} = {s // ratio}: "
                              "with segment_ids every entry must have its window in the sequence")
-        if _is_concrete(segment_ids) and segment_ids.size and int(np.min(segment_ids)) <= QUERY_PAD:
+        if compat.is_concrete(segment_ids) and segment_ids.size and int(np.min(segment_ids)) <= QUERY_PAD:
             raise ValueError(f"segment_ids holds {int(np.min(segment_ids))}: ids must be > "
                              f"{QUERY_PAD} (the two smallest int32 values are sentinels)")
 

@@ -17,7 +17,6 @@ is traced.
 """
 from __future__ import annotations
 
-import logging
 
 import jax
 import jax.numpy as jnp
@@ -29,23 +28,10 @@ from kernels_pallas.sparse_attention.config import SparseAttentionConfig, defaul
 from kernels_pallas.sparse_attention.vjp import Static, csa_pallas
 
 IMPLEMENTATIONS = ("reference", "xla", "pallas_tpu", "pallas_gpu")
-_DEFAULT = {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}
-_log = logging.getLogger(__name__)
-_logged: set[str] = set()
 
 
 def default_implementation(platform: str | None = None) -> str:
-    platform = platform or compat.backend()
-    impl = _DEFAULT.get(platform, "xla")
-    if platform not in _DEFAULT and platform not in _logged:
-        _logged.add(platform)
-        _log.info("csa_attention: no compiled Pallas kernel for platform %r; using %r",
-                  platform, impl)
-    return impl
-
-
-def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
+    return compat.platform_implementation("csa_attention", "xla", platform)
 
 
 def validate_inputs(q, kv, compressed, topk_idx, sink, *, window, scale, segment_ids=None):
@@ -82,7 +68,7 @@ def validate_inputs(q, kv, compressed, topk_idx, sink, *, window, scale, segment
                              f"{(b, s)}")
         if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
             raise TypeError(f"segment_ids has dtype {segment_ids.dtype}: expected an integer dtype")
-    if _is_concrete(topk_idx):
+    if compat.is_concrete(topk_idx):
         idx = np.asarray(topk_idx)
         n = compressed.shape[1]
         lo, hi = int(idx.min()), int(idx.max())
