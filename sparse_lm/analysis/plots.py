@@ -475,8 +475,10 @@ def sharding_bars(labels: Sequence[str], values: Mapping[str, Sequence[float]], 
     x = np.arange(len(labels))
     fig, ax = new_figure(max(6.0, 0.55 * len(labels) + 2.5) + 2.2, 4.4, caption)
     bottom = np.zeros(len(labels))
+    segments = []
     for i, (name, v) in enumerate(values.items()):
         v = np.nan_to_num(np.asarray(v, np.float64))
+        segments.append(v)
         bars = ax.bar(x, v, 0.65, bottom=bottom, color=f"C{i}", label=name)
         if hatch_mask is not None:
             for b, h in zip(bars, hatch_mask):
@@ -488,9 +490,11 @@ def sharding_bars(labels: Sequence[str], values: Mapping[str, Sequence[float]], 
         ax.axhline(limit, color="tab:red", ls="--", lw=1, label=limit_label or "limit")
     if log:
         ax.set_yscale("log")
-        pos = [float(t) for t in bottom if t > 0] + ([limit] if limit else [])
-        if pos:
-            ax.set_ylim(10 ** np.floor(np.log10(min(pos)) - 1), 10 ** np.ceil(np.log10(max(pos)) + 0.3))
+        top = [float(t) for t in bottom if t > 0] + ([limit] if limit else [])
+        if top:
+            # floor: a decade under the smallest segment worth seeing (> 1e-4 of the largest bar)
+            seen = [float(t) for v in segments for t in v if t > 1e-4 * max(top)] + top
+            ax.set_ylim(10 ** (np.floor(np.log10(min(seen))) - 1), 10 ** np.ceil(np.log10(max(top)) + 0.3))
     if bar_labels is not None:
         floor = ax.get_ylim()[0]
         for xi, top, text in zip(x, bottom, bar_labels):
@@ -518,7 +522,7 @@ def grouped_bars(labels: Sequence[str], series: Mapping[str, Sequence[float]], *
     x = np.arange(len(labels))
     n = max(len(series), 1)
     w = 0.8 / n
-    fig, ax = new_figure(max(6.0, 0.7 * len(labels) + 2.5), 4.4, caption)
+    fig, ax = new_figure(max(6.0, 0.7 * len(labels) + 2.5) + 2.0, 4.4, caption)
     for i, (name, v) in enumerate(series.items()):
         bars = ax.bar(x - 0.4 + w * (i + 0.5), np.nan_to_num(np.asarray(v, np.float64)), w,
                       color=f"C{i}", label=name)
@@ -539,5 +543,5 @@ def grouped_bars(labels: Sequence[str], series: Mapping[str, Sequence[float]], *
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7.5, loc="upper left", bbox_to_anchor=(1.01, 1.0))     # outside the bars
     return fig
