@@ -1,7 +1,7 @@
 """Decode step time against context length: the sparse V4 cache vs a dense full-context cache.
 
     python -m experiments.bench_decode [--lengths 1024,2048,...,65536]
-        [--arms sparse,dense[,dense_ring,sparse_flat]] [--runs 20] [--warmup 3] [--batch 1]
+        [--arms sparse,dense[,dense_ring]] [--runs 20] [--warmup 3] [--batch 1]
         [--dtype float32] [--no-parts] [--hlo] [--json benchmarks/decode_cpu.json]
         [--plot benchmarks/decode_cpu.png] [--markdown] [--tiny] [--from-json PATH]
 
@@ -15,7 +15,8 @@ Arms, each timed on its own freshly allocated cache sized exactly for the contex
 being measured (max_len = L):
   sparse      the library decoder (`sparse_lm.inference.Decoder.step`: jitted, cache donated),
               i.e. what `generate` runs: window ring buffer + compressor tails + compressed
-              entries and indexer keys for L tokens.
+              entries and indexer keys for L tokens; layers unrolled, one cache per layer, the
+              new rows written in place (its compiled step holds no cache-sized copy either).
   dense       the same model with a dense full-context cache: every layer becomes a plain
               causal attention over a full KV cache [B, L, D] (MQA, the same shared K=V head,
               the same query/KV/output projections, sinks, mHC and MoE; no compressor or
@@ -26,21 +27,18 @@ being measured (max_len = L):
               holds no cache-sized copy (`--hlo` checks): an honest baseline that does no work a
               full-KV decoder would not do. (A first version with a per-row scatter and the
               library's einsums made XLA:CPU copy and transpose every layer's cache each step,
-              3-4x slower at 64K.) The MoE expert weights are transposed every step on XLA:CPU
-              (44 MB for this model) in every arm alike: the model's MoE code, not the cache.
+              3-4x slower at 64K.) Both arms run the same MoE code: a decode step's experts
+              multiply by the chosen experts' gathered weights (`ops.moe.experts_gathered`;
+              `lax.ragged_dot` transposed all expert weights, 44 MB here, every step).
   dense_ring  (optional) the library decoder with every layer an SWA layer whose window is L:
               also a full-context cache, but through the ring-buffer code path, which copies
               the window into the key array and rewrites the ring every step (fine for W = 128,
               wasteful for W = L): shows what that path would cost, not a fair baseline.
-  sparse_flat (optional, diagnostic) the library's per-layer cached step (`block_step`: the same
-              attention, compressor and indexer code as `sparse`) with every layer unrolled and
-              one cache per layer instead of the scanned cycle's stacked caches: separates the
-              cost of scanning over stacked caches (XLA copies them) from the rest.
 
 Cache contents: prefilling 64K tokens through the dense arm costs ~2.4e14 attention FLOPs
 (hours on a 2-core CPU), so every cache is filled directly with random but valid contents
-(`fill_cache`, `fill_dense_cache`): `lengths` = L - n for the n steps that follow, ring slots / entries / indexer keys / dense rows of the held tokens
-random (unit scale, as after the kv RMSNorm), unused ones zero, compressor tails filled in the
+(`fill_cache`, `fill_dense_cache`): `lengths` = L - n for the n steps that follow, ring
+slots / entries / indexer keys / dense rows of the held tokens random (unit scale, as after the kv RMSNorm), unused ones zero, compressor tails filled in the
 slots a real prefill fills (gates -inf elsewhere). Step time does not depend on the values
 except through the top-k's data-dependent sort. The timed steps cover positions L-n .. L-1.
 
@@ -62,8 +60,9 @@ key) and the bytes of cache they read. `other` = step time minus the attention p
 the layers (projections, compressors, MoE, mHC, head, cache writes, dispatch).
 
 `--hlo` (diagnostic) also counts, at the largest length, the bytes of cache-sized (>= 1 MiB)
-`copy` instructions in each arm's compiled step: copies XLA inserted (layout changes, buffers
-it could not update in place), counted once per instruction (not per loop iteration).
+`copy` and `transpose` instructions in each arm's compiled step: copies XLA inserted (layout
+changes, buffers it could not update in place), counted once per instruction (not per loop
+iteration).
 
 Output: a table on stdout, a JSON file (device, JAX version, git commit, load average, config,
 every run) and a log-log PNG plot; `--from-json` redraws both from an earlier JSON. `--tiny`
@@ -96,12 +95,12 @@ from sparse_lm.config import ModelConfig
 from sparse_lm.inference import ops
 from sparse_lm.inference.cache import Cache, CompressorCache, LayerCache, cache_bytes, init_cache
 from sparse_lm.inference.decode import Decoder
-from sparse_lm.inference.step import block_step
+from sparse_lm.inference.step import layer_blocks
 from sparse_lm.model.layers import dtype_of
 from sparse_lm.model.transformer import build_model
 from sparse_lm.ops.indexer import indexer_scores, select_topk
 
-ARMS = ("sparse", "dense", "dense_ring", "sparse_flat")
+ARMS = ("sparse", "dense", "dense_ring")
 PARTS = ("window", "csa_attn", "hca_attn", "indexer", "dense_attn")
 DEFAULT_LENGTHS = tuple(1024 << i for i in range(7))           # 1K .. 64K
 TINY_LENGTHS = (64, 128)
@@ -198,17 +197,12 @@ def fill_cache(cfg: ModelConfig, cache: Cache, length: int, seed: int = 0) -> Ca
     """
     if not 0 <= length <= cache.max_len:
         raise BenchError(f"length={length} is invalid: must be in [0, max_len={cache.max_len}]")
-    groups = cfg.layer_groups
-    key = jax.random.key(seed)
-    keys = iter(jax.random.split(key, len(groups.head) + len(groups.cycle) + len(groups.tail)))
-    head = tuple(_fill_layer(cfg, l.kind, lc, length, next(keys))
-                 for l, lc in zip(groups.head, cache.head))
-    cycles = tuple(_fill_layer(cfg, l.kind, lc, length, next(keys))
-                   for l, lc in zip(groups.cycle, cache.cycles))
-    tail = tuple(_fill_layer(cfg, l.kind, lc, length, next(keys))
-                 for l, lc in zip(groups.tail, cache.tail))
-    return Cache(lengths=jnp.full(cache.lengths.shape, length, jnp.int32), head=head,
-                 cycles=cycles, tail=tail, max_len=cache.max_len)
+    kinds = cfg.layer_kinds
+    keys = jax.random.split(jax.random.key(seed), len(kinds))
+    layers = tuple(_fill_layer(cfg, kind, lc, length, k)
+                   for kind, lc, k in zip(kinds, cache.layers, keys, strict=True))
+    return Cache(lengths=jnp.full(cache.lengths.shape, length, jnp.int32), layers=layers,
+                 max_len=cache.max_len)
 
 
 # ------------------------------------------------------------------------------ the dense arm
@@ -290,22 +284,9 @@ def _dense_layer(block, x, tokens, kv_cache, lengths):
     return x, kv_cache
 
 
-def _blocks(model):
-    """Every Block of the model in layer order; the scanned cycle is unrolled (its stacked
-    parameters sliced per cycle), so that every layer's cache is its own buffer."""
-    blocks = list(model.head_layers)
-    if model.cycles is not None:
-        graphdef, params = nnx.split(model.cycles)
-        n = jax.tree.leaves(params)[0].shape[0]
-        for i in range(n):
-            cyc = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], params))
-            blocks += list(cyc.blocks)
-    return blocks + list(model.tail_layers)
-
-
 def dense_decode_step(model, blocks, cache: DenseCache, tokens: jax.Array):
     """tokens [B] -> (logits [B, V], cache with one more token per row). `blocks`: the model's
-    layers in order (`_blocks`). Every layer a causal attention over its full KV cache; the
+    layers in order (`layer_blocks`). Every layer a causal attention over its full KV cache; the
     rest of the layer is the model's own code."""
     lengths = cache.lengths
     tok = tokens[:, None]
@@ -329,7 +310,7 @@ class DenseDecoder:
     def __init__(self, model):
         self.cfg = model.cfg
         self.graphdef, self.params = nnx.split(model)       # embedding, head (and unused layers)
-        split = [nnx.split(b) for b in _blocks(model)]
+        split = [nnx.split(b) for b in layer_blocks(model)]
         self.block_defs = [g for g, _ in split]
         self.block_params = [st for _, st in split]
         self._step = jax.jit(self._step_fn, donate_argnames=("cache",))
@@ -349,57 +330,17 @@ def dense_cache_bytes(cache: DenseCache) -> int:
     return sum(int(a.size) * a.dtype.itemsize for a in cache.layers)
 
 
-# ------------------------------------------------------------------------------ sparse_flat arm
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class FlatCache:
-    """The library's per-layer caches, one `LayerCache` per layer in layer order (the scanned
-    cycle's stacked caches split per cycle)."""
-    lengths: jax.Array
-    layers: tuple[LayerCache, ...]
-    max_len: int = dataclasses.field(metadata=dict(static=True))
-
-
-def flatten_cache(cfg: ModelConfig, cache: Cache) -> FlatCache:
-    layers = list(cache.head)
-    for i in range(cfg.layer_groups.num_cycles):
-        layers += [jax.tree.map(lambda a: a[i], lc) for lc in cache.cycles]
-    return FlatCache(lengths=cache.lengths, layers=tuple(layers + list(cache.tail)),
-                     max_len=cache.max_len)
-
-
-def flat_decode_step(model, blocks, cache: FlatCache, tokens: jax.Array):
-    """tokens [B] -> (logits [B, V], cache): the library's per-layer cached step
-    (`sparse_lm.inference.step.block_step`) on every layer in turn, layers unrolled."""
-    lengths = cache.lengths
-    tok = tokens[:, None]
-    ones = jnp.ones_like(lengths)
-    x = model.embed_streams(tok)
-    new = []
-    for block, lc in zip(blocks, cache.layers, strict=True):
-        x, lc = block_step(block, x, tok, lc, lengths, ones, sparse=True)
-        new.append(lc)
-    out = FlatCache(lengths=lengths + 1, layers=tuple(new), max_len=cache.max_len)
-    return model.final_logits(x)[:, 0], out
-
-
-class FlatDecoder(DenseDecoder):
-    """Jitted `flat_decode_step` (per-layer parameters and caches), cache donated."""
-    decode = staticmethod(flat_decode_step)
-
-
 # ------------------------------------------------------------------------------ HLO copies
 
 _DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1,
                 "f64": 8, "s64": 8}
-_HLO_COPY = re.compile(r"=\s*(\w+)\[([\d,]*)\]\{[^}]*\}\s+copy\(")
+_HLO_COPY = re.compile(r"=\s*(\w+)\[([\d,]*)\]\{[^}]*\}\s+(?:copy|transpose)\(")
 
 
 def hlo_copy_bytes(hlo_text: str, min_bytes: int = 1 << 20) -> dict:
-    """Bytes written by `copy` instructions of at least `min_bytes` in a compiled HLO module
-    (layout changes and buffer copies that XLA inserted), counted statically: an instruction
-    inside a loop body is counted once, not once per iteration."""
+    """Bytes written by `copy` and `transpose` instructions of at least `min_bytes` in a compiled
+    HLO module (layout changes and buffer copies that XLA inserted), counted statically: an
+    instruction inside a loop body is counted once, not once per iteration."""
     total, count = 0, 0
     for m in _HLO_COPY.finditer(hlo_text):
         dims = [int(x) for x in m.group(2).split(",") if x]
@@ -457,7 +398,7 @@ class Arm:
 def arm_config(arm: str, cfg: ModelConfig, length: int) -> ModelConfig:
     """The model config an arm runs at context `length` (for the dense arm: the one whose FLOPs
     the accounting counts, every layer attending all `length` tokens)."""
-    if arm in ("sparse", "sparse_flat"):
+    if arm == "sparse":
         return cfg
     if arm in ("dense", "dense_ring"):
         return dense_config(cfg, window=length)
@@ -468,10 +409,7 @@ def empty_arm_cache(arm: str, cfg: ModelConfig, batch: int, length: int):
     """The arm's empty cache allocated for `length` tokens."""
     if arm == "dense":
         return init_dense_cache(dense_config(cfg), batch, length)
-    acfg = arm_config(arm, cfg, length)
-    if arm == "sparse_flat":
-        return flatten_cache(acfg, init_cache(acfg, batch, length))
-    return init_cache(acfg, batch, length)
+    return init_cache(arm_config(arm, cfg, length), batch, length)
 
 
 def arm_cache_bytes(arm: str, cfg: ModelConfig, batch: int, length: int) -> int:
@@ -480,8 +418,6 @@ def arm_cache_bytes(arm: str, cfg: ModelConfig, batch: int, length: int) -> int:
     shapes = jax.eval_shape(lambda: empty_arm_cache(arm, cfg, batch, length))
     if arm == "dense":
         return dense_cache_bytes(shapes)
-    if arm == "sparse_flat":    # the same arrays as "sparse", split per layer
-        shapes = jax.eval_shape(lambda: empty_arm_cache("sparse", cfg, batch, length))
     per_kind = cache_bytes(arm_config(arm, cfg, length), shapes)
     return sum(d["state"] + d["entries"] for d in per_kind.values())
 
@@ -494,22 +430,16 @@ def prepare_arm(arm: str, cfg: ModelConfig, length: int, start: int, *, batch: i
     nbytes = arm_cache_bytes(arm, cfg, batch, length)
     flops = acc.flops_per_token(acfg, length)
     empty = empty_arm_cache(arm, cfg, batch, length)
-    if arm in ("dense", "sparse_flat"):
-        if arm == "dense":
-            dec = DenseDecoder(build_model(dense_config(cfg), seed))
-            cache = fill_dense_cache(empty, start, seed)
-        else:
-            dec = FlatDecoder(build_model(acfg, seed))
-            cache = flatten_cache(acfg, fill_cache(acfg, init_cache(acfg, batch, length), start,
-                                                   seed))
+    if arm == "dense":
+        dec = DenseDecoder(build_model(dense_config(cfg), seed))
+        cache = fill_dense_cache(empty, start, seed)
         return Arm(arm, lambda c: dec.step(c, tokens), cache, nbytes, flops,
                    lower=lambda c: dec.lower(c, tokens))
     dec = Decoder(build_model(acfg, seed))
     cache = fill_cache(acfg, empty, start, seed)
     tok2, ones = tokens[:, None], jnp.ones((batch,), jnp.int32)
-    # `lower` uses the Decoder's jitted step (a private attribute) for the HLO diagnostic only.
     return Arm(arm, lambda c: dec.step(c, tok2, ones, logits="last"), cache, nbytes, flops,
-               lower=lambda c: dec._step.lower(dec.params, c, tok2, ones, logits="last"))
+               lower=lambda c: dec.lower(c, tok2, ones, logits="last"))
 
 
 def bench_length(arms: list[str], cfg: ModelConfig, length: int, *, batch: int, warmup: int,
@@ -702,9 +632,6 @@ def summarize(result: dict) -> dict:
                 row[f"speedup_vs_{arm}"] = d["median_ms"] / s["median_ms"]
                 row[f"flop_ratio_vs_{arm}"] = d["flops"]["total"] / s["flops"]["total"]
                 row[f"cache_ratio_vs_{arm}"] = d["cache_bytes"] / s["cache_bytes"]
-        f, d = by.get((length, "sparse_flat")), by.get((length, "dense"))
-        if f is not None and d is not None:
-            row["sparse_flat_speedup_vs_dense"] = d["median_ms"] / f["median_ms"]
         out[str(length)] = row
     goal = out.get(str(65536), {}).get("speedup_vs_dense")
     growth = {}
@@ -734,11 +661,8 @@ def table_cells(result: dict) -> tuple[list[str], list[list[str]]]:
     summ = result["summary"]["per_length"]
     both = "sparse" in arms and "dense" in arms
     header = ["L"] + [f"{a} ms" for a in arms]
-    flat = "sparse_flat" in arms and "dense" in arms
     if both:
         header += ["speedup", "FLOP ratio", "cache ratio"]
-    if flat:
-        header += ["flat speedup"]
     header += [f"{p} ms" for p in part_names]
     rows = []
     for length in result["meta"]["lengths"]:
@@ -751,10 +675,6 @@ def table_cells(result: dict) -> tuple[list[str], list[list[str]]]:
             r += [f"{s['speedup_vs_dense']:.2f}x" if "speedup_vs_dense" in s else "-",
                   f"{s['flop_ratio_vs_dense']:.2f}x" if "flop_ratio_vs_dense" in s else "-",
                   f"{s['cache_ratio_vs_dense']:.1f}x" if "cache_ratio_vs_dense" in s else "-"]
-        if flat:
-            s = summ.get(str(length), {})
-            r.append(f"{s['sparse_flat_speedup_vs_dense']:.2f}x"
-                     if "sparse_flat_speedup_vs_dense" in s else "-")
         r += [f"{parts[(length, p)]:.3f}" if (length, p) in parts else "-" for p in part_names]
         rows.append(r)
     return header, rows
@@ -787,7 +707,8 @@ def plot(result: dict, path: str) -> None:
     fig, axes = plt.subplots(1, 2 if has_parts else 1, figsize=(12 if has_parts else 6.5, 4.8))
     axes = np.atleast_1d(axes)
     styles = {"sparse": ("tab:blue", "o"), "dense": ("tab:red", "s"),
-              "dense_ring": ("tab:orange", "^"), "sparse_flat": ("tab:cyan", "D")}
+              "dense_ring": ("tab:orange", "^"),
+              "sparse_flat": ("tab:cyan", "D")}          # an arm of earlier JSONs
     ax = axes[0]
     for arm in result["meta"]["arms"]:
         rows = sorted((r for r in result["rows"] if r["arm"] == arm), key=lambda r: r["length"])

@@ -14,10 +14,11 @@ Per attention layer (`LayerCache`):
 SWA-only layers have only the window. ``Cache.lengths`` [B] counts the tokens each row holds.
 
 The state part (window + tails) has a fixed size per sequence; the entries part is preallocated
-to ``max_len`` and is the only part that grows with context. Layer caches follow the model's
-layer groups: ``head`` and ``tail`` are tuples of per-layer caches, ``cycles`` holds one cache per
-layer of the repeating cycle with a leading axis of size ``num_cycles`` (scanned like the
-parameters).
+to ``max_len`` and is the only part that grows with context. ``Cache.layers`` holds one
+`LayerCache` per layer in layer order (`cfg.layer_kinds`), each its own set of buffers, also for
+the layers of the model's scanned cycle: a step updates every layer's buffers in place and
+writes only the new rows. (Stacking the cycle's caches along a layer axis and scanning over
+them made XLA copy every stacked cache on every step, O(max_len) work per decoded token.)
 """
 from __future__ import annotations
 
@@ -54,9 +55,7 @@ class LayerCache:
 @_dataclass_pytree(meta=("max_len",))
 class Cache:
     lengths: jax.Array                     # [B] int32 tokens held per row
-    head: tuple[LayerCache, ...]
-    cycles: tuple[LayerCache, ...]         # leading axis num_cycles on every array
-    tail: tuple[LayerCache, ...]
+    layers: tuple[LayerCache, ...]         # one per layer, in layer order
     max_len: int
 
     @property
@@ -96,16 +95,9 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> Cache:
     for name, v in (("batch", batch), ("max_len", max_len)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name}={v!r} is invalid: must be an integer >= 1")
-    groups = cfg.layer_groups
-
-    def stacked(kind):
-        one = layer_cache(cfg, kind, batch, max_len, dtype)
-        return jax.tree.map(lambda a: jnp.broadcast_to(a, (groups.num_cycles,) + a.shape), one)
-
     return Cache(lengths=jnp.zeros((batch,), jnp.int32),
-                 head=tuple(layer_cache(cfg, l.kind, batch, max_len, dtype) for l in groups.head),
-                 cycles=tuple(stacked(l.kind) for l in groups.cycle),
-                 tail=tuple(layer_cache(cfg, l.kind, batch, max_len, dtype) for l in groups.tail),
+                 layers=tuple(layer_cache(cfg, kind, batch, max_len, dtype)
+                              for kind in cfg.layer_kinds),
                  max_len=max_len)
 
 
@@ -121,14 +113,14 @@ def cache_bytes(cfg: ModelConfig, cache: Cache) -> dict[str, dict[str, int]]:
     (how many layers of that kind). Works on arrays and on `jax.eval_shape` results alike.
     `lengths` (4 bytes per sequence) is not counted.
     """
-    groups = cfg.layer_groups
+    kinds = cfg.layer_kinds
+    if len(kinds) != len(cache.layers):
+        raise ValueError(f"cache has {len(cache.layers)} layer caches, the config "
+                         f"{len(kinds)} layers")
     out: dict[str, dict[str, int]] = {}
-    parts = ([(l.kind, 1, lc) for l, lc in zip(groups.head, cache.head)]
-             + [(l.kind, groups.num_cycles, lc) for l, lc in zip(groups.cycle, cache.cycles)]
-             + [(l.kind, 1, lc) for l, lc in zip(groups.tail, cache.tail)])
-    for kind, layers, lc in parts:          # stacked cycle caches hold `num_cycles` layers
+    for kind, lc in zip(kinds, cache.layers):
         d = out.setdefault(kind, {"layers": 0, "state": 0, "entries": 0})
-        d["layers"] += layers
+        d["layers"] += 1
         d["state"] += _nbytes(lc.window)
         for cc in (lc.compressor, lc.indexer):
             if cc is not None:
@@ -140,18 +132,15 @@ def cache_bytes(cfg: ModelConfig, cache: Cache) -> dict[str, dict[str, int]]:
 def cache_logical_axes(cache: Cache) -> Cache:
     """A pytree like `cache` whose leaves are logical axis-name tuples (the activation
     vocabulary of the sharding rules): batch on "activation_batch", the entries' length on
-    "activation_length", the channel dim on "activation_kv"; stacked cycle caches lead with
-    "layers". Map it through the logical rules to get the cache's PartitionSpecs."""
+    "activation_length", the channel dim on "activation_kv". Map it through the logical rules
+    to get the cache's PartitionSpecs."""
     def names(path, leaf):
         keys = [getattr(k, "name", getattr(k, "idx", None)) for k in path]
-        stacked = keys[0] == "cycles"
         if keys[0] == "lengths":
-            base = ("activation_batch",)
-        elif keys[-1] == "entries":
-            base = ("activation_batch", "activation_length", "activation_kv")
-        else:   # window ring buffer and compressor tails: [B, slots, channels]
-            base = ("activation_batch", None, "activation_kv")
-        return (("layers",) + base) if stacked else base
+            return ("activation_batch",)
+        if keys[-1] == "entries":
+            return ("activation_batch", "activation_length", "activation_kv")
+        return ("activation_batch", None, "activation_kv")   # ring buffer, compressor tails
     return jax.tree_util.tree_map_with_path(names, cache)
 
 

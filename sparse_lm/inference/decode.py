@@ -7,10 +7,14 @@
 
     tokens = generate(model, [prompt], max_new_tokens=64, temperature=0.8, top_p=0.95, seed=0)
 
-The model is split once (`nnx.split`); every step is a `jax.jit` function of
-`(params, cache, tokens, n_new)` with the cache donated (updated in place where the backend
-allows). One compilation per distinct chunk length: prefill pads every chunk to the same length,
-decode is a chunk of 1. Prompts of different lengths share a batch: each row continues at its own
+The model is split once (`nnx.split`), and its layers once more per layer (`layer_blocks`: the
+scanned cycle's stacked parameters sliced per cycle, a copy of the cycle's weights held by the
+Decoder); every step is a `jax.jit` function of `(params, per-layer params, cache, tokens, n_new)`
+with the cache donated and updated in place: a decode step writes only the new rows of each
+layer's cache, so its work outside attention does not grow with the context. The layers are
+unrolled in the step (see `sparse_lm.inference.step`), so compilation time grows with the number
+of layers. One compilation per distinct chunk length: prefill pads every chunk to the same
+length, decode is a chunk of 1. Prompts of different lengths share a batch: each row continues at its own
 length and rows without new tokens in a chunk stay unchanged.
 
 The MTP block is not used: it is a training objective here; speculative decoding with it is out
@@ -27,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from sparse_lm.inference.cache import Cache, init_cache
-from sparse_lm.inference.step import LOGITS_MODES, forward_chunk
+from sparse_lm.inference.step import LOGITS_MODES, forward_chunk, layer_blocks
 
 
 class InferenceError(ValueError):
@@ -79,13 +83,18 @@ class Decoder:
     def __init__(self, model, *, sparse: bool = True):
         self.cfg = model.cfg
         self.graphdef, self.params = nnx.split(model)
+        split = [nnx.split(b) for b in layer_blocks(model)]
+        self.block_defs = [g for g, _ in split]
+        self.block_params = [p for _, p in split]
         self.sparse = sparse
         self._step = jax.jit(self._step_fn, static_argnames=("logits",), donate_argnames=("cache",))
         self._sample = jax.jit(sample_tokens)
 
-    def _step_fn(self, params, cache, tokens, n_new, *, logits):
+    def _step_fn(self, params, block_params, cache, tokens, n_new, *, logits):
         model = nnx.merge(self.graphdef, params)
-        return forward_chunk(model, cache, tokens, n_new, sparse=self.sparse, logits=logits)
+        blocks = [nnx.merge(g, p) for g, p in zip(self.block_defs, block_params)]
+        return forward_chunk(model, cache, tokens, n_new, blocks=blocks, sparse=self.sparse,
+                             logits=logits)
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> Cache:
         return init_cache(self.cfg, batch, max_len, dtype)
@@ -95,8 +104,15 @@ class Decoder:
         donated (do not use it afterwards). No host-side checks: use prefill/decode for those."""
         if logits not in LOGITS_MODES:
             raise InferenceError(f"logits={logits!r} is invalid: allowed values {LOGITS_MODES}")
-        return self._step(self.params, cache, jnp.asarray(tokens, jnp.int32),
+        return self._step(self.params, self.block_params, cache, jnp.asarray(tokens, jnp.int32),
                           jnp.asarray(n_new, jnp.int32), logits=logits)
+
+    def lower(self, cache: Cache, tokens, n_new, *, logits: str = "last"):
+        """The jitted step lowered for these arguments (`.compile().as_text()` gives the
+        compiled HLO, e.g. to check that no cache-sized copy is made)."""
+        return self._step.lower(self.params, self.block_params, cache,
+                                jnp.asarray(tokens, jnp.int32), jnp.asarray(n_new, jnp.int32),
+                                logits=logits)
 
     def _check_room(self, cache: Cache, add: np.ndarray, what: str) -> np.ndarray:
         held = np.asarray(cache.lengths)

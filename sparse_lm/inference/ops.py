@@ -96,14 +96,52 @@ def tail_step(state_kv: jax.Array, state_gate: jax.Array, kv: jax.Array, gate: j
 
 def write_entries(entries: jax.Array, new: jax.Array, idx: jax.Array,
                   complete: jax.Array) -> jax.Array:
-    """entries [B, N, c] <- new [B, nW, c] at rows idx [B, nW] where complete (others dropped)."""
+    """entries [B, N, c] <- new [B, nW, c] at rows idx [B, nW] where complete (others dropped).
+
+    A scatter of the nW rows only, followed by an optimization barrier: without it XLA:CPU fused
+    the write into the entries' readers and copied (and transposed) the whole [B, N, c] cache on
+    every step; with it the scatter updates the donated buffer in place.
+    """
     b, n = entries.shape[:2]
     rows = jnp.where(complete, idx, n)                              # n = out of range: dropped
     batch = jnp.broadcast_to(jnp.arange(b)[:, None], rows.shape)
-    return entries.at[batch, rows].set(new.astype(entries.dtype), mode="drop")
+    out = entries.at[batch, rows].set(new.astype(entries.dtype), mode="drop")
+    return jax.lax.optimization_barrier(out)
 
 
 # ---------------------------------------------------------------------- attention
+def _scores(q: jax.Array, keys: jax.Array) -> jax.Array:
+    """q [B, T, H, D], keys [B, N, D] -> [B, T, H, N] fp32 dot products.
+
+    One matmul per row with the chunk and head axes flattened: on XLA:CPU the four-axis einsum
+    ("bthd,bnd->bthn") made a transposed copy of the whole key array on every call, O(N) extra
+    work per decode step for the cached entries and indexer keys.
+    """
+    b, t, h, d = q.shape
+    flat = q.reshape(b, t * h, d).astype(jnp.float32)
+    return jnp.einsum("bxd,bnd->bxn", flat, keys.astype(jnp.float32)).reshape(b, t, h, -1)
+
+
+def _weighted_values(probs: jax.Array, values: jax.Array) -> jax.Array:
+    """probs [B, T, H, N], values [B, N, D] -> [B, T, H, D] fp32 (flattened like `_scores`)."""
+    b, t, h, n = probs.shape
+    out = jnp.einsum("bxn,bnd->bxd", probs.reshape(b, t * h, n), values.astype(jnp.float32))
+    return out.reshape(b, t, h, -1)
+
+
+def cached_indexer_scores(q: jax.Array, weights: jax.Array, keys: jax.Array,
+                          visible: jax.Array) -> jax.Array:
+    """`sparse_lm.ops.indexer.indexer_scores` against the cached indexer keys, the same math
+    (I[b,t,s] = sum_h w[b,t,h] * relu(q[b,t,h] . k[b,s]), -inf where not visible) with the dot
+    products taken by `_scores` (no transposed copy of the keys).
+
+    q [B, T, Hi, Di], weights [B, T, Hi], keys [B, N, Di], visible [B, T, N] -> [B, T, N] fp32.
+    """
+    dots = jax.nn.relu(_scores(q, keys))
+    scores = jnp.einsum("bths,bth->bts", dots, weights.astype(jnp.float32))
+    return jnp.where(visible, scores, -jnp.inf)
+
+
 def entry_visible(positions: jax.Array, n: int, ratio: int) -> jax.Array:
     """[B, T] query positions -> [B, T, N] bool: entry s visible iff s < (t+1)//m (spec §14.1)."""
     return jnp.arange(n)[None, None, :] < ((positions + 1) // ratio)[..., None]
@@ -126,7 +164,7 @@ def cached_attention(q: jax.Array, q_pos: jax.Array, keys: jax.Array, key_pos: j
     qf = q.astype(jnp.float32)
     kp, qp = key_pos[:, None, :], q_pos[:, :, None]
     band = (kp >= 0) & (kp <= qp) & (qp - kp < window)               # [B, T, K]
-    lw = jnp.einsum("bthd,bkd->bthk", qf, keys.astype(jnp.float32)) * scale
+    lw = _scores(qf, keys) * scale
     parts = [jnp.where(band[:, :, None, :], lw, -jnp.inf)]
     values = None
     if entries is not None and entries.shape[1] > 0:   # max_len < m leaves no room for entries
@@ -134,7 +172,7 @@ def cached_attention(q: jax.Array, q_pos: jax.Array, keys: jax.Array, key_pos: j
         n = ef.shape[1]
         if topk_idx is None:
             vis = entry_visible(q_pos, n, ratio)
-            lc = jnp.einsum("bthd,bnd->bthn", qf, ef) * scale
+            lc = _scores(qf, ef) * scale
             lc = jnp.where(vis[:, :, None, :], lc, -jnp.inf)
             values = ("dense", ef)
         else:
@@ -146,9 +184,9 @@ def cached_attention(q: jax.Array, q_pos: jax.Array, keys: jax.Array, key_pos: j
         parts.append(lc)
     sink_l = jnp.broadcast_to(sink.astype(jnp.float32), (b, t, h))
     probs, _ = _joint_softmax(parts, sink_l)
-    out = jnp.einsum("bthk,bkd->bthd", probs[0], keys.astype(jnp.float32))
+    out = _weighted_values(probs[0], keys)
     if values is not None:
         kind, v = values
-        spec = "bthn,bnd->bthd" if kind == "dense" else "bthk,btkd->bthd"
-        out = out + jnp.einsum(spec, probs[1], v)
+        out = out + (_weighted_values(probs[1], v) if kind == "dense"
+                     else jnp.einsum("bthk,btkd->bthd", probs[1], v))
     return out.astype(q.dtype)

@@ -5,8 +5,16 @@ projection, mHC, MoE, head) is the model's method, the same code the full forwar
 bookkeeping of the cache (ring buffer, compressor tails, entry writes) and the attention against
 cached keys live here (`sparse_lm.inference.ops`).
 
-`forward_chunk(model, cache, tokens, n_new)` is a pure function of its inputs (the model is read,
-never written); `Decoder` wraps it in `jax.jit` over `(params, cache)` with the cache donated.
+`forward_chunk(model, cache, tokens, n_new, blocks=...)` is a pure function of its inputs (the
+model is read, never written); `Decoder` wraps it in `jax.jit` over `(params, per-layer params,
+cache)` with the cache donated.
+
+The layers run unrolled, each on its own cache buffers (`Cache.layers`), also those of the
+model's scanned cycle: a `lax.scan` over stacked per-layer caches made XLA write new stacked
+output buffers and copy every cache on every step (O(max_len) work per decoded token), and
+slicing the stacked parameters inside the step copied the cycle's weights on every step.
+`layer_blocks` slices the stacked parameters once, outside the step. The price is compilation
+time that grows with the number of layers (the full forward keeps its scan).
 """
 from __future__ import annotations
 
@@ -19,7 +27,7 @@ from sparse_lm.inference.cache import Cache, CompressorCache, LayerCache
 from sparse_lm.model.attention import Attention
 from sparse_lm.model.block import Block
 from sparse_lm.model.compressor import Compressor
-from sparse_lm.ops.indexer import indexer_scores, select_topk
+from sparse_lm.ops.indexer import select_topk
 
 LOGITS_MODES = ("all", "last", "none")
 
@@ -59,7 +67,8 @@ def attend_cached(attn: Attention, h, lc: LayerCache, lengths, n_new, *, sparse:
             if sparse:
                 qi, wi = ind.project_queries(h, q_latent, positions, inv_freq)
                 visible = ops.entry_visible(positions, idx_cache.entries.shape[1], ind.ratio)
-                topk = select_topk(indexer_scores(qi, wi, idx_cache.entries, visible), ind.topk)
+                scores = ops.cached_indexer_scores(qi, wi, idx_cache.entries, visible)
+                topk = select_topk(scores, ind.topk)
     o = ops.cached_attention(q, positions, keys, key_pos, attn.sink[...],
                              window=cfg.sliding_window, scale=attn.softmax_scale,
                              entries=entries, ratio=attn.ratio, topk_idx=topk)
@@ -76,44 +85,45 @@ def block_step(block: Block, x, tokens, lc: LayerCache, lengths, n_new, *, spars
     return x, lc
 
 
+def layer_blocks(model) -> list[Block]:
+    """Every Block of the model in layer order (`cfg.layer_kinds`): head layers, the scanned
+    cycle's blocks with their stacked parameters sliced per cycle, tail layers. Call it outside
+    jit (as `Decoder` does) so that the slices are made once, not on every step."""
+    blocks = list(model.head_layers)
+    if model.cycles is not None:
+        graphdef, params = nnx.split(model.cycles)
+        for i in range(model.cfg.layer_groups.num_cycles):
+            cyc = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], params))
+            blocks += list(cyc.blocks)
+    return blocks + list(model.tail_layers)
+
+
 def forward_chunk(model, cache: Cache, tokens: jax.Array, n_new: jax.Array, *,
-                  sparse: bool = True, logits: str = "all"):
+                  blocks: list[Block] | None = None, sparse: bool = True, logits: str = "all"):
     """Append a chunk to the cache and compute its logits.
 
     tokens [B, T] int; n_new [B] int in [0, T]: how many of the row's tokens are real (row b
     continues at position cache.lengths[b]; rows with n_new = 0 are left unchanged).
+    blocks: the model's layers in order (`layer_blocks(model)`, made outside jit); None slices
+    them here (inside a jitted step that copies the cycle's weights on every call).
     logits: "all" -> [B, T, V] (padding positions hold garbage), "last" -> [B, V] at each row's
     last real token (garbage for rows with n_new = 0), "none" -> None.
     Returns (logits, new cache). The caller guarantees lengths + n_new <= cache.max_len.
     """
     if logits not in LOGITS_MODES:
         raise ValueError(f"logits={logits!r} is invalid: allowed values {LOGITS_MODES}")
+    if blocks is None:
+        blocks = layer_blocks(model)
+    if len(blocks) != len(cache.layers):
+        raise ValueError(f"blocks has {len(blocks)} layers, the cache {len(cache.layers)}")
     lengths = cache.lengths
     n_new = n_new.astype(jnp.int32)
     x = model.embed_streams(tokens)
-    head = []
-    for block, lc in zip(model.head_layers, cache.head):
+    layers = []
+    for block, lc in zip(blocks, cache.layers):
         x, lc = block_step(block, x, tokens, lc, lengths, n_new, sparse=sparse)
-        head.append(lc)
-    cycles = cache.cycles
-    if model.cycles is not None:
-        graphdef, params = nnx.split(model.cycles)
-
-        def body(x, layer):
-            params, caches = layer
-            cyc = nnx.merge(graphdef, params)
-            new = []
-            for block, lc in zip(cyc.blocks, caches):
-                x, lc = block_step(block, x, tokens, lc, lengths, n_new, sparse=sparse)
-                new.append(lc)
-            return x, tuple(new)
-        x, cycles = jax.lax.scan(body, x, (params, cache.cycles))
-    tail = []
-    for block, lc in zip(model.tail_layers, cache.tail):
-        x, lc = block_step(block, x, tokens, lc, lengths, n_new, sparse=sparse)
-        tail.append(lc)
-    new_cache = Cache(lengths=lengths + n_new, head=tuple(head), cycles=cycles, tail=tuple(tail),
-                      max_len=cache.max_len)
+        layers.append(lc)
+    new_cache = Cache(lengths=lengths + n_new, layers=tuple(layers), max_len=cache.max_len)
     if logits == "none":
         return None, new_cache
     if logits == "last":

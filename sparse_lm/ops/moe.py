@@ -45,14 +45,40 @@ def ffn(u, w_gate, w_up, w_down, limit: float):
     return h.astype(dt) @ w_down.astype(dt)
 
 
+def experts_gathered(u, idx, weights, w_gate, w_up, w_down, limit: float):
+    """Routed experts for a few assignments (decode): each assignment gathers its expert's three
+    matrices and multiplies by them; the k results of a token are summed in fp32.
+
+    Reads only the chosen experts' weights (T*k matrices of each kind), with no sort and no
+    grouped matmul. `lax.ragged_dot` has no grouped kernel on XLA:CPU: it masks the rows into
+    every group and contracts over (d, E), which makes XLA transpose the whole [E, d, I] weights
+    into [d, E, I] on every call (for one decoded token that transpose was most of the step).
+    `experts_dropless` uses this form whenever T*k <= E. Same math as `experts_dropless`.
+
+    u [T, d]; idx, weights [T, k]; w_gate/w_up [E, d, I]; w_down [E, I, d] -> [T, d] (u's dtype).
+    """
+    t, k = idx.shape
+    dt = u.dtype
+    flat = idx.reshape(-1)
+    x = jnp.repeat(u, k, axis=0)                                   # [T*k, d], token-major
+    h = swiglu(jnp.einsum("nd,ndi->ni", x, w_gate[flat].astype(dt)),
+               jnp.einsum("nd,ndi->ni", x, w_up[flat].astype(dt)), limit)
+    h = h * weights.reshape(-1)[:, None].astype(jnp.float32)
+    y = jnp.einsum("ni,nid->nd", h.astype(dt), w_down[flat].astype(dt))
+    return jnp.sum(y.astype(jnp.float32).reshape(t, k, -1), axis=1).astype(dt)
+
+
 def experts_dropless(u, idx, weights, w_gate, w_up, w_down, limit: float):
     """Routed experts without capacity limits: sort assignments by expert, grouped matmuls
-    (`lax.ragged_dot`), weight, scatter-add back.
+    (`lax.ragged_dot`), weight, scatter-add back. With at most E assignments (T*k <= E: a
+    decode step) it is `experts_gathered` instead, which reads only the chosen experts.
 
     u [T, d]; idx, weights [T, k]; w_gate/w_up [E, d, I]; w_down [E, I, d] -> [T, d] (u's dtype).
     """
     t, k = idx.shape
     e = w_gate.shape[0]
+    if t * k <= e:
+        return experts_gathered(u, idx, weights, w_gate, w_up, w_down, limit)
     dt = u.dtype
     flat = idx.reshape(-1)
     order = jnp.argsort(flat, stable=True)

@@ -4,8 +4,6 @@ Specifications checked:
   * `fill_cache` (random contents instead of a prefill) occupies exactly the ring slots,
     compressor-tail slots, entries and indexer keys that a real prefill of the same length
     leaves occupied, with the same tree, shapes and dtypes;
-  * the sparse_flat arm (the library's per-layer step, layers unrolled) steps exactly like
-    the library decoder;
   * the dense arm is a correct decoder: token-by-token decode through its full KV cache gives
     the full forward's logits (fp32, 1e-5) of the same model with every layer a causal
     attention (SWA with a window covering the sequence);
@@ -75,34 +73,13 @@ def test_dense_arm_decodes_like_the_full_forward_of_a_full_attention_model():
     assert np.asarray(cache.lengths).tolist() == [s, s]
 
 
-@pytest.mark.slow
-def test_flat_driver_steps_like_the_library_decoder():
-    """sparse_flat runs the library's per-layer step with the scanned cycle unrolled: same
-    logits and same updated caches as `Decoder.step` from the same filled cache."""
-    cfg = TINY.replace(num_layers=5)
-    assert cfg.layer_groups.num_cycles == 2            # the library step scans the cycle
-    model = build_model(cfg, seed=4)
-    tokens = jnp.asarray([5, 77], jnp.int32)
-    cache = bd.fill_cache(cfg, init_cache(cfg, 2, 64), 37, seed=1)
-    want, new = Decoder(model).step(cache, tokens[:, None], jnp.ones(2, jnp.int32),
-                                    logits="last")
-    flat = bd.flatten_cache(cfg, bd.fill_cache(cfg, init_cache(cfg, 2, 64), 37, seed=1))
-    got, new_flat = bd.FlatDecoder(model).step(flat, tokens)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
-    expect = bd.flatten_cache(cfg, new)
-    assert jax.tree.structure(expect) == jax.tree.structure(new_flat)
-    for a, b in zip(jax.tree.leaves(expect), jax.tree.leaves(new_flat)):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=0)
-
-
 @pytest.mark.parametrize("cfg", [TINY, bd.bench_config()], ids=["tiny", "bench"])
 def test_each_arm_cache_grows_with_the_measured_length(cfg):
     a = 2 * max(cfg.compress_ratio_csa, cfg.compress_ratio_hca)
     sizes = {arm: [bd.arm_cache_bytes(arm, cfg, 2, n) for n in (a, 2 * a)]
-             for arm in ("sparse", "sparse_flat", "dense")}
+             for arm in ("sparse", "dense")}
     per_tok = {arm: (big - small) / a / 2 for arm, (small, big) in sizes.items()}
     assert per_tok["sparse"] == acc.kv_cache_bytes_per_token(cfg, "bf16", dtype_bytes=4)
-    assert sizes["sparse_flat"] == sizes["sparse"]
     assert per_tok["dense"] == cfg.num_layers * cfg.head_dim * 4
     assert per_tok["sparse"] < per_tok["dense"]
 

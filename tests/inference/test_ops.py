@@ -5,6 +5,7 @@
 * compressor tails: pooling chunk by chunk (any chunk size, boundaries inside windows) yields
   exactly the entries `ops.compress` pools from the whole sequence, and the tail state holds the
   current window (and, with overlap, the previous one) in the official slot layout;
+* the cached indexer scores (flattened heads) equal the model's `indexer_scores`;
 * sampling: temperature 0 is argmax; draws stay inside the top-p nucleus and follow the
   renormalised distribution; a nucleus of one token is argmax at any temperature.
 """
@@ -16,6 +17,7 @@ import pytest
 from sparse_lm.inference import ops
 from sparse_lm.inference.decode import sample_tokens
 from sparse_lm.ops.compress import add_position_bias, compress
+from sparse_lm.ops.indexer import indexer_scores
 
 
 def _chunks(lengths, chunk):
@@ -118,3 +120,17 @@ def test_sampling_greedy_nucleus_and_frequencies():
                                [0.5, 0.3, 0.15, 0.05], atol=0.03)
     again = np.asarray(sample(logits, key, 1.0, 1.0))
     np.testing.assert_array_equal(full, again)
+
+
+@pytest.mark.parametrize("t", [1, 3])
+def test_cached_indexer_scores_equal_the_model_indexer_scores(t):
+    rng = np.random.default_rng(5)
+    b, h, d, n = 2, 3, 4, 9
+    q = jnp.asarray(rng.normal(size=(b, t, h, d)).astype(np.float32))
+    w = jnp.asarray(rng.normal(size=(b, t, h)).astype(np.float32))
+    keys = jnp.asarray(rng.normal(size=(b, n, d)).astype(np.float32))
+    visible = ops.entry_visible(jnp.asarray([[20 + j for j in range(t)], [7] * t]), n, 4)
+    got = ops.cached_indexer_scores(q, w, keys, visible)
+    want = indexer_scores(q, w, keys, visible)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert np.isneginf(np.asarray(got)[1, :, 2:]).all()        # position 7: entries 0, 1 only
