@@ -38,8 +38,9 @@ being measured (max_len = L):
 Cache contents: prefilling 64K tokens through the dense arm costs ~2.4e14 attention FLOPs
 (hours on a 2-core CPU), so every cache is filled directly with random but valid contents
 (`fill_cache`, `fill_dense_cache`): `lengths` = L - n for the n steps that follow, ring
-slots / entries / indexer keys / dense rows of the held tokens random (unit scale, as after the kv RMSNorm), unused ones zero, compressor tails filled in the
-slots a real prefill fills (gates -inf elsewhere). Step time does not depend on the values
+slots / entries / indexer keys / dense rows of the held tokens random (unit scale, as after the
+kv RMSNorm), unused ones zero, compressor tails filled in the slots a real prefill fills (gates
+-inf elsewhere). Step time does not depend on the values
 except through the top-k's data-dependent sort. The timed steps cover positions L-n .. L-1.
 
 Timing (design.md section 8): one process, the same dtype for every arm; each arm's first call
@@ -49,11 +50,13 @@ machine drifts over all arms alike; each step is ended by `block_until_ready`; t
 reported (every run is in the JSON).
 
 Parts (`--no-parts` skips them): how each piece of attention grows with context, timed by
-jitting the library's functions alone on cache-shaped random inputs, one decode query, one layer:
+jitting the library's functions alone on cache-shaped random inputs, one decode query, one layer,
+their timed calls interleaved with the arms' steps of the same length:
   window      `cached_attention` over the 128-row ring + the new row (every layer; = SWA layer)
   csa_attn    the same + the top-k entries gathered from the [B, L/4, D] entries (CSA layer)
   hca_attn    the same + every visible entry of the [B, L/128, D] entries (HCA layer)
-  indexer     `indexer_scores` over the [B, L/4, D_I] indexer keys + `select_topk` (CSA layer)
+  indexer     `cached_indexer_scores` over the [B, L/4, D_I] indexer keys + `select_topk`
+              (CSA layer)
   dense_attn  `dense_attention` over the full [B, L, D] cache (one layer of the dense arm)
 with their FLOPs (2 per multiply-add; attention 4*H*D per attended key, indexer 2*H_I*D_I per
 key) and the bytes of cache they read. `other` = step time minus the attention parts summed over
@@ -98,7 +101,7 @@ from sparse_lm.inference.decode import Decoder
 from sparse_lm.inference.step import layer_blocks
 from sparse_lm.model.layers import dtype_of
 from sparse_lm.model.transformer import build_model
-from sparse_lm.ops.indexer import indexer_scores, select_topk
+from sparse_lm.ops.indexer import select_topk
 
 ARMS = ("sparse", "dense", "dense_ring")
 PARTS = ("window", "csa_attn", "hca_attn", "indexer", "dense_attn")
@@ -353,19 +356,6 @@ def hlo_copy_bytes(hlo_text: str, min_bytes: int = 1 << 20) -> dict:
 
 # ------------------------------------------------------------------------------ timing
 
-def time_fn(fn, args, *, warmup: int, runs: int):
-    """Median-ready timings of jitted `fn(*args)`: compiled ahead of time, warmed up, timed."""
-    compiled = jax.jit(fn).lower(*args).compile()
-    for _ in range(warmup):
-        jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - t0)
-    return times
-
-
 def _summary(times: list[float]) -> dict:
     return {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times),
             "runs_ms": [round(1e3 * t, 4) for t in times]}
@@ -443,11 +433,13 @@ def prepare_arm(arm: str, cfg: ModelConfig, length: int, start: int, *, batch: i
 
 
 def bench_length(arms: list[str], cfg: ModelConfig, length: int, *, batch: int, warmup: int,
-                 runs: int, seed: int = 0, hlo: bool = False) -> list[dict]:
-    """Time every arm at context `length`, interleaved: each arm makes its first call
-    (compilation + one step, excluded) and `warmup` steps, then the timed steps alternate
-    between the arms (arm a, arm b, arm a, ...) so that a loaded machine's drift hits all arms
-    alike. Every call ends with `block_until_ready`."""
+                 runs: int, seed: int = 0, hlo: bool = False,
+                 parts: tuple[str, ...] = ()) -> tuple[list[dict], list[dict]]:
+    """Time every arm and every attention part at context `length`, interleaved: each arm makes
+    its first call (compilation + one step, excluded) and `warmup` steps, each part is compiled
+    and called `warmup` times, then the timed calls alternate (arm a, arm b, part 1, part 2, ...,
+    arm a, ...) so that a loaded machine's drift hits arms and parts alike. Every call ends
+    with `block_until_ready`. Returns (arm rows, part rows)."""
     start = _start(length, warmup, runs)
     if start < 0:
         raise BenchError(f"--lengths: {length} is too short for 1 + warmup {warmup} + runs {runs} "
@@ -464,11 +456,22 @@ def bench_length(arms: list[str], cfg: ModelConfig, length: int, *, batch: int, 
         for _ in range(warmup):
             a.call()
         prepared.append(a)
+    timed_parts = []
+    for name in parts:
+        fn, args = part_inputs(name, cfg, length, batch)
+        compiled = jax.jit(fn).lower(*args).compile()
+        for _ in range(warmup):
+            jax.block_until_ready(compiled(*args))
+        timed_parts.append((name, compiled, args, []))
     for _ in range(runs):
         for a in prepared:
             t0 = time.perf_counter()
             a.call()
             a.times.append(time.perf_counter() - t0)
+        for _, compiled, args, times in timed_parts:
+            t0 = time.perf_counter()
+            jax.block_until_ready(compiled(*args))
+            times.append(time.perf_counter() - t0)
     rows = []
     for a in prepared:
         f = a.flops
@@ -481,7 +484,12 @@ def bench_length(arms: list[str], cfg: ModelConfig, length: int, *, batch: int, 
         if a.name in copies:
             rows[-1]["hlo_copies"] = copies[a.name]
         a.state = None                       # free the cache before the next length
-    return rows
+    part_rows = []
+    for name, _, _, times in timed_parts:
+        flops, nbytes = part_cost(name, cfg, length, batch)
+        part_rows.append({"length": length, "part": name, **_summary(times), "flops": flops,
+                          "bytes_read": nbytes})
+    return rows, part_rows
 
 
 # ------------------------------------------------------------------------------ parts
@@ -558,22 +566,13 @@ def part_inputs(part: str, cfg: ModelConfig, length: int, batch: int, seed: int 
 
         def f(qi, wi, keys):
             visible = ops.entry_visible(pos[:, None], keys.shape[1], m)
-            return select_topk(indexer_scores(qi, wi, keys, visible), cfg.index_topk)
+            return select_topk(ops.cached_indexer_scores(qi, wi, keys, visible), cfg.index_topk)
         return f, (qi, wi, keys)
     kv = _normal(next(ks), (b, length, d), dt)                   # dense_attn
 
     def f(q, kv, sink):
         return dense_attention(q, kv, pos, sink, scale=scale)
     return f, (q, kv, sink)
-
-
-def bench_part(part: str, cfg: ModelConfig, length: int, *, batch: int, warmup: int,
-               runs: int) -> dict:
-    fn, args = part_inputs(part, cfg, length, batch)
-    flops, nbytes = part_cost(part, cfg, length, batch)
-    times = time_fn(fn, args, warmup=warmup, runs=runs)
-    return {"length": length, "part": part, **_summary(times), "flops": flops,
-            "bytes_read": nbytes}
 
 
 def layer_counts(cfg: ModelConfig) -> dict[str, int]:
@@ -836,25 +835,22 @@ def run(args: argparse.Namespace) -> dict:
         "dense_arm": "same model, every layer a causal attention over a full [B, L, D] KV "
                      "cache written in place (DenseDecoder); no compressor/indexer",
         "parts_method": "library functions jitted alone on cache-shaped random inputs, one "
-                        "decode query, one layer",
+                        "decode query, one layer, timed interleaved with the arms",
     }
-    jobs = [("arms", n, ",".join(args.arms)) for n in args.lengths]
-    if not args.no_parts:
-        jobs += [("part", n, p) for n in args.lengths for p in PARTS]
+    part_names = () if args.no_parts else PARTS
     rows, parts = [], []
     bar = None
     if not args.no_progress:
         from tqdm import tqdm
-        bar = tqdm(total=len(jobs), desc="bench_decode", file=sys.stderr, leave=False)
-    for kind, n, name in jobs:
+        bar = tqdm(total=len(args.lengths), desc="bench_decode", file=sys.stderr, leave=False)
+    for n in args.lengths:
         if bar is not None:
-            bar.set_postfix_str(f"{kind} {name} L={n}")
-        if kind == "arms":
-            rows += bench_length(args.arms, cfg, n, batch=args.batch, warmup=args.warmup,
-                                 runs=args.runs, hlo=args.hlo and n == max(args.lengths))
-        else:
-            parts.append(bench_part(name, cfg, n, batch=args.batch, warmup=args.warmup,
-                                    runs=args.runs))
+            bar.set_postfix_str(f"L={n}")
+        r, p = bench_length(args.arms, cfg, n, batch=args.batch, warmup=args.warmup,
+                            runs=args.runs, hlo=args.hlo and n == max(args.lengths),
+                            parts=part_names)
+        rows += r
+        parts += p
         if bar is not None:
             bar.update(1)
     if bar is not None:

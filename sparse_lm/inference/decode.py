@@ -14,8 +14,8 @@ with the cache donated and updated in place: a decode step writes only the new r
 layer's cache, so its work outside attention does not grow with the context. The layers are
 unrolled in the step (see `sparse_lm.inference.step`), so compilation time grows with the number
 of layers. One compilation per distinct chunk length: prefill pads every chunk to the same
-length, decode is a chunk of 1. Prompts of different lengths share a batch: each row continues at its own
-length and rows without new tokens in a chunk stay unchanged.
+length, decode is a chunk of 1. Prompts of different lengths share a batch: each row continues
+at its own length and rows without new tokens in a chunk stay unchanged.
 
 The MTP block is not used: it is a training objective here; speculative decoding with it is out
 of scope.
