@@ -12,7 +12,9 @@ from sparse_lm.model.indexer import Indexer
 from sparse_lm.model.layers import RMSNorm, constant, param
 from sparse_lm.ops.attention import sparse_attention
 from sparse_lm.ops.compress import entry_visibility
-from sparse_lm.ops.indexer import compressed_attention_mass, indexer_objective
+from sparse_lm.ops.indexer import (compressed_attention_mass, indexer_objective,
+                                   indexer_objective_selected, selected_attention_mass,
+                                   sparse_stage_recall)
 from sparse_lm.ops.norms import rms_norm
 from sparse_lm.ops.rope import Yarn, apply_rope, inv_frequencies
 from sparse_lm.sharding.constraints import constrain
@@ -56,6 +58,8 @@ class Attention(nnx.Module):
         sparse=False makes CSA attend every visible entry (the indexer warm-up stage). stats:
         indexer_kl (the indexer's training objective) and indexer_recall (share of the dense
         attention mass on compressed entries that the top-k keeps); zeros for non-CSA layers.
+        In the sparse stage the KL is restricted to the selected entries (V3.2, spec §6) and the
+        recall is measured on at most 512 evenly strided queries per row (exact for S <= 512).
         """
         cfg = self.cfg
         s = x.shape[1]
@@ -68,7 +72,10 @@ class Attention(nnx.Module):
         if self.compressor is not None:
             entries, valid = self.compressor(x, positions, inv_freq, segment_ids)
             entries = constrain(entries, ("activation_batch", "activation_kv_length", "activation_kv"))
-            if self.indexer is not None:
+            if self.indexer is not None and sparse:
+                scores, topk = self.indexer.sparse_stage(x, q_latent, positions, inv_freq,
+                                                         segment_ids)
+            elif self.indexer is not None:
                 scores, topk = self.indexer(x, q_latent, positions, inv_freq, segment_ids)
         o, lse = sparse_attention(q, kv, self.sink[...], window=cfg.sliding_window,
                                   scale=self.softmax_scale,
@@ -78,7 +85,16 @@ class Attention(nnx.Module):
                                   implementation=implementation or cfg.attention_impl,
                                   return_lse=True)
         stats = {"indexer_kl": jnp.zeros((), jnp.float32), "indexer_recall": jnp.zeros((), jnp.float32)}
-        if scores is not None and scores.shape[-1] > 0:
+        if scores is not None and scores.shape[-1] > 0 and sparse:
+            # Sparse stage: KL over the selected set only (V3.2); recall on sampled queries.
+            sg = jax.lax.stop_gradient
+            mass = selected_attention_mass(sg(q), sg(entries), sg(lse), topk, self.softmax_scale)
+            stats = {"indexer_kl": indexer_objective_selected(scores, mass, topk),
+                     "indexer_recall": sparse_stage_recall(q, entries, lse, valid, topk,
+                                                           ratio=self.ratio,
+                                                           scale=self.softmax_scale,
+                                                           segment_ids=segment_ids)}
+        elif scores is not None and scores.shape[-1] > 0:
             sg = jax.lax.stop_gradient
             visible = entry_visibility(s, self.ratio, valid, segment_ids)
             mass = compressed_attention_mass(sg(q), sg(entries), sg(lse), visible,

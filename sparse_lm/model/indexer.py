@@ -8,7 +8,8 @@ from sparse_lm.config import ModelConfig
 from sparse_lm.model.compressor import Compressor
 from sparse_lm.model.layers import param
 from sparse_lm.ops.compress import entry_visibility
-from sparse_lm.ops.indexer import indexer_scores, select_topk, select_topk_fused
+from sparse_lm.ops.indexer import (indexer_scores, indexer_scores_selected, select_topk,
+                                   select_topk_fused)
 from sparse_lm.ops.rope import apply_rope
 
 
@@ -60,3 +61,17 @@ class Indexer(nnx.Module):
         scores = self.scores(jax.lax.stop_gradient(x), jax.lax.stop_gradient(q_latent), positions,
                              inv_freq, segment_ids)
         return scores, select_topk(jax.lax.stop_gradient(scores), self.topk)
+
+    def sparse_stage(self, x, q_latent, positions, inv_freq, segment_ids=None):
+        """Sparse-stage form of `__call__`: (scores at the selected entries [B, S, K] (-inf where
+        the pick is -1), top-k indices [B, S, K]). The top-k comes from the full scores without
+        gradient; only the K selected scores carry one (the V3.2 sparse stage restricts the KL to
+        the selected set, spec §6), so the backward pass never touches the [B, S, Hi, N] scores."""
+        sg = jax.lax.stop_gradient
+        x, q_latent = sg(x), sg(q_latent)
+        s = x.shape[1]
+        q, w = self.project_queries(x, q_latent, positions, inv_freq)
+        keys, valid = self.compressor(x, positions, inv_freq, segment_ids)
+        visible = entry_visibility(s, self.ratio, valid, segment_ids)
+        topk = select_topk(sg(indexer_scores(q, w, keys, visible)), self.topk)
+        return indexer_scores_selected(q, w, keys, topk), topk

@@ -136,3 +136,92 @@ def indexer_objective_chunked(q: jax.Array, weights: jax.Array, keys: jax.Array,
                                                   jnp.arange(nc))
     denom = jnp.maximum(count, 1).astype(jnp.float32)
     return kl_sum / denom, recall_sum / denom
+
+
+# ---------------------------------------------------------------- sparse stage (spec §6, V3.2)
+def gather_rows(x: jax.Array, idx: jax.Array) -> jax.Array:
+    """x [B, N, D], idx [B, S, K] (-1 = unused, read as row 0) -> [B, S, K, D]."""
+    return jax.vmap(lambda xb, ib: xb[jnp.maximum(ib, 0)])(x, idx)
+
+
+def indexer_scores_selected(q: jax.Array, weights: jax.Array, keys: jax.Array,
+                            selected: jax.Array) -> jax.Array:
+    """`indexer_scores` at the selected entries only: [B, S, K] fp32, -inf where the pick is -1.
+
+    q [B, S, Hi, Di], weights [B, S, Hi], keys [B, N, Di], selected [B, S, K]. O(S * K) work,
+    forward and backward (the sparse stage's KL needs no gradient through the other entries).
+    """
+    k = gather_rows(keys.astype(jnp.float32), selected)
+    dots = jnp.einsum("bthd,btkd->bthk", q.astype(jnp.float32), k)
+    scores = jnp.einsum("bthk,bth->btk", jax.nn.relu(dots), weights.astype(jnp.float32))
+    return jnp.where(selected >= 0, scores, -jnp.inf)
+
+
+def selected_attention_mass(q: jax.Array, entries: jax.Array, lse: jax.Array,
+                            selected: jax.Array, scale: float) -> jax.Array:
+    """`compressed_attention_mass` at the selected entries: [B, S, K] fp32 (0 where -1)."""
+    e = gather_rows(entries.astype(jnp.float32), selected)
+    logits = jnp.einsum("bshd,bskd->bshk", q.astype(jnp.float32), e) * scale
+    p = jnp.sum(jnp.exp(logits - lse[..., None]), axis=2)
+    return jnp.where(selected >= 0, p, 0.0)
+
+
+def indexer_objective_selected(scores_sel: jax.Array, mass_sel: jax.Array,
+                               selected: jax.Array) -> jax.Array:
+    """Sparse-stage KL (V3.2, spec §6): KL(target || softmax(scores)) over the selected set only,
+    target = the main attention's mass on the selected entries, L1-normalised over them.
+
+    scores_sel [B, S, K] (-inf where the pick is -1), mass_sel [B, S, K], selected [B, S, K].
+    Mean over queries with at least one selected entry carrying mass.
+    """
+    mass = jax.lax.stop_gradient(mass_sel)
+    picked = selected >= 0
+    total = jnp.sum(mass, axis=-1)
+    has = jnp.any(picked, axis=-1) & (total > 0)
+    target = mass / jnp.where(has, total, 1.0)[..., None]
+    logq = jax.nn.log_softmax(jnp.where(picked, scores_sel, -1e30), axis=-1)
+    kl_rows = jnp.sum(jnp.where(picked & (target > 0),
+                                target * (jnp.log(jnp.maximum(target, 1e-30)) - logq), 0.0), axis=-1)
+    count = jnp.maximum(jnp.sum(has), 1)
+    return jnp.sum(jnp.where(has, kl_rows, 0.0)) / count
+
+
+def sampled_rows(seq: int, samples: int) -> jax.Array:
+    """min(seq, samples) evenly strided query rows ending at the last one (all rows if seq <= samples)."""
+    n = min(seq, samples)
+    return jnp.asarray([(i + 1) * seq // n - 1 for i in range(n)], jnp.int32)
+
+
+def sparse_stage_recall(q: jax.Array, entries: jax.Array, lse_sparse: jax.Array, valid: jax.Array,
+                        selected: jax.Array, *, ratio: int, scale: float,
+                        segment_ids: jax.Array | None = None, samples: int = 512) -> jax.Array:
+    """Indexer recall during the sparse stage (a metric, no gradient): the share of the DENSE
+    attention mass on compressed entries that the top-k keeps, as `indexer_objective`'s recall,
+    measured on `sampled_rows(S, samples)` queries (exact when S <= samples), so it costs
+    O(samples * N) instead of O(S * N).
+
+    The sparse attention's lse covers window + sink + selected entries; the dense one adds every
+    visible unselected entry: lse_dense = logaddexp(lse_sparse, logsumexp(unselected logits)).
+    q [B, S, H, D], entries [B, N, D], lse_sparse [B, S, H], valid [B, N], selected [B, S, K].
+    """
+    from sparse_lm.ops.compress import window_segments
+    sg = jax.lax.stop_gradient
+    b, s = q.shape[:2]
+    n = entries.shape[1]
+    rows = sampled_rows(s, samples)
+    qs = sg(q)[:, rows].astype(jnp.float32)
+    lse = sg(lse_sparse)[:, rows]
+    sel = selected[:, rows]
+    vis = (jnp.arange(n)[None, :] < (rows[:, None] + 1) // ratio)[None] & valid[:, None, :]
+    if segment_ids is not None:
+        seg_e = window_segments(segment_ids, b, s, ratio)
+        vis = vis & (segment_ids[:, rows][:, :, None] == seg_e[:, None, :])
+    logits = jnp.einsum("bshd,bnd->bshn", qs, sg(entries).astype(jnp.float32)) * scale
+    picked = jnp.any(sel[..., None] == jnp.arange(n), axis=-2) & vis          # [B, R, N]
+    rest = jnp.where((vis & ~picked)[:, :, None, :], logits, -jnp.inf)
+    lse_dense = jnp.logaddexp(lse, jax.nn.logsumexp(rest, axis=-1))
+    mass = jnp.where(vis, jnp.sum(jnp.exp(logits - lse_dense[..., None]), axis=2), 0.0)
+    total = jnp.sum(mass, axis=-1)
+    has = jnp.any(vis, axis=-1) & (total > 0)
+    kept = jnp.sum(jnp.where(picked, mass, 0.0), axis=-1) / jnp.where(has, total, 1.0)
+    return jnp.sum(jnp.where(has, kept, 0.0)) / jnp.maximum(jnp.sum(has), 1)
