@@ -49,8 +49,10 @@ class MoE(nnx.Module):
         weights = moe_ops.combine_weights(scores, idx, cfg.routed_scaling_factor)
         if cfg.moe_dispatch == "local":
             experts = moe_ops.EXPERT_IMPLEMENTATIONS[cfg.moe_impl]
-            y = experts(flat, idx, weights, self.w_gate[...], self.w_up[...], self.w_down[...],
-                        cfg.swiglu_limit)
+            # per device under sharding rules (a global sort otherwise), plain call without
+            y = expert_parallel.local_experts(experts, flat, idx, weights, self.w_gate[...],
+                                              self.w_up[...], self.w_down[...],
+                                              limit=cfg.swiglu_limit)
         else:   # expert parallelism over the active mesh's `expert` axis
             y = expert_parallel.dispatch(cfg.moe_dispatch, flat, idx, weights, self.w_gate[...],
                                          self.w_up[...], self.w_down[...], limit=cfg.swiglu_limit,

@@ -17,7 +17,7 @@ from sparse_lm.config import ModelConfig
 from sparse_lm.model.block import Block
 from sparse_lm.model.layers import RMSNorm, dtype_of, param
 from sparse_lm.model.mhc import HcHead
-from sparse_lm.sharding.constraints import constrain
+from sparse_lm.sharding.constraints import constrain, constrain_slice, stacked_slice_names
 
 REMAT = {
     "none": None,
@@ -143,8 +143,11 @@ class DeepseekV4(nnx.Module):
     def _run_cycles(self, x, token_ids, positions, segment_ids, static):
         graphdef, state = nnx.split(self.cycles)
         policy = REMAT[self.cfg.remat]
+        names = stacked_slice_names(state, "layers")
 
         def body(x, layer_state):
+            # each layer's weights (and so their gradients) in the per-layer layout
+            layer_state = constrain_slice(layer_state, names)
             x, st = nnx.merge(graphdef, layer_state)(_streams(x), token_ids, positions, segment_ids,
                                                      **static)
             return _streams(x), st
@@ -155,10 +158,19 @@ class DeepseekV4(nnx.Module):
     def logits_from_hidden(self, h):
         return h @ self.lm_head[...].astype(h.dtype)
 
+    def embed_rows(self, ids):
+        """Embedding rows of `ids` in the compute dtype. Under sharding rules the table is
+        gathered whole first (`constrain` to replicated; no-op without rules): XLA's SPMD
+        partitioner aborts on a row gather from a table split over two mesh axes with indices
+        split over one of them (fsdp_tp: "Check failed: grouped_sharding.device_groups...").
+        The rows are cast after the gather, so the table's gradient is accumulated in fp32."""
+        table = constrain(self.embed[...], (None, None))
+        return jnp.take(table, ids, axis=0).astype(dtype_of(self.cfg.dtype))
+
     def embed_streams(self, input_ids):
         """[B, S] ids -> the initial residual streams [B, S, hc_mult, d] (4 identical copies)."""
         cfg = self.cfg
-        x = jnp.take(self.embed[...], input_ids, axis=0).astype(dtype_of(cfg.dtype))
+        x = self.embed_rows(input_ids)
         return jnp.broadcast_to(x[:, :, None, :], input_ids.shape + (cfg.hc_mult, cfg.hidden_size))
 
     def final_logits(self, x):
@@ -180,9 +192,7 @@ class DeepseekV4(nnx.Module):
         if positions is None:
             positions = (segment_positions(segment_ids) if segment_ids is not None
                          else jnp.broadcast_to(jnp.arange(s), (b, s)))
-        dt = dtype_of(cfg.dtype)
         static = dict(sparse=sparse, implementation=implementation)
-        emb = self.embed[...]
         x = self.embed_streams(input_ids)
         stats = []
         for block in self.head_layers:
@@ -202,7 +212,7 @@ class DeepseekV4(nnx.Module):
         mtp_logits = None
         if self.mtp is not None:
             next_ids = jnp.pad(input_ids[:, 1:], ((0, 0), (0, 1)))
-            next_embed = jnp.take(emb, next_ids, axis=0).astype(dt)
+            next_embed = self.embed_rows(next_ids)
             h, st = self.mtp(x, next_embed, next_ids, positions, segment_ids,
                              implementation=implementation)
             mtp_logits = self.logits_from_hidden(h)

@@ -72,3 +72,37 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
                          f"rank {x.ndim} (shape {x.shape})")
     p = spec_for(names, x.shape, ctx.sizes, ctx.rules)
     return jax.lax.with_sharding_constraint(x, NamedSharding(ctx.mesh, p))
+
+
+def stacked_slice_names(state, stacked: str = "layers") -> list[tuple | None]:
+    """For an nnx.State of stacked parameters (leading axis named `stacked`): per leaf (in
+    `jax.tree.leaves` order) the logical names of one slice (the stacked axis dropped), or None
+    for a leaf that is not stacked along its first axis."""
+    from flax import nnx
+    logical = jax.tree.leaves(nnx.get_partition_spec(state),
+                              is_leaf=lambda x: isinstance(x, PartitionSpec))
+    out: list[tuple | None] = []
+    for lspec, x in zip(logical, jax.tree.leaves(state)):
+        names = tuple(lspec) + (None,) * (len(x.shape) - len(lspec))
+        out.append(names[1:] if names and names[0] == stacked else None)
+    if len(logical) != len(out) or len(out) != len(jax.tree.leaves(state)):
+        raise ValueError("stacked_slice_names: sharding metadata does not cover every leaf")
+    return out
+
+
+def constrain_slice(layer_state, names: list[tuple | None]):
+    """Constrain every leaf of one scanned slice to the sharding of its logical names (from
+    `stacked_slice_names`); no-op without active rules.
+
+    Inside a `lax.scan` body over stacked parameters this pins each layer's weights, and by
+    transposition their gradients, to the per-layer layout: without it GSPMD may gather the
+    stacked weights before the loop or keep the backward scan's stacked gradient carry
+    replicated.
+    """
+    if _ACTIVE.get() is None:
+        return layer_state
+    leaves, treedef = jax.tree.flatten(layer_state)
+    if len(leaves) != len(names):
+        raise ValueError(f"constrain_slice: {len(leaves)} leaves but {len(names)} name tuples")
+    leaves = [x if n is None else constrain(x, n) for x, n in zip(leaves, names)]
+    return jax.tree.unflatten(treedef, leaves)

@@ -138,6 +138,12 @@ def scale_by_report_muon(*, momentum: float = 0.95, ns_coeffs=NS_COEFFS, rms_sca
         def direction(x):
             if x.ndim < 2:
                 raise OptimizerConfigError(f"Muon got a parameter of shape {x.shape}: needs rank >= 2")
+            if x.ndim > 3:
+                # Stacked layers of batched matrices (e.g. [L, E, d, I]): map over the leading
+                # axis instead of letting Newton-Schulz merge the batch axes into one; a merged
+                # [L*E] axis cannot keep E's mesh sharding, so under SPMD the whole stack was
+                # iterated unsharded on every device. Same values.
+                return jax.vmap(direction)(x)
             o = orthogonalize_via_newton_schulz(x, coeffs, preconditioning="frobenius", eps=eps,
                                                 dimension_numbers=_TRAILING)
             return _scale_update_for_consistent_rms(o, _TRAILING, rms_scale)

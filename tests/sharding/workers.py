@@ -329,8 +329,59 @@ def task_tpu_multislice_mesh(args):
                                     for j in range(arr.shape[0])]}
 
 
+def task_step_layout(args):
+    """Compile the sharded train step (Muon + AdamW) for `presets` and report, from the
+    partitioned HLO, (a) which full (unsharded) shapes of the stacked cycle parameters that the
+    preset shards appear in the program (the backward scan's gradient carry or Newton-Schulz
+    left replicated would), and (b) the longest sort (the MoE sorts its (token, expert)
+    assignments: per device it sorts rows_per_device x k, a global sort would be x devices).
+    args.disable: "slice_constraint" (the scan-body constraint) and/or "local_experts" (the
+    per-device MoE under shard_map) switched off, to show that the checks can fail."""
+    import re
+
+    from sparse_lm.model import transformer
+    from sparse_lm.sharding import partition
+    from sparse_lm.sharding.plan import make_plan
+    from sparse_lm.train import optimizer as opt_lib
+    from sparse_lm.train.schedule import Schedule
+    from sparse_lm.train.steps import LossConfig
+    if "slice_constraint" in args.get("disable", []):
+        transformer.constrain_slice = lambda state, names: state
+    if "local_experts" in args.get("disable", []):
+        from sparse_lm.sharding import expert_parallel
+        expert_parallel.local_experts = lambda experts, *a, limit: experts(*a, limit)
+    cfg = small_config(num_layers=5, n_routed_experts=16)
+    b, s = args.get("batch", 8), args.get("seq", 32)
+    schedule = Schedule(peak_lr=1e-3, total_steps=10)
+    tx = opt_lib.make_optimizer(opt_lib.OptimizerConfig(), schedule)
+    out = {}
+    for name in args["presets"]:
+        plan = make_plan(name, cfg, tx)
+        n = plan.mesh.devices.size
+        step = plan.train_step(schedule, LossConfig(), sparse=True, donate=False)
+        text = step.lower(plan.abstract_state(), plan.batch_spec_struct(b, s)).compile().as_text()
+        specs = jax.tree.leaves(partition.state_specs(plan.abstract.params, plan.sizes,
+                                                      plan.preset.rules),
+                                is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+        full = {}
+        for (path, x), sp in zip(jax.tree_util.tree_leaves_with_path(plan.abstract.params), specs):
+            p = partition.path_str(path)
+            if p.startswith("cycles/") and x.ndim >= 3 and any(a is not None for a in sp):
+                dims = ",".join(map(str, x.shape))
+                hits = len(re.findall(r"\[" + dims + r"\]", text))
+                full[p] = {"shape": list(x.shape), "spec": str(sp), "instructions": hits}
+        sorts = [int(m) for m in re.findall(r"= \(?[a-z0-9]+\[(\d+)[^=]*? sort\(", text)]
+        out[name] = {"devices": n, "full_shape_hits": full, "longest_sort": max(sorts, default=0),
+                     "rows_per_device": b * s // n, "k": cfg.num_experts_per_tok,
+                     "global_rows": b * s}
+        print(f"{name}: {sum(v['instructions'] for v in full.values())} full-shape instructions, "
+              f"longest sort {out[name]['longest_sort']}", file=sys.stderr, flush=True)
+    return out
+
+
 TASKS = {"hlo_stats": task_hlo_stats, "tpu_multislice_mesh": task_tpu_multislice_mesh, "train_loop": task_train_loop, "presets": task_presets, "expert_parallel": task_expert_parallel,
-         "ep_tpu_compile": task_ep_tpu_compile, "mesh_slices": task_mesh_slices}
+         "ep_tpu_compile": task_ep_tpu_compile, "mesh_slices": task_mesh_slices,
+         "step_layout": task_step_layout}
 
 if __name__ == "__main__":
     task, raw = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else "{}")
