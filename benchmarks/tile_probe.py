@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 
 from experiments.bench_attention import spread_topk
+from experiments.benchlib import time_compiled
 from kernels_pallas.block_sparse_attention import BlockSizes, block_sparse_attention
 from kernels_pallas.sparse_attention import SparseAttentionConfig, csa_attention
 
@@ -48,14 +48,7 @@ CSA_VARIANTS = {   # every variant's backward keeps the 32-head x 32-row tiles t
 
 
 def _time(fn, args, runs):
-    compiled = jax.jit(fn).lower(*args).compile()
-    jax.block_until_ready(compiled(*args))
-    ts = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        ts.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(ts)
+    return 1e3 * statistics.median(time_compiled(fn, args, runs, warmup=1))
 
 
 def _both(fn, args, nd, runs):

@@ -61,6 +61,20 @@ def compressed_attention_mass(q: jax.Array, entries: jax.Array, lse: jax.Array,
     return jnp.where(visible, jnp.sum(p, axis=2), 0.0)
 
 
+def _kl_rows(scores: jax.Array, mass: jax.Array, allowed: jax.Array):
+    """Per-query KL(target || softmax(scores)) over the `allowed` entries, target = `mass`
+    (no gradient) L1-normalised over them. [B, S, N] each -> (kl [B, S], target [B, S, N],
+    has [B, S]: the query has an allowed entry carrying mass)."""
+    mass = jax.lax.stop_gradient(mass)
+    total = jnp.sum(mass, axis=-1)
+    has = jnp.any(allowed, axis=-1) & (total > 0)
+    target = mass / jnp.where(has, total, 1.0)[..., None]
+    logq = jax.nn.log_softmax(jnp.where(allowed, scores, -1e30), axis=-1)
+    kl = jnp.sum(jnp.where(allowed & (target > 0),
+                           target * (jnp.log(jnp.maximum(target, 1e-30)) - logq), 0.0), axis=-1)
+    return kl, target, has
+
+
 def indexer_objective(scores: jax.Array, mass: jax.Array, visible: jax.Array,
                       selected: jax.Array) -> tuple[jax.Array, jax.Array]:
     """KL(target || softmax(scores)) and the recall of the selection.
@@ -70,13 +84,7 @@ def indexer_objective(scores: jax.Array, mass: jax.Array, visible: jax.Array,
     visible entries (the V3.2 recipe applied to compressed entries, spec §6). Recall = share of
     that mass on the selected entries. Both are means over queries that see at least one entry.
     """
-    mass = jax.lax.stop_gradient(mass)
-    total = jnp.sum(mass, axis=-1)
-    has = jnp.any(visible, axis=-1) & (total > 0)
-    target = mass / jnp.where(has, total, 1.0)[..., None]
-    logq = jax.nn.log_softmax(jnp.where(visible, scores, -1e30), axis=-1)
-    kl_rows = jnp.sum(jnp.where(visible & (target > 0),
-                                target * (jnp.log(jnp.maximum(target, 1e-30)) - logq), 0.0), axis=-1)
+    kl_rows, target, has = _kl_rows(scores, mass, visible)
     n = scores.shape[-1]
     picked = jnp.sum(jax.nn.one_hot(selected, n, dtype=jnp.float32), axis=-2) > 0
     recall_rows = jnp.sum(jnp.where(picked, target, 0.0), axis=-1)
@@ -174,14 +182,7 @@ def indexer_objective_selected(scores_sel: jax.Array, mass_sel: jax.Array,
     scores_sel [B, S, K] (-inf where the pick is -1), mass_sel [B, S, K], selected [B, S, K].
     Mean over queries with at least one selected entry carrying mass.
     """
-    mass = jax.lax.stop_gradient(mass_sel)
-    picked = selected >= 0
-    total = jnp.sum(mass, axis=-1)
-    has = jnp.any(picked, axis=-1) & (total > 0)
-    target = mass / jnp.where(has, total, 1.0)[..., None]
-    logq = jax.nn.log_softmax(jnp.where(picked, scores_sel, -1e30), axis=-1)
-    kl_rows = jnp.sum(jnp.where(picked & (target > 0),
-                                target * (jnp.log(jnp.maximum(target, 1e-30)) - logq), 0.0), axis=-1)
+    kl_rows, _, has = _kl_rows(scores_sel, mass_sel, selected >= 0)
     count = jnp.maximum(jnp.sum(has), 1)
     return jnp.sum(jnp.where(has, kl_rows, 0.0)) / count
 
