@@ -135,14 +135,89 @@ def _reference(q, kv, sink, *, window, scale, segment_ids, compressed, compresse
     return out.astype(q.dtype), lse
 
 
+def _mm(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """einsum accumulated and returned in fp32 (operands in their own dtype)."""
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+# Queries per step of the top-k part: bounds its largest temporaries (the gathered rows and
+# their gradient, [B, chunk, K, D]) instead of holding them for all S queries (V4-Flash at
+# S=4096: 2 GB per copy in bf16).
+TOPK_QUERY_CHUNK = 512
+
+
+def _piece(logits: jax.Array, values: jax.Array, spec: str, dtype):
+    """Softmax over one part of the key set: logits [..., n] (masked = -inf), values -> (the
+    part's normalized output in `dtype`, its lse fp32 [...]; -inf where all n are masked).
+    Parts merge exactly with their lse (`_merge`); holding each in the compute dtype keeps no
+    fp32 [B, S, H, D] copy per part."""
+    m = jnp.max(logits, axis=-1)
+    m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
+    e = jnp.exp(logits - m[..., None])
+    l = jnp.sum(e, axis=-1)
+    o = _mm(spec, e.astype(values.dtype), values) / jnp.maximum(l, 1e-30)[..., None]
+    return o.astype(dtype), jnp.where(l > 0, m + jnp.log(jnp.maximum(l, 1e-30)), -jnp.inf)
+
+
+def _merge(pieces, sink_logits, dtype):
+    """[(out_i, lse_i)] + the sink logit [...] -> (out in `dtype`, lse fp32): one softmax over
+    the union of the parts' keys and the sink. The window part always has the query's own token,
+    so the total lse is finite."""
+    lse = functools.reduce(jnp.logaddexp, [p[1] for p in pieces] + [sink_logits])
+    out = sum(jnp.exp(p[1] - lse)[..., None] * p[0].astype(jnp.float32) for p in pieces)
+    return out.astype(dtype), lse
+
+
+def _topk_part(q, compressed, topk_idx, scale):
+    """The listed entries' part (`_piece`): q [B, S, H, D], compressed [B, N, D], topk_idx
+    [B, S, K] -> (out [B, S, H, D] in q's dtype, lse [B, S, H] fp32).
+
+    Queries go through a rematerialized scan in ceil(S / TOPK_QUERY_CHUNK) strided steps (step i takes
+    queries i, i + steps, ...: a sequence split over devices stays split inside each step), so
+    only one chunk's gathered rows are live, forward and backward. Rows are gathered from an
+    fp32 copy of the entries (their gradient accumulates in fp32) and multiplied in q's dtype.
+    """
+    b, s, h, d = q.shape
+    n = compressed.shape[1]
+    steps = max(1, -(-s // TOPK_QUERY_CHUNK))
+    width = -(-s // steps)
+    pad = steps * width - s
+    if pad:
+        q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        topk_idx = jnp.pad(topk_idx, ((0, 0), (0, pad), (0, 0)), constant_values=-1)
+    entries = compressed.astype(jnp.float32)
+
+    def strided(x):        # [B, width * steps, ...] -> [steps, B, width, ...]
+        return jnp.moveaxis(x.reshape((b, width, steps) + x.shape[2:]), 2, 0)
+
+    def unstrided(x):      # inverse
+        x = jnp.moveaxis(x, 0, 2)
+        return x.reshape((b, width * steps) + x.shape[3:])[:, :s]
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def step(carry, xs):
+        qc, tc = xs
+        safe = jnp.clip(tc, 0, n - 1)               # address only; -1 is masked below
+        rows = jnp.take_along_axis(entries[:, None], safe[..., None], axis=2).astype(q.dtype)
+        logits = _mm("bshd,bskd->bshk", qc, rows) * scale
+        return carry, _piece(jnp.where((tc >= 0)[:, :, None, :], logits, -jnp.inf), rows,
+                             "bshk,bskd->bshd", q.dtype)
+
+    _, (o, lse) = jax.lax.scan(step, None, (strided(q), strided(topk_idx)))
+    return unstrided(o), unstrided(lse)
+
+
 def _xla(q, kv, sink, *, window, scale, segment_ids, compressed, compressed_valid, ratio,
          topk_idx):
+    """Window, compressed entries and sink as separate softmax parts merged by their lse;
+    operands and each part's output stay in the compute dtype (bf16 runs hold half the bytes),
+    products and the softmax are fp32, as in the kernels."""
     b, s, h, d = q.shape
     w = window
     nb = -(-s // w)
     pad = nb * w - s
-    qf = jnp.pad(q.astype(jnp.float32), ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, nb, w, h, d)
-    kvp = jnp.pad(kv.astype(jnp.float32), ((0, 0), (0, pad), (0, 0))).reshape(b, nb, w, d)
+    qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, nb, w, h, d)
+    kvp = jnp.pad(kv, ((0, 0), (0, pad), (0, 0))).reshape(b, nb, w, d)
     # Block j of queries sees key blocks j-1 and j: the band [t-W+1, t] never reaches further.
     keys = jnp.concatenate([jnp.pad(kvp[:, :-1], ((0, 0), (1, 0), (0, 0), (0, 0))), kvp], axis=2)
     qpos = jnp.arange(nb)[:, None] * w + jnp.arange(w)[None, :]                 # [nb, W]
@@ -155,40 +230,19 @@ def _xla(q, kv, sink, *, window, scale, segment_ids, compressed, compressed_vali
         seg_k = jnp.concatenate(
             [jnp.pad(segp[:, :-1], ((0, 0), (1, 0), (0, 0)), constant_values=-1), segp], axis=2)
         mask_w = mask_w & (segp[:, :, :, None] == seg_k[:, :, None, :])
-    lw = jnp.einsum("bnqhd,bnkd->bnqhk", qf, keys) * scale
-    parts = [jnp.where(mask_w[:, :, :, None, :], lw, -jnp.inf)]
-    comp_values = None
+    lw = _mm("bnqhd,bnkd->bnqhk", qp, keys) * scale
+    o_w, lse_w = _piece(jnp.where(mask_w[:, :, :, None, :], lw, -jnp.inf), keys,
+                        "bnqhk,bnkd->bnqhd", q.dtype)
+    pieces = [(o_w.reshape(b, nb * w, h, d)[:, :s], lse_w.reshape(b, nb * w, h)[:, :s])]
     if compressed is not None:
-        cf = compressed.astype(jnp.float32)
-        n = cf.shape[1]
         if topk_idx is None:  # all visible entries (HCA: N = S/m' is small)
             vis = entry_visibility(s, ratio, compressed_valid, segment_ids)
-            lc = jnp.einsum("bshd,bnd->bshn", q.astype(jnp.float32), cf) * scale
-            lc = jnp.where(vis[:, :, None, :], lc, -jnp.inf)
-            comp_values = ("dense", cf)
-        else:  # gather the listed rows per query
-            k = topk_idx.shape[-1]
-            safe = jnp.clip(topk_idx, 0, max(n - 1, 0))  # address only; -1 is masked below
-            rows = jnp.take_along_axis(cf[:, None], safe[..., None], axis=2) if n else \
-                jnp.zeros((b, s, k, d), jnp.float32)                            # [B, S, K, D]
-            lc = jnp.einsum("bshd,bskd->bshk", q.astype(jnp.float32), rows) * scale
-            lc = jnp.where((topk_idx >= 0)[:, :, None, :], lc, -jnp.inf)
-            comp_values = ("rows", rows)
-        lc = jnp.pad(lc, ((0, 0), (0, pad), (0, 0), (0, 0)), constant_values=-jnp.inf)
-        parts.append(lc.reshape(b, nb, w, h, lc.shape[-1]))
-    sink_l = jnp.broadcast_to(sink.astype(jnp.float32), (b, nb, w, h))
-    probs, lse = _joint_softmax(parts, sink_l)
-    out = jnp.einsum("bnqhk,bnkd->bnqhd", probs[0], keys).reshape(b, nb * w, h, d)
-    if comp_values is not None:
-        pc = probs[1].reshape(b, nb * w, h, -1)[:, :s]
-        kind, vals = comp_values
-        if kind == "dense":
-            oc = jnp.einsum("bshn,bnd->bshd", pc, vals)
-        else:
-            oc = jnp.einsum("bshk,bskd->bshd", pc, vals)
-        out = out[:, :s] + oc
-    out = out[:, :s]
-    return out.astype(q.dtype), lse.reshape(b, nb * w, h)[:, :s]
+            lc = _mm("bshd,bnd->bshn", q, compressed) * scale
+            pieces.append(_piece(jnp.where(vis[:, :, None, :], lc, -jnp.inf), compressed,
+                                 "bshn,bnd->bshd", q.dtype))
+        elif compressed.shape[1]:
+            pieces.append(_topk_part(q, compressed, topk_idx, scale))
+    return _merge(pieces, jnp.broadcast_to(sink.astype(jnp.float32), (b, s, h)), q.dtype)
 
 
 def _pallas(q, kv, sink, *, window, scale, segment_ids, compressed, compressed_valid, ratio,
