@@ -23,7 +23,7 @@ import optax
 from flax import nnx
 
 from sparse_lm.data.packing import targets_and_masks
-from sparse_lm.train.losses import cross_entropy, total_loss
+from sparse_lm.train.losses import has_mtp, head_cross_entropy, total_loss
 
 
 @dataclasses.dataclass
@@ -103,7 +103,7 @@ def _forward(graphdef, params, buffers, batch, *, sparse: bool, implementation=N
     model = nnx.merge(graphdef, params, buffers)
     tokens, segs = batch["tokens"], batch["segment_ids"]
     return model(tokens[:, :-1], segment_ids=segs[:, :-1], sparse=sparse,
-                 implementation=implementation, return_aux=True)
+                 implementation=implementation, return_aux=True, logits=False)
 
 
 def is_indexer_param(path) -> bool:
@@ -151,12 +151,12 @@ def eval_step(params, buffers, batch, *, graphdef, sparse: bool, implementation=
     indexer_recall (mean over batch rows, per layer)."""
     out = _forward(graphdef, params, buffers, batch, sparse=sparse, implementation=implementation)
     t1, m1 = targets_and_masks(batch["tokens"], batch["segment_ids"], 1)
-    ce, n = cross_entropy(out.logits, t1, m1)
+    ce, n = head_cross_entropy(out, "main", t1, m1)
     res = {"ce_sum": ce * n, "tokens": n.astype(jnp.float32), "indexer_recall": out.indexer_recall,
            "expert_counts": out.expert_counts}
-    if out.mtp_logits is not None:
+    if has_mtp(out):
         t2, m2 = targets_and_masks(batch["tokens"], batch["segment_ids"], 2)
-        ce2, n2 = cross_entropy(out.mtp_logits, t2, m2)
+        ce2, n2 = head_cross_entropy(out, "mtp", t2, m2)
         res.update(mtp_ce_sum=ce2 * n2, mtp_tokens=n2.astype(jnp.float32))
     return res
 
