@@ -16,6 +16,7 @@ import dataclasses
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sparse_lm.sharding.mesh import axis_sizes
@@ -72,6 +73,34 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
                          f"rank {x.ndim} (shape {x.shape})")
     p = spec_for(names, x.shape, ctx.sizes, ctx.rules)
     return jax.lax.with_sharding_constraint(x, NamedSharding(ctx.mesh, p))
+
+
+def map_over_devices(fn, x: jax.Array) -> jax.Array:
+    """fn(x) for fn independent per index of x's leading axis, with that axis split over every
+    device of the active mesh and every other axis whole; fn(x) without active rules.
+
+    For Muon's Newton-Schulz on a stack of matrices [N, m, n]: each device orthogonalizes whole
+    matrices of its own, instead of every device iterating on slices of all N (an all-reduce of
+    [m, m] per matrix per step, and the m x m products repeated on each device of a group).
+    N is padded with zeros up to a multiple of the device count (fn must map zeros to finite
+    values); the result returns to x's layout.
+    """
+    ctx = _ACTIVE.get()
+    if ctx is None:
+        return fn(x)
+    axes = tuple(a for a, n in ctx.sizes.items() if n > 1)
+    devices = 1
+    for a in axes:
+        devices *= ctx.sizes[a]
+    if devices == 1:
+        return fn(x)
+    lead = x.shape[0]
+    pad = -lead % devices
+    spread = NamedSharding(ctx.mesh, PartitionSpec(axes, *([None] * (x.ndim - 1))))
+    xp = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)) if pad else x
+    y = fn(jax.lax.with_sharding_constraint(xp, spread))
+    y = jax.lax.with_sharding_constraint(y, spread)
+    return y[:lead] if pad else y
 
 
 def stacked_slice_names(state, stacked: str = "layers") -> list[tuple | None]:

@@ -75,3 +75,18 @@ def test_collectives_across_slices_are_priced_on_dcn():
     assert link == "dcn" and t_dcn == pytest.approx(1e9 / 2 / DCN_BW_PER_CHIP)
     assert collective_seconds("all-reduce", 1e9, [0, 1], 2, devs, chip)[0] == pytest.approx(
         2 * collective_seconds("all-gather", 1e9, [0, 1], 2, devs, chip)[0])
+
+
+def test_muon_orthogonalizes_whole_matrices_per_device_with_the_same_result():
+    """map_over_devices: Newton-Schulz under an 8-device mesh gives the one-device update, keeps
+    the parameters' layout, and needs no all-reduce (each device owns whole matrices)."""
+    r = run_worker("muon_spread", timeout=600)
+    assert r["max_abs_diff"] < 1e-5, r
+    assert r["all_reduces"] == 0, r
+    assert r["out_specs"] == {"stack": str(P(None, None, "fsdp")),
+                              "experts": str(P(None, "expert", None, "fsdp"))}
+
+
+def test_map_over_devices_is_fn_without_rules():
+    x = jnp.arange(12.0).reshape(3, 2, 2)
+    assert (constraints.map_over_devices(lambda a: a * 2, x) == x * 2).all()

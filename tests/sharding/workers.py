@@ -379,7 +379,42 @@ def task_step_layout(args):
     return out
 
 
-TASKS = {"hlo_stats": task_hlo_stats, "tpu_multislice_mesh": task_tpu_multislice_mesh, "train_loop": task_train_loop, "presets": task_presets, "expert_parallel": task_expert_parallel,
+def task_muon_spread(args):
+    """Muon's update on 8 devices (matrix axes split over fsdp, experts over expert) against one
+    device, and whether the compiled update holds any all-reduce (it would if Newton-Schulz
+    iterated on slices of matrices instead of whole ones per device)."""
+    import numpy as np
+
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from sparse_lm.sharding.constraints import use_rules
+    from sparse_lm.sharding.mesh import make_mesh
+    from sparse_lm.sharding.presets import load_preset
+    from sparse_lm.train.optimizer import scale_by_report_muon
+    rng = np.random.default_rng(0)
+    grads = {"stack": rng.normal(size=(5, 16, 24)).astype(np.float32),        # [layers, m, n]
+             "experts": rng.normal(size=(3, 8, 16, 24)).astype(np.float32)}   # [layers, E, m, n]
+    tx = scale_by_report_muon()
+    ref = jax.jit(lambda g: tx.update(g, tx.init(g))[0])(grads)
+    preset = load_preset("fsdp_ep:expert=4")
+    mesh = make_mesh(preset.ici, devices=jax.devices())
+    shard = {"stack": NamedSharding(mesh, P(None, None, "fsdp")),
+             "experts": NamedSharding(mesh, P(None, "expert", None, "fsdp"))}
+
+    def update(g):
+        with use_rules(mesh, preset.rules):
+            return tx.update(g, tx.init(g))[0]
+    fn = jax.jit(update, in_shardings=(shard,), out_shardings=shard)
+    g = jax.device_put(grads, shard)
+    got = fn(g)
+    text = fn.lower(g).compile().as_text()
+    return {"max_abs_diff": max(float(np.abs(np.asarray(got[k]) - np.asarray(ref[k])).max())
+                                for k in grads),
+            "all_reduces": text.count(" all-reduce("),
+            "out_specs": {k: str(v.sharding.spec) for k, v in got.items()}}
+
+
+TASKS = {"muon_spread": task_muon_spread, "hlo_stats": task_hlo_stats, "tpu_multislice_mesh": task_tpu_multislice_mesh, "train_loop": task_train_loop, "presets": task_presets, "expert_parallel": task_expert_parallel,
          "ep_tpu_compile": task_ep_tpu_compile, "mesh_slices": task_mesh_slices,
          "step_layout": task_step_layout}
 
