@@ -91,10 +91,30 @@ def _tree_bytes(abstract, shardings, sizes) -> float:
     return total
 
 
-def analytic_flops(cfg: ModelConfig, seq_len: int, sparse: bool) -> dict:
+def analytic_flops(cfg: ModelConfig, seq_len: int, sparse: bool, *, tokens_per_device: float = 0,
+                   n_ep: int = 1) -> dict:
+    """Analytic training FLOPs per token, and what the compiled step should show per token.
+
+    expected_per_token adds one forward recomputation under remat. expected_compiled_per_token
+    also counts the padding the routed-expert matmuls run on under expert parallelism: they
+    multiply a device's whole receive buffer (`expert_parallel.buffer_rows`, e.g. 1.25x the
+    routed rows at capacity factor 1.25, n_ep x with no drop), and a compiled program cannot
+    know how much of it holds rows (the TPU kernel skips the empty tail at run time)."""
+    from sparse_lm.sharding.expert_parallel import buffer_rows
     f = accounting.train_flops_per_token(cfg, seq_len, sparse=sparse)
     recompute = {"none": 0.0}.get(cfg.remat, 1.0)       # one forward recomputation under remat
-    return {"per_token": f.total, "forward": f.forward, "expected_per_token": f.total + recompute * f.forward}
+    expected = f.total + recompute * f.forward
+    pc = accounting.param_counts(cfg)
+    routed = 2.0 * (pc.activated_by_component["routed_experts"]
+                    + (pc.mtp_by_component.get("routed_experts", 0) * cfg.num_experts_per_tok
+                       / cfg.n_routed_experts if cfg.mtp_depth else 0))
+    factor = 1.0
+    if cfg.moe_dispatch != "local" and tokens_per_device:
+        a = int(tokens_per_device) * cfg.num_experts_per_tok
+        factor = buffer_rows(cfg.moe_dispatch, a, n_ep, cfg.moe_capacity_factor) / a
+    return {"per_token": f.total, "forward": f.forward, "expected_per_token": expected,
+            "routed_forward_per_token": routed, "expert_buffer_factor": factor,
+            "expected_compiled_per_token": expected + (factor - 1.0) * (3.0 + recompute) * routed}
 
 
 def analyze(preset_spec: str, topo: str | TopologySpec, model_cfg: ModelConfig,
@@ -148,6 +168,12 @@ def analyze(preset_spec: str, topo: str | TopologySpec, model_cfg: ModelConfig,
             row.update(status="does not fit", fits=False, required_gb=oom[0] / GB,
                        available_gb=oom[1] / GB, compiler_message=msg.splitlines()[0][:300])
             row["reason"] = explain(row)
+        elif "limited ICI routing" in msg:
+            # e.g. v5e 8x8: the TPU has no ragged all-to-all without full ICI routing
+            row.update(status="unsupported", reason=(
+                "this topology has limited ICI routing, where the TPU compiler does not "
+                "implement ragged all-to-all: use moe_dispatch=a2a_padded ('"
+                + preset_spec + ("," if ":" in preset_spec else ":") + "moe_dispatch=a2a_padded')"))
         else:
             row.update(status="error", reason=msg.splitlines()[0][:300] if msg else repr(e),
                        traceback=traceback.format_exc()[-2000:])
@@ -181,9 +207,12 @@ def analyze(preset_spec: str, topo: str | TopologySpec, model_cfg: ModelConfig,
     row["flops_unattributed"] = hs.flops.get("unattributed", 0.0)
     row["flops_other"] = hs.flops.get("other", 0.0)
     row["unknown_loops"] = len(hs.unknown_loops)
-    an = analytic_flops(cfg, opts.seq_len, opts.sparse)
-    expected = an["expected_per_token"] * row["tokens_per_device"]
+    an = analytic_flops(cfg, opts.seq_len, opts.sparse, tokens_per_device=row["tokens_per_device"],
+                        n_ep=sizes.get("expert", 1))
+    expected = an["expected_compiled_per_token"] * row["tokens_per_device"]
     row["flops_model_analytic"] = expected
+    row["flops_useful"] = an["expected_per_token"] * row["tokens_per_device"]
+    row["expert_buffer_factor"] = an["expert_buffer_factor"]
     model = row["flops_forward"] + row["flops_backward"] + row["flops_unattributed"]
     row["flops_ratio"] = model / expected if expected else float("nan")
     # Communication.

@@ -44,6 +44,18 @@ class DispatchError(ValueError):
 
 
 # ----------------------------------------------------------------------------- entry point
+def buffer_rows(kind: str, routed_rows: int, n_ep: int, capacity_factor: float) -> int:
+    """Rows of a device's receive buffer, which its expert matmuls run on, when it routes
+    `routed_rows` (= tokens x k) assignments: a2a_padded n_ep x C with C = ceil(cf * a / n_ep)
+    (a for no drop), ragged_a2a ceil(cf * a) (n_ep * a for no drop)."""
+    a = routed_rows
+    if kind == "a2a_padded":
+        return n_ep * (a if capacity_factor <= 0 else max(1, math.ceil(capacity_factor * a / n_ep)))
+    if kind == "ragged_a2a":
+        return a * n_ep if capacity_factor <= 0 else max(1, math.ceil(capacity_factor * a))
+    raise ValueError(f"kind={kind!r} is invalid: allowed values ('a2a_padded', 'ragged_a2a')")
+
+
 def dispatch(kind: str, u, idx, weights, w_gate, w_up, w_down, *, limit: float,
              moe_impl: str = "ragged_dot", capacity_factor: float = 0.0, mesh=None,
              emulate: bool = False):
@@ -86,10 +98,10 @@ def dispatch(kind: str, u, idx, weights, w_gate, w_up, w_down, *, limit: float,
     t_loc = t // n_dev
     a = t_loc * k
     if kind == "a2a_padded":
-        cap = a if capacity_factor <= 0 else max(1, math.ceil(capacity_factor * a / n_ep))
+        cap = buffer_rows(kind, a, n_ep, capacity_factor) // n_ep
         body = functools.partial(_padded_body, n_ep=n_ep, cap=cap, limit=limit, moe_impl=moe_impl)
     else:
-        m = a * n_ep if capacity_factor <= 0 else max(1, math.ceil(capacity_factor * a))
+        m = buffer_rows(kind, a, n_ep, capacity_factor)
         body = functools.partial(_ragged_body, n_ep=n_ep, buf=m, limit=limit,
                                  a2a=_emulated_ragged_all_to_all if emulate else jax.lax.ragged_all_to_all)
     fn = jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, wspec, wspec, wspec),

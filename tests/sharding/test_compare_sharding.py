@@ -53,3 +53,37 @@ def test_compare_small_model_on_v5e_2x2(tmp_path):
     assert [t["preset"] for t in table] == list(rows)
     assert (tmp_path / "compare.png").stat().st_size > 10_000
     assert "est step s" in p.stdout
+
+
+def test_expected_flops_count_the_expert_receive_buffer():
+    """Under EP the routed-expert matmuls run on the whole receive buffer: the compiled count
+    to expect grows by (buffer rows / routed rows - 1) x 4 passes (forward, two backward, one
+    remat forward) of the routed-expert FLOPs; without EP it is the analytic count."""
+    from sparse_lm.config import ModelConfig
+    from sparse_lm.sharding.compare import analytic_flops
+    from tests.conftest import tiny_config
+    base = tiny_config(remat="full").to_dict()
+    local = analytic_flops(ModelConfig.from_dict(base), 64, True, tokens_per_device=128, n_ep=4)
+    assert local["expert_buffer_factor"] == 1.0
+    assert local["expected_compiled_per_token"] == local["expected_per_token"]
+    for cf, factor in ((1.25, 1.25), (0.0, 4.0)):
+        cfg = ModelConfig.from_dict(dict(base, moe_dispatch="ragged_a2a", moe_capacity_factor=cf))
+        a = analytic_flops(cfg, 64, True, tokens_per_device=128, n_ep=4)
+        assert a["expert_buffer_factor"] == factor
+        assert a["expected_compiled_per_token"] == pytest.approx(
+            a["expected_per_token"] + (factor - 1) * 4 * a["routed_forward_per_token"])
+        assert a["routed_forward_per_token"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not has_libtpu(), reason="libtpu not installed: TPU AOT compilation unavailable")
+def test_ragged_all_to_all_on_limited_ici_routing_is_an_unsupported_row(tmp_path):
+    """v5e 8x8 has limited ICI routing, where the TPU compiler has no ragged all-to-all: the row
+    says so and names the dispatcher that works, instead of an opaque compiler error."""
+    p = _run(["--config=configs/tiny.py", "--config.model.num_layers=3",
+              "--config.model.num_hash_layers=1", "--presets=fsdp_ep", "--topology=v5e:8x8",
+              "--seq_len=64", "--batch_per_device=1", "--optimizer=adamw"], tmp_path)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    row = json.loads((tmp_path / "compare.json").read_text())["rows"][0]
+    assert row["status"] == "unsupported", row
+    assert "fsdp_ep:moe_dispatch=a2a_padded" in row["reason"]
