@@ -197,7 +197,6 @@ class DeepseekV4(nnx.Module):
         positions default to 0..S-1, or to the position inside each document when segment_ids
         (packed documents, [B, S]) are given. sparse=False: CSA attends every visible entry.
         """
-        cfg = self.cfg
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [B, S], got shape {input_ids.shape}")
         b, s = input_ids.shape
