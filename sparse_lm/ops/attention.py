@@ -25,6 +25,7 @@ import logging
 import jax
 import jax.numpy as jnp
 
+from sparse_lm.ops.chunking import map_sequence_chunks
 from sparse_lm.ops.compress import entry_visibility
 
 IMPLEMENTATIONS = ("reference", "xla", "pallas")
@@ -172,39 +173,20 @@ def _topk_part(q, compressed, topk_idx, scale):
     """The listed entries' part (`_piece`): q [B, S, H, D], compressed [B, N, D], topk_idx
     [B, S, K] -> (out [B, S, H, D] in q's dtype, lse [B, S, H] fp32).
 
-    Queries go through a rematerialized scan in ceil(S / TOPK_QUERY_CHUNK) strided steps (step i takes
-    queries i, i + steps, ...: a sequence split over devices stays split inside each step), so
-    only one chunk's gathered rows are live, forward and backward. Rows are gathered from an
+    Queries go TOPK_QUERY_CHUNK at a time through a rematerialized scan (`map_sequence_chunks`),
+    so only one chunk's gathered rows are live, forward and backward. Rows are gathered from an
     fp32 copy of the entries (their gradient accumulates in fp32) and multiplied in q's dtype.
     """
-    b, s, h, d = q.shape
     n = compressed.shape[1]
-    steps = max(1, -(-s // TOPK_QUERY_CHUNK))
-    width = -(-s // steps)
-    pad = steps * width - s
-    if pad:
-        q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
-        topk_idx = jnp.pad(topk_idx, ((0, 0), (0, pad), (0, 0)), constant_values=-1)
     entries = compressed.astype(jnp.float32)
 
-    def strided(x):        # [B, width * steps, ...] -> [steps, B, width, ...]
-        return jnp.moveaxis(x.reshape((b, width, steps) + x.shape[2:]), 2, 0)
-
-    def unstrided(x):      # inverse
-        x = jnp.moveaxis(x, 0, 2)
-        return x.reshape((b, width * steps) + x.shape[3:])[:, :s]
-
-    @functools.partial(jax.checkpoint, prevent_cse=False)
-    def step(carry, xs):
-        qc, tc = xs
+    def part(qc, tc):
         safe = jnp.clip(tc, 0, n - 1)               # address only; -1 is masked below
         rows = jnp.take_along_axis(entries[:, None], safe[..., None], axis=2).astype(q.dtype)
         logits = _mm("bshd,bskd->bshk", qc, rows) * scale
-        return carry, _piece(jnp.where((tc >= 0)[:, :, None, :], logits, -jnp.inf), rows,
-                             "bshk,bskd->bshd", q.dtype)
-
-    _, (o, lse) = jax.lax.scan(step, None, (strided(q), strided(topk_idx)))
-    return unstrided(o), unstrided(lse)
+        return _piece(jnp.where((tc >= 0)[:, :, None, :], logits, -jnp.inf), rows,
+                      "bshk,bskd->bshd", q.dtype)
+    return map_sequence_chunks(part, (q, topk_idx), chunk=TOPK_QUERY_CHUNK, pad_values=(0, -1))
 
 
 def _xla(q, kv, sink, *, window, scale, segment_ids, compressed, compressed_valid, ratio,
