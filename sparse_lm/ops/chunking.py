@@ -3,7 +3,6 @@ a time, so that its large per-position temporaries (gathered top-k rows, vocabul
 for one chunk only, forward and backward."""
 from __future__ import annotations
 
-import functools
 from typing import Callable, Sequence
 
 import jax
