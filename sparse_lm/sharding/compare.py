@@ -277,7 +277,7 @@ def explain(row: dict) -> str:
 
 # ----------------------------------------------------------------------------- output
 COLUMNS = [("preset", "preset", "{}"), ("topology", "topology", "{}"), ("mesh", "mesh", "{}"),
-           ("status", "status", "{}"), ("peak_gb", "peak GB", "{:.1f}"), ("hbm_gb", "HBM GB", "{:.1f}"),
+           ("status", "status", "{}"), ("required_gb", "peak/needs GB", "{:.1f}"), ("hbm_gb", "HBM GB", "{:.1f}"),
            ("params_gb", "param GB", "{:.2f}"), ("opt_gb", "opt GB", "{:.2f}"),
            ("temp_gb", "temp GB", "{:.1f}"), ("flops", "TFLOP/dev", "{:.1f}", 1e-12),
            ("flops_ratio", "model/analytic", "{:.2f}"), ("comm_gb", "comm GB", "{:.1f}"),
