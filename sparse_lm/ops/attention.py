@@ -156,8 +156,9 @@ def _piece(logits: jax.Array, values: jax.Array, spec: str, dtype):
     m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
     e = jnp.exp(logits - m[..., None])
     l = jnp.sum(e, axis=-1)
-    o = _mm(spec, e.astype(values.dtype), values) / jnp.maximum(l, 1e-30)[..., None]
-    return o.astype(dtype), jnp.where(l > 0, m + jnp.log(jnp.maximum(l, 1e-30)), -jnp.inf)
+    l_safe = jnp.maximum(l, 1e-30)
+    o = _mm(spec, e.astype(values.dtype), values) / l_safe[..., None]
+    return o.astype(dtype), jnp.where(l > 0, m + jnp.log(l_safe), -jnp.inf)
 
 
 def _merge(pieces, sink_logits, dtype):

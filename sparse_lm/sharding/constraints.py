@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import math
 from typing import Sequence
 
 import jax
@@ -89,9 +90,7 @@ def map_over_devices(fn, x: jax.Array) -> jax.Array:
     if ctx is None:
         return fn(x)
     axes = tuple(a for a, n in ctx.sizes.items() if n > 1)
-    devices = 1
-    for a in axes:
-        devices *= ctx.sizes[a]
+    devices = math.prod(ctx.sizes[a] for a in axes)
     if devices == 1:
         return fn(x)
     lead = x.shape[0]

@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from sparse_lm.model import build_model
+from sparse_lm.model.transformer import ModelOutput
 from sparse_lm.train import checkpoint as ckpt_lib
 from sparse_lm.train import losses, steps
 from sparse_lm.train.schedule import Schedule
@@ -71,11 +71,9 @@ def test_loss_counts_only_same_document_targets_and_weights_the_terms():
     tokens = jnp.asarray([[1, 2, 3, 4, 0]])
     segs = jnp.asarray([[1, 1, 1, 2, 2]])       # a document boundary between positions 2 and 3
 
-    class Out:
-        pass
-    out = Out()
-    out.logits, out.mtp_logits = logits, logits
-    out.balance_loss, out.indexer_kl = jnp.asarray([0.0, 2.0]), jnp.asarray([0.5, 0.0])
+    out = ModelOutput(logits, logits, expert_counts=jnp.zeros((2, 4)),
+                      balance_loss=jnp.asarray([0.0, 2.0]), indexer_kl=jnp.asarray([0.5, 0.0]),
+                      indexer_recall=jnp.zeros(2))
     loss, m = losses.total_loss(out, {"tokens": tokens, "segment_ids": segs}, mtp_weight=0.3,
                                 balance_alpha=1e-4, indexer_weight=2.0)
     logp = jax.nn.log_softmax(logits[0])
