@@ -12,6 +12,7 @@ import os
 import ml_collections
 
 from sparse_lm.convert.hf_config import from_hf_config
+from sparse_lm.presets import model_config_dict
 
 
 def get_config(path: str = "") -> ml_collections.ConfigDict:
@@ -22,4 +23,4 @@ def get_config(path: str = "") -> ml_collections.ConfigDict:
         path = os.path.join(path, "config.json")
     with open(path) as f:
         cfg = from_hf_config(json.load(f))
-    return ml_collections.ConfigDict({"model": cfg.to_dict()})
+    return ml_collections.ConfigDict({"model": model_config_dict(cfg.to_dict())})

@@ -1,4 +1,4 @@
-"""`tiny` model: see configs/model_presets.py."""
+"""`tiny` model: see sparse_lm/presets.py."""
 import ml_collections
 
 from configs import model_presets

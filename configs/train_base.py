@@ -1,82 +1,15 @@
 """Base experiment config: every field the launcher reads, with defaults.
 
     python -m experiments.train --config=configs/train_base.py --workdir=DIR \
-        --config.train.steps=100 --config.model.hidden_size=128
+        --config.train.steps=100 --config.model.hidden_size=128 --config.model.attention_impl=xla
 
-Experiment files (configs/demo.py, ...) start from `base()` and override. The model section is a
-full set of `ModelConfig` fields (configs/model_presets.py); `model_preset` picks it.
+The fields and their defaults are defined in `sparse_lm/train/defaults.py` (`base()`); experiment
+files (configs/demo.py, ...) start from `base()` and override. The model section is a full set of
+`ModelConfig` fields (sparse_lm/presets.py); `model_preset` picks it.
 """
 import ml_collections
 
-from configs import model_presets
-
-
-def base(model_preset: str = "tiny") -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.model = getattr(model_presets, model_preset)()
-    c.seed = 0
-    # Sharding preset of configs/sharding/ (e.g. "fsdp", "fsdp_ep:expert=16"); "" = data
-    # parallel over all devices with replicated state (no preset).
-    c.sharding = ""
-
-    c.data = ml_collections.ConfigDict(dict(
-        source="stdlib",            # "stdlib" | "tfds:<name>" | "synthetic:needle" | "synthetic:recall"
-        data_dir="",                # tfds: directory (or gs:// bucket) holding the prepared dataset
-        text_key="text",            # tfds: feature with the text
-        train_split="train",
-        eval_split="validation",
-        val_fraction=0.02,          # stdlib: share of files (by path hash) in validation
-        stdlib_root="",             # stdlib: another directory of .py files instead (tests)
-        align=0,                    # document start alignment; 0 = largest compress ratio
-        chunk_docs=True,            # in-memory sources: cut documents into seq_len+1 pieces
-        synthetic_docs=20000,
-        synthetic_length=512,
-        seed=0,
-    ))
-
-    c.train = ml_collections.ConfigDict(dict(
-        steps=1000,
-        batch_size=16,              # global rows per step
-        seq_len=256,
-        sparse_start_step=0,        # steps before it: CSA dense (indexer learns by KL); then top-k
-        indexer_warmup_steps=0,     # last dense steps that train only the indexers (V3.2 recipe)
-        log_every=10,
-        eval_every=200,             # 0 = only at the end
-        eval_batches=20,
-        checkpoint_every=200,
-        keep_checkpoints=3,
-        async_checkpoint=True,
-        compute_dtype="auto",       # auto = bfloat16 on accelerators, float32 on CPU; or a dtype
-        implementation="",          # attention implementation ("" = model default)
-        peak_flops=0.0,             # per device, for MFU; 0 = datasheet table / measured on CPU
-        progress=True,
-        tensorboard=True,
-        inject_nan_at_step=-1,      # test hook: poison the parameters before this step
-    ))
-
-    c.schedule = ml_collections.ConfigDict(dict(
-        peak_lr=2e-3, warmup_steps=50, decay_steps=300, final_lr=2e-4,
-        mtp_weight=0.3, mtp_weight_decay=0.1,
-    ))
-
-    c.optimizer = ml_collections.ConfigDict(dict(
-        muon_momentum=0.95, muon_rms_scale=0.18, muon_weight_decay=0.1,
-        adam_b1=0.9, adam_b2=0.95, adam_eps=1e-20, adam_weight_decay=0.1,
-        grad_clip=1.0, muon_lr_scale=1.0,
-    ))
-
-    c.loss = ml_collections.ConfigDict(dict(
-        balance_alpha=1e-4, indexer_weight=1.0, router_bias_rate=1e-3,
-    ))
-
-    c.eval = ml_collections.ConfigDict(dict(
-        batches=0,                  # validation batches for experiments.evaluate; 0 = whole split
-        needle_lengths=(256, 512, 1024),
-        needle_examples=32,
-        sample_prompt="def ",
-        sample_bytes=300,
-    ))
-    return c
+from sparse_lm.train.defaults import base  # noqa: F401  (experiment files import it from here)
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -1,4 +1,4 @@
-"""`v4_flash` model: see configs/model_presets.py."""
+"""`v4_flash` model: see sparse_lm/presets.py."""
 import ml_collections
 
 from configs import model_presets

@@ -1,1 +1,2 @@
-"""Sharding presets: one config file per named preset (see sparse_lm/sharding/presets.py)."""
+"""Sharding presets as config files: thin wrappers of the named presets of
+sparse_lm/sharding/presets.py (`load_preset` reads the library directly)."""
