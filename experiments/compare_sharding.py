@@ -28,8 +28,16 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import jax  # noqa: E402,F401  (after the environment above is set)
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from sparse_lm.aot import compare  # noqa: E402
+from sparse_lm.aot.topology import resolve_topology  # noqa: E402
+from sparse_lm.config import ModelConfig  # noqa: E402
+from sparse_lm.sharding.mesh import ShardingError  # noqa: E402
+from sparse_lm.sharding.presets import load_preset  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/v4_flash.py",
                                           "Model config file (get_config() with a `model` field).")
@@ -68,15 +76,6 @@ def split_presets(text: str) -> list[str]:
 
 def main(argv):
     del argv
-    import jax  # noqa: F401  (after the environment is set)
-    from tqdm.auto import tqdm
-
-    from sparse_lm.config import ModelConfig
-    from sparse_lm.sharding import compare
-    from sparse_lm.sharding.mesh import ShardingError
-    from sparse_lm.sharding.presets import load_preset
-    from sparse_lm.sharding.topology import resolve_topology
-
     d = _CONFIG.value.model.to_dict()
     d["dtype"] = _DTYPE.value
     d["param_dtype"] = "float32"

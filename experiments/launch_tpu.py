@@ -30,8 +30,8 @@ import sys
 
 from absl import app, flags
 
+from sparse_lm.aot.topology import resolve_topology
 from sparse_lm.sharding.mesh import ShardingError
-from sparse_lm.sharding.topology import resolve_topology
 
 # TPU VM software images per generation (Cloud TPU docs: "TPU software versions").
 RUNTIME = {"v4": "tpu-ubuntu2204-base", "v5e": "v2-alpha-tpuv5-lite", "v5p": "v2-alpha-tpuv5",

@@ -72,7 +72,7 @@ def dispatch(kind: str, u, idx, weights, w_gate, w_up, w_down, *, limit: float,
         if ctx is None:
             raise DispatchError(
                 f"model.moe_dispatch={kind!r} needs a device mesh: run the model inside a sharded "
-                f"step (sparse_lm.sharding.plan) or `sparse_lm.sharding.use_rules(mesh, rules)`, "
+                f"step (sparse_lm.train.plan) or `sparse_lm.sharding.use_rules(mesh, rules)`, "
                 f"or set model.moe_dispatch='local'")
         mesh = ctx.mesh
     if kind == "ragged_a2a" and not emulate and mesh.devices.flat[0].platform == "cpu":

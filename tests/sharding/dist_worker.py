@@ -24,7 +24,7 @@ def main(pid: int, nproc: int, port: int, workdir: str, out_path: str) -> None:
     import numpy as np
     from jax.experimental import multihost_utils
 
-    from sparse_lm.sharding.plan import make_plan
+    from sparse_lm.train.plan import make_plan
     from sparse_lm.train import optimizer as opt_lib
     from sparse_lm.train.checkpoint import Checkpointer
     from sparse_lm.train.schedule import Schedule

@@ -60,7 +60,7 @@ def test_expected_flops_count_the_expert_receive_buffer():
     to expect grows by (buffer rows / routed rows - 1) x 4 passes (forward, two backward, one
     remat forward) of the routed-expert FLOPs; without EP it is the analytic count."""
     from sparse_lm.config import ModelConfig
-    from sparse_lm.sharding.compare import analytic_flops
+    from sparse_lm.aot.compare import analytic_flops
     from tests.conftest import tiny_config
     base = tiny_config(remat="full").to_dict()
     local = analytic_flops(ModelConfig.from_dict(base), 64, True, tokens_per_device=128, n_ep=4)

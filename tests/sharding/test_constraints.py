@@ -65,7 +65,7 @@ def test_two_tpu_slices_split_on_the_dcn_axis():
 def test_collectives_across_slices_are_priced_on_dcn():
     from types import SimpleNamespace
 
-    from sparse_lm.sharding.topology import CHIPS, DCN_BW_PER_CHIP, collective_seconds
+    from sparse_lm.aot.topology import CHIPS, DCN_BW_PER_CHIP, collective_seconds
     devs = [SimpleNamespace(id=i, coords=(i % 2, i // 2 % 2, 0), slice_index=i // 4)
             for i in range(8)]
     chip = CHIPS["v5e"]

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from sparse_lm.sharding import hlo_stats
-from sparse_lm.sharding.compare import parse_oom
+from sparse_lm.aot import hlo_stats
+from sparse_lm.aot.compare import parse_oom
 from tests.sharding.helpers import run_worker
 
 

@@ -11,7 +11,7 @@ from sparse_lm.sharding import partition
 from sparse_lm.sharding.mesh import AXES, ShardingError, resolve_axis_sizes
 from sparse_lm.sharding.presets import PRESETS, load_preset
 from sparse_lm.sharding.rules import normalize_rules, spec_for
-from sparse_lm.sharding.topology import TOPOLOGIES, resolve_topology
+from sparse_lm.aot.topology import TOPOLOGIES, resolve_topology
 from tests.sharding import golden_specs
 
 SIZES = {"data": 1, "fsdp": 4, "tensor": 2, "expert": 1, "context": 1}

@@ -45,7 +45,7 @@ def task_presets(args):
 
     from sparse_lm.model import build_model
     from sparse_lm.sharding import partition
-    from sparse_lm.sharding.plan import make_plan
+    from sparse_lm.train.plan import make_plan
     from sparse_lm.train.losses import total_loss
     from sparse_lm.train.steps import _forward
     cfg = small_config()
@@ -227,7 +227,7 @@ def task_ep_tpu_compile(args):
     """The ragged_all_to_all dispatcher (value and gradient) compiled for a TPU topology."""
     from sparse_lm.sharding import expert_parallel as ep
     from sparse_lm.sharding.mesh import make_mesh
-    from sparse_lm.sharding.topology import resolve_topology, topology_devices
+    from sparse_lm.aot.topology import resolve_topology, topology_devices
     devices = topology_devices(resolve_topology(args.get("topology", "v5e:2x2")))
     mesh = make_mesh({"expert": len(devices)}, devices=devices)
     t, d, i, e, k = 256, 128, 128, 8, 2
@@ -269,7 +269,7 @@ def task_hlo_stats(args):
     answer: a scan of `trips` matmuls on row-sharded activations, then an all-gather."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from sparse_lm.sharding import hlo_stats
+    from sparse_lm.aot import hlo_stats
     from sparse_lm.sharding.mesh import make_mesh
     mesh = make_mesh({"fsdp": -1})
     n = mesh.devices.size
@@ -320,7 +320,7 @@ def task_train_loop(args):
 def task_tpu_multislice_mesh(args):
     """A 2-slice TPU topology: the dcn factor of `data` separates the slices."""
     from sparse_lm.sharding.mesh import make_mesh
-    from sparse_lm.sharding.topology import resolve_topology, topology_devices
+    from sparse_lm.aot.topology import resolve_topology, topology_devices
     devs = topology_devices(resolve_topology(args.get("topology", "v5e-4x2")))
     mesh = make_mesh({"fsdp": -1}, {"data": -1}, devs)
     arr = mesh.devices
@@ -341,7 +341,7 @@ def task_step_layout(args):
 
     from sparse_lm.model import transformer
     from sparse_lm.sharding import partition
-    from sparse_lm.sharding.plan import make_plan
+    from sparse_lm.train.plan import make_plan
     from sparse_lm.train import optimizer as opt_lib
     from sparse_lm.train.schedule import Schedule
     from sparse_lm.train.steps import LossConfig

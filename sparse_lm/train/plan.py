@@ -1,5 +1,6 @@
 """A sharding plan: preset + mesh + the shardings of the train state and batch, and the sharded
-(jit with explicit in/out shardings) train and eval steps.
+(jit with explicit in/out shardings) train and eval steps. It sits above the model and the train
+steps (it builds both); the presets, meshes and rules it reads are in sparse_lm/sharding.
 
     plan = make_plan("fsdp_tp", model_cfg, tx)              # over jax.devices()
     state = plan.init_state(seed=0)                         # created directly sharded

@@ -20,8 +20,10 @@ libtpu on the CPU host, and reports per device:
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 import math
+import pathlib
 import re
 import time
 import traceback
@@ -29,14 +31,21 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
 
 from sparse_lm.analysis import accounting
+from sparse_lm.aot import hlo_stats
+from sparse_lm.aot.topology import (TopologySpec, collective_seconds, resolve_topology,
+                                    topology_devices)
 from sparse_lm.config import ModelConfig
-from sparse_lm.sharding import hlo_stats, partition
+from sparse_lm.sharding import partition
+from sparse_lm.sharding.expert_parallel import buffer_rows
 from sparse_lm.sharding.mesh import ShardingError, describe
 from sparse_lm.sharding.presets import load_preset
-from sparse_lm.sharding.topology import (TopologySpec, collective_seconds, resolve_topology,
-                                         topology_devices)
+from sparse_lm.train import optimizer as opt_lib
+from sparse_lm.train.plan import make_plan
+from sparse_lm.train.schedule import Schedule
+from sparse_lm.train.steps import LossConfig
 
 GB = 1e9
 
@@ -52,10 +61,8 @@ class Options:
 
 def make_tx(kind: str, schedule):
     if kind == "report":
-        from sparse_lm.train import optimizer as opt_lib
         return opt_lib.make_optimizer(opt_lib.OptimizerConfig(), schedule)
     if kind == "adamw":
-        import optax
         return optax.adamw(schedule, b1=0.9, b2=0.95, eps=1e-20, weight_decay=0.1)
     raise ValueError(f"optimizer={kind!r} is invalid: allowed values ('report', 'adamw')")
 
@@ -100,7 +107,6 @@ def analytic_flops(cfg: ModelConfig, seq_len: int, sparse: bool, *, tokens_per_d
     multiply a device's whole receive buffer (`expert_parallel.buffer_rows`, e.g. 1.25x the
     routed rows at capacity factor 1.25, n_ep x with no drop), and a compiled program cannot
     know how much of it holds rows (the TPU kernel skips the empty tail at run time)."""
-    from sparse_lm.sharding.expert_parallel import buffer_rows
     f = accounting.train_flops_per_token(cfg, seq_len, sparse=sparse)
     recompute = {"none": 0.0}.get(cfg.remat, 1.0)       # one forward recomputation under remat
     expected = f.total + recompute * f.forward
@@ -120,9 +126,6 @@ def analytic_flops(cfg: ModelConfig, seq_len: int, sparse: bool, *, tokens_per_d
 def analyze(preset_spec: str, topo: str | TopologySpec, model_cfg: ModelConfig,
             opts: Options = Options(), schedule=None, loss_cfg=None) -> dict[str, Any]:
     """One row of the comparison (a dict; `status` is ok / does not fit / invalid / error)."""
-    from sparse_lm.sharding.plan import make_plan
-    from sparse_lm.train.schedule import Schedule
-    from sparse_lm.train.steps import LossConfig
     spec = resolve_topology(topo) if isinstance(topo, str) else topo
     chip = spec.chip
     row: dict[str, Any] = {"preset": preset_spec, "topology": spec.name, "generation": spec.generation,
@@ -191,7 +194,6 @@ def analyze(preset_spec: str, topo: str | TopologySpec, model_cfg: ModelConfig,
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     text = compiled.as_text()
     if opts.keep_hlo:
-        import pathlib
         p = pathlib.Path(opts.keep_hlo)
         p.mkdir(parents=True, exist_ok=True)
         (p / f"{_slug(preset_spec)}__{_slug(spec.name)}.hlo.txt").write_text(text)
@@ -313,7 +315,6 @@ def format_table(rows: list[dict]) -> str:
 
 
 def write_csv(rows: list[dict], path) -> None:
-    import csv
     keys = []
     for r in rows:
         for k in r:
@@ -334,7 +335,7 @@ def write_csv(rows: list[dict], path) -> None:
 def plot(rows: list[dict], path) -> None:
     """Two panels per topology: peak memory per device against HBM, and the step estimate
     split into compute and communication."""
-    import matplotlib
+    import matplotlib          # optional package, needed only for the figure
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     topos = list(dict.fromkeys(r["topology"] for r in rows))

@@ -103,6 +103,7 @@ def resolve_topology(name: str) -> TopologySpec:
 def topology_devices(spec: TopologySpec) -> list:
     """Abstract TPU devices of the topology (libtpu compiles for them on a CPU host)."""
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    # after the variable above: this import may load libtpu, which reads it
     from jax.experimental import topologies
     kw = {"num_slices": spec.slices} if spec.slices > 1 else {}
     return list(topologies.get_topology_desc(spec.topology, "tpu", **kw).devices)
