@@ -11,6 +11,6 @@ setup(
     # Pinned versions live in requirements.txt (the one place for pins); these are the floors.
     install_requires=[
         "jax>=0.11.2", "flax>=0.12", "optax", "orbax-checkpoint", "chex", "ml-collections",
-        "numpy", "absl-py",
+        "numpy", "absl-py", "tqdm",
     ],
 )

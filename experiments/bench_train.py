@@ -35,9 +35,19 @@ import resource
 import statistics
 import time
 
+import functools
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from sparse_lm.model import build_model
+from sparse_lm.model.indexer import Indexer
+from sparse_lm.ops import attention, masks
+from sparse_lm.train.loop import loss_config, make_schedule, make_tx, resolve_model_config
+from sparse_lm.train.steps import init_train_state, make_train_step
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Model/optimizer config.")
 _SEQ = flags.DEFINE_list("seq_lens", ["1024", "2048", "4096", "8192", "16384"], "Sequence lengths.")
@@ -56,13 +66,10 @@ def chunked_causal_dense(q, kv, sink, *, window, scale, segment_ids, compressed,
                          compressed_valid, ratio, topk_idx):
     """Dense causal attention (window >= S) + all visible compressed entries + sink, in query
     chunks; same function as the model's "reference" implementation for window >= S."""
-    import jax
-    import jax.numpy as jnp
-    from sparse_lm.ops.compress import entry_visibility
     b, s, h, d = q.shape
     if window < s or topk_idx is not None:
         raise ValueError("chunked_causal_dense is the benchmark's dense arm: window >= S, no top-k")
-    vis = (entry_visibility(s, ratio, compressed_valid, segment_ids)
+    vis = (masks.sequence_entry_visible(s, ratio, compressed_valid, segment_ids)
            if compressed is not None else None)
     seg = segment_ids if segment_ids is not None else jnp.zeros((b, s), jnp.int32)
 
@@ -97,16 +104,12 @@ def chunked_causal_dense(q, kv, sink, *, window, scale, segment_ids, compressed,
 
 
 def functools_reduce_max(parts):
-    import functools
-    import jax.numpy as jnp
     return functools.reduce(jnp.maximum, [jnp.max(p, axis=-1) for p in parts])
 
 
 @contextlib.contextmanager
 def indexer_removed():
     """The CSA indexer returns no scores and no picks: no indexer objective is computed."""
-    import jax.numpy as jnp
-    from sparse_lm.model.indexer import Indexer
     original = Indexer.__call__
 
     def empty(self, x, *args, **kwargs):
@@ -122,7 +125,6 @@ def indexer_removed():
 @contextlib.contextmanager
 def dense_reference_patched():
     """Route implementation="reference" to the chunked causal dense attention."""
-    from sparse_lm.ops import attention
     original = attention._reference
     attention._reference = chunked_causal_dense
     try:
@@ -133,9 +135,6 @@ def dense_reference_patched():
 
 def check_dense_arm(model_cfg) -> float:
     """Max |difference| of model logits: chunked dense arm vs the model's reference (S=256)."""
-    import jax
-    import jax.numpy as jnp
-    from sparse_lm.model import build_model
     s = 256
     cfg = model_cfg.replace(sliding_window=s)
     model = build_model(cfg, seed=0)
@@ -152,11 +151,6 @@ def check_dense_arm(model_cfg) -> float:
 
 
 def time_arm(config, model_cfg, seq: int, arm: str, steps: int, tokens: int) -> dict:
-    import jax
-    import jax.numpy as jnp
-    from sparse_lm.model import build_model
-    from sparse_lm.train.loop import loss_config, make_schedule, make_tx
-    from sparse_lm.train.steps import init_train_state, make_train_step
     batch = max(1, tokens // seq)
     if arm not in ("sparse", "dense", "dense_noindex"):
         raise ValueError(f"--arms: unknown arm {arm!r}; allowed: sparse, dense, dense_noindex")
@@ -203,7 +197,7 @@ def _cpu_s() -> float:
 
 def plot_rows(rows, path):
     """us per token (wall and CPU) against S, log-log, both arms, with the sparse/dense ratio."""
-    import matplotlib
+    import matplotlib          # optional package, needed only for --plot
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -273,8 +267,6 @@ def main(argv):
             plot_rows(saved["rows"], _PLOT.value)
             print(f"[bench] wrote {_PLOT.value}")
         return
-    import jax
-    from sparse_lm.train.loop import resolve_model_config
     config = _CONFIG.value
     model_cfg = resolve_model_config(config)
     print(f"[bench] backend {jax.default_backend()} ({jax.devices()[0].device_kind}), model "

@@ -12,10 +12,18 @@ import json
 import time
 from pathlib import Path
 
+import jax
+import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from sparse_lm.data import pipeline
+from sparse_lm.data.stdlib_corpus import byte_entropies
+from sparse_lm.train import evaluation as ev
 from sparse_lm.train.config_check import main_guard
+from sparse_lm.train.evaluation import evaluate
+from sparse_lm.train.loop import load_for_eval, train
+from sparse_lm.train.metrics import layer_names, read_metrics
 
 if __name__ == "__main__":          # before the flags: config_flags applies overrides at definition
     main_guard(default_config="configs/demo.py")
@@ -25,7 +33,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Run directory.")
 
 
 def plot_loss(records, evals, h1, h2, path):
-    import matplotlib
+    import matplotlib          # optional package, needed only for the figures
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -55,7 +63,7 @@ def plot_loss(records, evals, h1, h2, path):
 
 
 def plot_expert_load(records, layer_names, hash_layers, path):
-    import matplotlib
+    import matplotlib          # optional package, needed only for the figures
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -81,16 +89,6 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     t_start = time.time()
-    import jax
-    import numpy as np
-
-    from sparse_lm.train.evaluation import evaluate
-    from sparse_lm.data import pipeline
-    from sparse_lm.data.stdlib_corpus import byte_entropies
-    from sparse_lm.train import evaluation as ev
-    from sparse_lm.train.loop import load_for_eval, train
-    from sparse_lm.train.metrics import layer_names, read_metrics
-
     config = _CONFIG.value
     workdir = Path(_WORKDIR.value)
     print(f"[demo] backend {jax.default_backend()}, {jax.device_count()} device(s); workdir {workdir}")

@@ -12,6 +12,8 @@ from __future__ import annotations
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from sparse_lm.train.evaluation import config_from_workdir, evaluate
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (default: the run's own).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.", required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
@@ -20,7 +22,6 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    from sparse_lm.train.evaluation import config_from_workdir, evaluate
     config = _CONFIG.value if _CONFIG.value is not None else config_from_workdir(_WORKDIR.value)
     evaluate(config, _WORKDIR.value, _STEP.value)
 

@@ -26,6 +26,13 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from sparse_lm.config import ModelConfig
+from sparse_lm.inference import Decoder, InferenceError, generate, validate_sampling
+from sparse_lm.model import build_model
+from sparse_lm.train import checkpoint as ckpt_lib
+from sparse_lm.train.checkpoint import CheckpointError
+from sparse_lm.train.loop import load_for_eval
+
 FLAGS = flags.FLAGS
 
 
@@ -60,9 +67,6 @@ def load_model(workdir: str | None = None, config=None, step: int | None = None,
     given `config` must hold the same model (sparse_lm.train.checkpoint.CheckpointError
     otherwise). No checkpoint: `config` is required and the model is freshly initialised.
     """
-    from sparse_lm.config import ModelConfig
-    from sparse_lm.model import build_model
-    from sparse_lm.train import checkpoint as ckpt_lib
 
     has_ckpt = False
     if workdir is not None:
@@ -78,7 +82,6 @@ def load_model(workdir: str | None = None, config=None, step: int | None = None,
         log(f"[generate] untrained model from the config (no checkpoint"
             f"{' in ' + str(workdir) if workdir else ''}): expect noise")
         return build_model(cfg, seed=seed), "untrained"
-    from sparse_lm.train.loop import load_for_eval
     recorded = Path(workdir) / "config.json"
     if not recorded.exists():
         raise GenerateError(f"{recorded} does not exist: the checkpoints in {workdir} need the "
@@ -97,7 +100,6 @@ def generate_text(model, prompt: str, *, max_new_tokens: int = 200, temperature:
 
     stream(text) receives each piece of decoded text as soon as its bytes are complete.
     """
-    from sparse_lm.inference import Decoder, generate
 
     if model.cfg.vocab_size != 256:
         raise GenerateError(f"byte-level generation needs model.vocab_size=256, the model has "
@@ -134,8 +136,6 @@ def main(argv):
         raise app.UsageError("--prompt is required")
     if workdir is None and config is None:
         raise app.UsageError("give --workdir (a training run) or --config (an untrained model)")
-    from sparse_lm.inference import InferenceError, validate_sampling
-    from sparse_lm.train.checkpoint import CheckpointError
     max_new, temperature, top_p = f["max-new-tokens"].value, f.temperature, f["top-p"].value
     try:
         validate_sampling(temperature, top_p)     # fail before loading anything

@@ -9,11 +9,14 @@ documented in `sparse_lm/analysis/accounting.py` and `docs/inspect_model.md`.
 """
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
 from sparse_lm.analysis import accounting as acc
 from sparse_lm.config import ModelConfig
+from sparse_lm.inference.cache import cache_bytes, init_cache, measured_bytes_per_token
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "config file whose `model` field holds ModelConfig values", lock_config=True)
@@ -178,11 +181,6 @@ def inspect(cfg: ModelConfig, context: int = 1 << 20, train_seq_len: int = 4096,
 def _measured_cache(cfg: ModelConfig) -> list[str]:
     """Bytes per token measured on the decoder's real cache structure beside the analytic
     bf16 figures. The arrays are `jax.eval_shape` results of `init_cache`: nothing allocated."""
-    import jax
-    import jax.numpy as jnp
-
-    from sparse_lm.inference.cache import cache_bytes, init_cache, measured_bytes_per_token
-
     lo, hi = 1 << 16, 1 << 17
     measured = measured_bytes_per_token(cfg, max_lens=(lo, hi), dtype=jnp.bfloat16)
     main, idx = acc.kv_entry_bytes(cfg, "bf16")

@@ -56,6 +56,7 @@ def _is_multiprocess_env() -> bool:
 
 
 def maybe_initialize_distributed(mode: str) -> bool:
+    # jax and the library are imported only once flags are parsed and jax.distributed is set up
     import jax
     if mode == "on" or (mode == "auto" and (_is_multiprocess_env() or _COORDINATOR.value)):
         def from_env(value, key, kind=str):
@@ -72,6 +73,7 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)   # orbax logs every save at INFO
     multi = maybe_initialize_distributed(_DISTRIBUTED.value)
+    # after jax.distributed.initialize: it must run before anything touches a backend
     import jax
     from sparse_lm.train.loop import KNOWN_ERRORS, train
     if jax.process_index() == 0:

@@ -31,8 +31,10 @@ import types
 from typing import Iterable, Mapping
 
 import numpy as np
+from flax import nnx
 
 from sparse_lm.config import LAYER_KINDS, ModelConfig
+from sparse_lm.model.transformer import DeepseekV4
 
 COMPONENTS = ("embedding", "head", "attention", "compressor", "indexer", "routed_experts",
               "shared_experts", "router", "mhc", "norms", "mtp_projection")
@@ -191,10 +193,6 @@ def param_counts(cfg: ModelConfig) -> ParamCounts:
     Paths are mapped to layers through `cfg.layer_groups`: the stacked cycle parameters (leading
     axis = num_cycles) are split evenly over the layers they stand for.
     """
-    from flax import nnx
-
-    from sparse_lm.model.transformer import DeepseekV4
-
     model = nnx.eval_shape(lambda: DeepseekV4(cfg, rngs=nnx.Rngs(0)))
     groups = cfg.layer_groups
     tally = _Tally(cfg)

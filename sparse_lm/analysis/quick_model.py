@@ -16,6 +16,7 @@ batches without the warm-up stage (one compiled train step), enough to exercise 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -27,6 +28,13 @@ from typing import Any
 
 import ml_collections
 import numpy as np
+
+from sparse_lm import presets
+from sparse_lm.config import ModelConfig
+from sparse_lm.data import pipeline
+from sparse_lm.train.checkpoint import Checkpointer
+from sparse_lm.train.defaults import base
+from sparse_lm.train.loop import load_for_eval, train
 
 FAST_ENV = "SPARSE_LM_NOTEBOOK_FAST"
 WORKDIR_ENV = "SPARSE_LM_NOTEBOOK_WORKDIR"
@@ -44,8 +52,7 @@ def fast_mode() -> bool:
 
 def quick_model_config() -> ml_collections.ConfigDict:
     """The small model: 4 layers [swa (hash-routed), csa, hca, csa] + MTP, 128 wide, 8 experts."""
-    from configs import model_presets
-    m = model_presets.tiny()
+    m = presets.tiny()
     m.update(dict(
         vocab_size=256, hidden_size=128, num_layers=4, num_heads=4, head_dim=32, rope_head_dim=16,
         q_lora_rank=64, o_groups=2, o_lora_rank=64, sliding_window=32,
@@ -58,8 +65,7 @@ def quick_model_config() -> ml_collections.ConfigDict:
 
 
 def quick_config(fast: bool | None = None) -> ml_collections.ConfigDict:
-    """Full training config (configs/train_base.py fields) of the quick run."""
-    from configs.train_base import base
+    """Full training config (sparse_lm/train/defaults.py fields) of the quick run."""
     fast = fast_mode() if fast is None else fast
     c = base()
     c.model = quick_model_config()
@@ -124,7 +130,6 @@ class QuickModel:
 
 
 def _latest_step(workdir: Path) -> int | None:
-    from sparse_lm.train.checkpoint import Checkpointer
     if not (workdir / "checkpoints").is_dir():
         return None
     ck = Checkpointer(workdir, keep=1000, async_save=False)
@@ -142,7 +147,6 @@ def load_or_train(workdir: str | os.PathLike | None = None, *, fast: bool | None
     is loaded with its own recorded config; an empty or new one gets the quick config (or
     `config`) trained into it.
     """
-    from sparse_lm.train.loop import load_for_eval, train
     if config is None:
         config = quick_config(fast)
     wd = Path(workdir) if workdir is not None else default_workdir(config)
@@ -162,7 +166,6 @@ def load_or_train(workdir: str | os.PathLike | None = None, *, fast: bool | None
 def _train(train_fn, config, wd: Path) -> float:
     """Run the training loop; its console text (data, optimizer split, MFU lines) goes to
     <workdir>/train.log, its progress bar stays on stderr."""
-    import contextlib
     t0, c0 = time.perf_counter(), time.process_time()
     wd.mkdir(parents=True, exist_ok=True)
     log = wd / "train.log"
@@ -186,8 +189,6 @@ def _train(train_fn, config, wd: Path) -> float:
 def validation_rows(config, rows: int, seq_len: int | None = None) -> dict:
     """The first `rows` packed rows of the run's validation split (documents in order, aligned
     as in training): {"tokens" [rows, S], "segment_ids" [rows, S]} (0 = padding)."""
-    from sparse_lm.config import ModelConfig
-    from sparse_lm.data import pipeline
     s = int(config.train.seq_len if seq_len is None else seq_len)
     src = pipeline.make_source(config.data, config.data.eval_split)
     align = pipeline.resolve_align(config.data, ModelConfig.from_dict(config.model.to_dict()))
@@ -201,7 +202,6 @@ def validation_rows(config, rows: int, seq_len: int | None = None) -> dict:
 def long_documents(config, count: int, length: int, *, skip: int = 0) -> list[tuple[str, bytes]]:
     """(name, first `length` bytes) of the first `count` validation documents that are at least
     `length` bytes long (after skipping `skip` of them): real, unpacked long-context inputs."""
-    from sparse_lm.data import pipeline
     src = pipeline.make_source(config.data, config.data.eval_split)
     names = getattr(src, "paths", None)
     out = []

@@ -26,7 +26,9 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from sparse_lm.config import ConfigError, ModelConfig
@@ -375,7 +377,6 @@ def partial_path(out: str) -> str:
 def _sync(tag: str) -> None:
     """Barrier across processes (multi-host); a no-op in a single process."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(tag)
 
 
@@ -413,7 +414,6 @@ def atomic_directory(out: str, write: Callable[[str], None]) -> None:
 
 def save_checkpoint(out: str, pure: Mapping, cfg: ModelConfig, source: Mapping | None = None):
     """Write our checkpoint format (see module docstring) atomically at `out`."""
-    import orbax.checkpoint as ocp
 
     def write(tmp):
         ckptr = ocp.StandardCheckpointer()
@@ -441,7 +441,6 @@ def read_checkpoint_config(path: str) -> ModelConfig:
 def restore_checkpoint(path: str, *, mesh: jax.sharding.Mesh | None = None, rules=None):
     """(model, cfg) from our checkpoint format, each array in its stored dtype (sharded by
     mesh + rules when given)."""
-    import orbax.checkpoint as ocp
     path = os.path.abspath(os.fspath(path))
     cfg = read_checkpoint_config(path)
     graphdef, abs_state, flat_vars = abstract_model(cfg)
@@ -464,7 +463,6 @@ class CheckpointLeaves:
     partial restore), so an export holds one tensor group in memory at a time."""
 
     def __init__(self, path: str):
-        import orbax.checkpoint as ocp
         self.path = os.path.join(os.path.abspath(os.fspath(path)), MODEL_ITEM)
         self.cfg = read_checkpoint_config(path)
         self.meta = ocp.StandardCheckpointer().metadata(self.path).item_metadata
@@ -481,7 +479,6 @@ class CheckpointLeaves:
         return tuple(out)
 
     def __call__(self, paths: list[tuple]) -> list[np.ndarray]:
-        import orbax.checkpoint as ocp
         item, args = {}, {}
         for p in paths:
             m = _get(self.meta, p)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Protocol, Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -167,7 +168,6 @@ def targets_and_masks(tokens, segment_ids, offset: int):
     token t+offset iff both are in the same (non-padding) document. numpy or jax arrays in,
     jax arrays out.
     """
-    import jax.numpy as jnp
     if offset < 1:
         raise ValueError(f"offset={offset} is invalid: must be >= 1")
     s = tokens.shape[1] - 1

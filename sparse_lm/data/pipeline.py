@@ -14,10 +14,13 @@ arrays built from each process's shard.
 """
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 from sparse_lm.data.packing import Chunked, Packer, PackerState
-from sparse_lm.data.tfds_source import DataError
+from sparse_lm.data.stdlib_corpus import StdlibCorpus
+from sparse_lm.data.synthetic import TASKS, SyntheticSource
+from sparse_lm.data.tfds_source import DataError, TfdsSource
 
 SOURCES = ("stdlib", "tfds:<name>", "synthetic:needle", "synthetic:recall", "synthetic:repeat")
 
@@ -26,15 +29,12 @@ def make_source(data_cfg, split: str):
     """The document source named by `data_cfg.source` for one split."""
     src = str(data_cfg.source)
     if src == "stdlib":
-        from sparse_lm.data.stdlib_corpus import StdlibCorpus
         return StdlibCorpus("train" if split == data_cfg.train_split else "validation",
                             val_fraction=float(data_cfg.val_fraction),
                             root=data_cfg.get("stdlib_root") or None)
     if src.startswith("tfds:") and len(src) > 5:
-        from sparse_lm.data.tfds_source import TfdsSource
         return TfdsSource(src[5:], split, str(data_cfg.data_dir), text_key=str(data_cfg.text_key))
     if src.startswith("synthetic:"):
-        from sparse_lm.data.synthetic import SyntheticSource, TASKS
         task = src.split(":", 1)[1]
         if task not in TASKS:
             raise DataError(f"data.source={src!r} is invalid: synthetic tasks are {TASKS}")
@@ -120,5 +120,4 @@ def eval_batches(source, *, seq_len: int, local_batch: int, align: int, num_batc
 
 def to_global(local: dict[str, np.ndarray], sharding) -> dict:
     """Each process's rows -> global jax arrays (batch axis split over the sharding)."""
-    import jax
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}

@@ -18,6 +18,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sparse_lm.sharding.mesh import axis_sizes
@@ -106,7 +107,6 @@ def stacked_slice_names(state, stacked: str = "layers") -> list[tuple | None]:
     """For an nnx.State of stacked parameters (leading axis named `stacked`): per leaf (in
     `jax.tree.leaves` order) the logical names of one slice (the stacked axis dropped), or None
     for a leaf that is not stacked along its first axis."""
-    from flax import nnx
     logical = jax.tree.leaves(nnx.get_partition_spec(state),
                               is_leaf=lambda x: isinstance(x, PartitionSpec))
     out: list[tuple | None] = []

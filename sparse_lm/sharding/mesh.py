@@ -15,6 +15,7 @@ from typing import Mapping, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
 AXES = ("data", "fsdp", "tensor", "expert", "context")
@@ -115,7 +116,6 @@ def make_mesh(ici: Mapping[str, int], dcn: Mapping[str, int] | None = None,
             groups = [devices[i * (n // slices):(i + 1) * (n // slices)] for i in range(slices)]
             arr = _stack_slices([np.asarray(g).reshape(ici_shape) for g in groups], dcn_shape)
     elif is_tpu:
-        from jax.experimental import mesh_utils
         arr = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
     else:
         arr = np.asarray(devices).reshape(shape)
@@ -143,7 +143,6 @@ def _hybrid(ici_shape, dcn_shape, devices, is_tpu):
     for k in sorted(by_slice):
         devs = by_slice[k]
         if is_tpu:
-            from jax.experimental import mesh_utils
             arrays.append(mesh_utils.create_device_mesh(ici_shape, devs,
                                                         allow_split_physical_axes=True))
         else:

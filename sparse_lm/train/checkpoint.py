@@ -13,6 +13,7 @@ error that names the differing fields.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -20,14 +21,14 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from sparse_lm.config import ModelConfig
+
 # Model fields that change how the model executes, not what it is: a run may resume with others.
 EXECUTION_FIELDS = frozenset({"dtype", "param_dtype", "attention_impl", "remat", "moe_impl",
                               "moe_dispatch", "moe_capacity_factor"})
 
 
 def _default(field: str):
-    import dataclasses
-    from sparse_lm.config import ModelConfig
     for f in dataclasses.fields(ModelConfig):
         if f.name == field:
             return f.default

@@ -11,11 +11,13 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 
 from sparse_lm.data import pipeline
 from sparse_lm.data.synthetic import make_examples
+from sparse_lm.train.loop import load_for_eval
 
 LN2 = math.log(2.0)
 
@@ -120,7 +122,6 @@ def filler_pool(source, max_bytes: int = 2_000_000) -> np.ndarray:
 
 
 def config_from_workdir(workdir):
-    import ml_collections
     p = Path(workdir) / "config.json"
     if not p.exists():
         raise FileNotFoundError(f"{p} does not exist: is {workdir} a training workdir? "
@@ -131,7 +132,6 @@ def config_from_workdir(workdir):
 def evaluate(config, workdir, step=None, *, log=print) -> dict:
     """Validation bits/byte and needle accuracy by length, sparse vs dense, of a checkpoint;
     printed as a table and written to <workdir>/eval.json."""
-    from sparse_lm.train.loop import load_for_eval
     run, model, step = load_for_eval(config, workdir, step)
     e = config.eval
     src, batches = validation_batches(config, run, int(e.batches))

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +31,19 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from sparse_lm.config import ModelConfig
+from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
+
+from sparse_lm.config import ConfigError, ModelConfig
 from sparse_lm.data import pipeline
+from sparse_lm.data.tfds_source import DataError
 from sparse_lm.model import build_model
 from sparse_lm.train import checkpoint as ckpt_lib
 from sparse_lm.train import metrics as metrics_lib
 from sparse_lm.train import optimizer as opt_lib
 from sparse_lm.train.losses import LN2
+from sparse_lm.train.optimizer import OptimizerConfigError
+from sparse_lm.train.plan import make_plan
 from sparse_lm.train.schedule import Schedule
 from sparse_lm.train.steps import (LossConfig, abstract_train_state, init_train_state,
                                    make_eval_step, make_train_step)
@@ -49,28 +56,41 @@ class TrainingDiverged(RuntimeError):
     """A metric became NaN or infinite; the message names the step and the metrics."""
 
 
-def _known_errors():
-    from sparse_lm.config import ConfigError
-    from sparse_lm.data.tfds_source import DataError
-    from sparse_lm.train.optimizer import OptimizerConfigError
-    return (ConfigError, DataError, OptimizerConfigError, ckpt_lib.CheckpointError,
-            TrainingDiverged, FileNotFoundError)
-
-
-KNOWN_ERRORS = None  # set below, once the classes exist
-
-
 # ---------------------------------------------------------------------------- config resolution
+# Keys of `train` that older runs wrote into config.json, each now a field of the model config
+# (one knob per choice): the old key is read once with a deprecation warning.
+LEGACY_TRAIN_KEYS = {"implementation": "attention_impl", "compute_dtype": "dtype"}
+
+
+def _legacy_model_overrides(config) -> dict:
+    """{model field: value} for the legacy `train` keys an old config carries (warned once each)."""
+    t = config.get("train") or {}
+    out = {}
+    for key, field in LEGACY_TRAIN_KEYS.items():
+        if key not in t:
+            continue
+        value = t[key]
+        if key == "implementation":
+            value = value or None              # "" meant the model's default
+        elif value == "auto":                  # the old default: bfloat16 on accelerators
+            value = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+        elif value == "model":
+            value = None
+        if value is not None and value != config.model.get(field):
+            out[field] = value
+        warnings.warn(f"train.{key} is deprecated and will be removed: set model.{field} instead"
+                      + (f" (read as model.{field}={value!r})" if field in out else
+                         " (ignored: the model config already says so)"),
+                      FutureWarning, stacklevel=3)
+    return out
+
+
 def resolve_model_config(config) -> ModelConfig:
-    """ModelConfig from config.model, with train.compute_dtype applied ("auto": bfloat16 on
-    accelerators, float32 on CPU; parameters always float32)."""
+    """ModelConfig from config.model: its `dtype` is the compute dtype and its `attention_impl`
+    the attention implementation (None = the platform's default). Legacy `train.compute_dtype` /
+    `train.implementation` keys of older runs' config.json are mapped onto them."""
     d = config.model.to_dict()
-    cd = str(config.train.get("compute_dtype", "auto"))
-    if cd == "auto":
-        d["dtype"] = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-    elif cd != "model":
-        d["dtype"] = cd
-    d["param_dtype"] = "float32"
+    d.update(_legacy_model_overrides(config))
     return ModelConfig.from_dict(d)
 
 
@@ -97,7 +117,7 @@ class Run:
     replicated: Any
     local_batch: int
     align: int
-    plan: Any = None     # sparse_lm.sharding.plan.ShardingPlan when config.sharding names a preset
+    plan: Any = None     # sparse_lm.train.plan.ShardingPlan when config.sharding names a preset
 
 
 def setup(config, workdir) -> Run:
@@ -113,8 +133,7 @@ def setup(config, workdir) -> Run:
     if int(t.seq_len) % align:
         raise ValueError(f"train.seq_len={t.seq_len} must be a multiple of the document "
                          f"alignment {align} (data.align, default the largest compress ratio)")
-    if config.get("sharding"):     # a named preset (configs/sharding/): mesh, rules, sharded steps
-        from sparse_lm.sharding.plan import make_plan
+    if config.get("sharding"):     # a sharding preset: mesh, rules, sharded steps
         plan = make_plan(str(config.sharding), model_cfg, make_tx(config))
         return Run(config=config, model_cfg=plan.model_cfg, workdir=Path(workdir), mesh=plan.mesh,
                    batch_sharding=plan.batch_sharding, replicated=plan.replicated,
@@ -167,7 +186,6 @@ def _gather_data_states(state: dict) -> list[dict]:
     """Every process's iterator position (the checkpoint stores all of them)."""
     if jax.process_count() == 1:
         return [state]
-    from jax.experimental import multihost_utils
     keys = sorted(state)
     vec = np.asarray([int(state[k]) for k in keys], np.int64)
     allv = np.asarray(multihost_utils.process_allgather(vec))
@@ -267,7 +285,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     start = int(jax.device_get(state.step))
     total = int(t.steps)
     sparse_start = int(t.sparse_start_step)
-    impl = t.get("implementation") or None
+    impl = cfg.attention_impl          # None = the platform's default
     lcfg = loss_config(config)
     warm = int(t.get("indexer_warmup_steps", 0))
     if not 0 <= warm <= sparse_start:
@@ -328,7 +346,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     compile_s = {}
     progress = None
     if pidx == 0 and bool(t.get("progress", True)):
-        from tqdm.auto import tqdm
         progress = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True,
                         mininterval=1.0)
     try:
@@ -419,4 +436,6 @@ def load_for_eval(config, workdir, step: int | None = None):
     return run, nnx.merge(graphdef, state.params, state.buffers), step
 
 
-KNOWN_ERRORS = _known_errors()
+# Errors a launcher reports as one line, without a traceback.
+KNOWN_ERRORS = (ConfigError, DataError, OptimizerConfigError, ckpt_lib.CheckpointError,
+                TrainingDiverged, FileNotFoundError)

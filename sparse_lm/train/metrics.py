@@ -25,7 +25,13 @@ import os
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+
+import sparse_lm.model.attention as attention_module
+from sparse_lm.analysis.accounting import train_flops_per_token as _train_flops
 
 # Dense bf16 peak FLOP/s per device (datasheet), matched as substrings of `device_kind`.
 PEAK_FLOPS = {
@@ -85,8 +91,7 @@ def indexer_metrics(cfg, recall: np.ndarray) -> dict[str, float]:
 
 def train_flops_per_token(cfg, seq_len: int, sparse: bool) -> float:
     """Forward + backward model FLOPs per token of the sparse (or dense-warm-up) model."""
-    from sparse_lm.analysis.accounting import train_flops_per_token as tfpt
-    return float(tfpt(cfg, seq_len, sparse=sparse).total)
+    return float(_train_flops(cfg, seq_len, sparse=sparse).total)
 
 
 _MEASURED: dict[str, float] = {}
@@ -94,8 +99,6 @@ _MEASURED: dict[str, float] = {}
 
 def measured_matmul_flops(n: int = 1024, reps: int = 5) -> float:
     """FLOP/s of a jitted fp32 [n, n] x [n, n] matmul on the default device (cached)."""
-    import jax
-    import jax.numpy as jnp
     key = jax.default_backend()
     if key not in _MEASURED:
         a = jnp.ones((n, n), jnp.float32)
@@ -111,7 +114,6 @@ def measured_matmul_flops(n: int = 1024, reps: int = 5) -> float:
 
 def peak_flops_per_device(configured: float = 0.0) -> tuple[float, str]:
     """(peak FLOP/s per device, where it came from)."""
-    import jax
     if configured and configured > 0:
         return float(configured), "config train.peak_flops"
     kind = jax.devices()[0].device_kind
@@ -184,7 +186,6 @@ def recall_at_fraction(scores, mass, visible, fraction: float):
     chance, oracle): chance = what k random entries keep on average (mean k / visible); oracle =
     what the k entries of largest mass keep (the best any indexer can do).
     """
-    import jax.numpy as jnp
     vis_n = jnp.sum(visible, axis=-1)                                   # [B, S]
     k = jnp.floor(fraction * vis_n)
     m = jnp.where(visible, mass, 0.0)
@@ -210,9 +211,6 @@ def indexer_recall_at_fraction(model, tokens, segment_ids=None, fraction: float 
     visible, top-k) to read the indexer scores and the dense attention mass of every CSA layer,
     so the model itself is unchanged. Returns a list in layer order.
     """
-    import jax
-    from flax import nnx
-    import sparse_lm.model.attention as attention_module
     if getattr(model, "cycles", None) is not None:
         raise ValueError("indexer_recall_at_fraction reads layers as they run: it needs a model "
                          "whose layers are unrolled (config.layer_groups.num_cycles == 0)")
