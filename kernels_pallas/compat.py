@@ -13,13 +13,15 @@ What this module relies on, checked against both wheels (see shared notes `jax_v
   identical on both. `pl.dot` is gone (0.12) / a `None` stub (0.11.2): never use it.
 * `pltpu.MemorySpace.SMEM/VMEM`, `pltpu.SMEM`, `pltpu.VMEM` exist on both.
 
+Which implementation runs and whether Pallas is interpreted is not a version difference: that
+is `kernels_pallas.registry`.
+
 Things present only in 0.12 (`plgpu.sum/max/store`, `jax.no_collectives`, tuple
 `Buffered(buffer_count)`, ...) are not used anywhere in the kernels.
 """
 from __future__ import annotations
 
 import functools
-import logging
 
 import jax
 from jax import lax
@@ -46,39 +48,14 @@ ARBITRARY = "arbitrary"
 
 
 def backend() -> str:
-    """The default backend's platform name: "cpu", "gpu" or "tpu"."""
+    """The default backend's platform name: "cpu", "gpu" or "tpu" (the host's; which platform
+    a call compiles for is `kernels_pallas.registry.current_platform`)."""
     return jax.default_backend()
-
-
-_PALLAS_BY_PLATFORM = {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}
-_fallbacks_logged: set[tuple[str, str]] = set()
-
-
-def platform_implementation(kernel: str, fallback: str, platform: str | None = None) -> str:
-    """The implementation a kernel entry point uses by default on `platform` (None = the
-    default backend): "pallas_tpu" on TPU, "pallas_gpu" on GPU, else `fallback` (an XLA form),
-    which is logged once per (kernel, platform) so the choice is never silent."""
-    platform = platform or backend()
-    impl = _PALLAS_BY_PLATFORM.get(platform, fallback)
-    if platform not in _PALLAS_BY_PLATFORM and (kernel, platform) not in _fallbacks_logged:
-        _fallbacks_logged.add((kernel, platform))
-        logging.getLogger(f"kernels_pallas.{kernel}").info(
-            "%s: no compiled Pallas kernel for platform %r; using %r", kernel, platform, impl)
-    return impl
 
 
 def is_concrete(x) -> bool:
     """True unless x is a tracer (a value checks can read on the host)."""
     return not isinstance(x, jax.core.Tracer)
-
-
-def resolve_interpret(interpret: bool | None) -> bool:
-    """`interpret=None` means: interpret iff the default backend is CPU (Pallas cannot compile there)."""
-    if interpret is None:
-        return backend() == "cpu"
-    if not isinstance(interpret, bool):
-        raise TypeError(f"interpret={interpret!r} is invalid: allowed values True, False, None")
-    return interpret
 
 
 def tpu_compiler_params(dimension_semantics: tuple[str, ...],

@@ -13,8 +13,9 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import topologies
 
-from kernels_pallas import compat
+from kernels_pallas import compat, registry
 
 try:
     import pytest
@@ -80,8 +81,8 @@ def assert_close(name: str, got, want, tol: float):
 # ------------------------------------------------------------------------------ environment
 
 def interpret_default() -> bool:
-    """What `interpret=None` resolves to here (True on a CPU backend)."""
-    return compat.resolve_interpret(None)
+    """What `interpret=None` resolves to here (True when the target platform is CPU)."""
+    return registry.resolve_interpret(None)
 
 
 def has_gpu() -> bool:
@@ -116,7 +117,6 @@ def tpu_aot(topology: str = "v5e:2x2"):
             jax.jit(f).lower(shaped((8, 128), jnp.float32)).compile()
     """
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    from jax.experimental import topologies
     topo = topologies.get_topology_desc(topology, "tpu")
     dev = topo.devices[0]
     mesh = jax.sharding.Mesh(np.array([dev]), ("x",))

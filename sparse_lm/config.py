@@ -8,13 +8,23 @@ last entry = the MTP layer) is derived from it, in the format of the published `
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Mapping
 
+from kernels_pallas import registry
+
 LAYER_KINDS = ("swa", "csa", "hca")
-ATTENTION_IMPLEMENTATIONS = ("reference", "xla", "pallas")
+# Implementation names: the one vocabulary of `kernels_pallas.registry` (None = the target
+# platform's preference, decided when the op is traced). Old names, e.g. in the config.json of
+# a checkpoint, are read as aliases with a one-line deprecation note.
+ATTENTION_IMPLEMENTATIONS = ("reference", "xla", "pallas_tpu", "pallas_gpu")
+ATTENTION_ALIASES = {"pallas": registry.pallas_for}
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16")
-MOE_IMPLEMENTATIONS = ("ragged_dot", "blocked", "grouped", "pallas", "tokamax")
+MOE_IMPLEMENTATIONS = ("reference", "xla", "pallas_tpu", "pallas_gpu", "tokamax")
+# "grouped" was the grouped-matmul registry's platform choice: now the target's preference.
+MOE_ALIASES = {"ragged_dot": "reference", "blocked": "xla", "grouped": None,
+               "pallas": registry.pallas_for}
 MOE_DISPATCHES = ("local", "a2a_padded", "ragged_a2a")
 
 
@@ -24,6 +34,23 @@ class ConfigError(ValueError):
 
 def _fail(field: str, value: Any, allowed: str) -> None:
     raise ConfigError(f"model.{field}={value!r} is invalid: {allowed}")
+
+
+_noted: set[tuple[str, str]] = set()
+
+
+def _canonical_impl(field: str, value: Any, aliases: Mapping[str, Any]) -> Any:
+    """An old implementation name -> its vocabulary name ("pallas" -> the Pallas kernel of the
+    current target platform), with one deprecation note per (field, old name)."""
+    if not isinstance(value, str) or value not in aliases:
+        return value
+    new = aliases[value]
+    new = new(registry.current_platform()) if callable(new) else new
+    if (field, value) not in _noted:
+        _noted.add((field, value))
+        logging.getLogger(__name__).warning(
+            "model.%s=%r is a deprecated name; read as %r", field, value, new)
+    return new
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,11 +104,12 @@ class ModelConfig:
     num_hash_layers: int = 3
     routed_scaling_factor: float = 1.5
     swiglu_limit: float = 10.0
-    # Routed-expert matmuls: "ragged_dot" (lax.ragged_dot) or "blocked" (padded row blocks; the
-    # faster one on XLA:CPU), or through kernels_pallas.grouped_matmul: "grouped" (the platform's
-    # choice: Pallas kernel on TPU/GPU, ragged_dot on CPU), "pallas" (the platform's Pallas
-    # kernel, interpreted on CPU), "tokamax" (optional package). Same results.
-    moe_impl: str = "ragged_dot"
+    # Routed-expert matmuls (`sparse_lm.ops.moe.EXPERTS`): "reference" (lax.ragged_dot), "xla"
+    # (padded row blocks; the faster one on XLA:CPU), or through kernels_pallas.grouped_matmul:
+    # "pallas_tpu" / "pallas_gpu" (interpreted on CPU), "tokamax" (optional package); None = the
+    # target platform's preference (Pallas on TPU/GPU, "xla" on CPU). Same results. Old names
+    # ragged_dot / blocked / grouped / pallas are aliases.
+    moe_impl: str | None = "reference"
     # How routed tokens reach their experts: "local" (every device computes the experts it is
     # given; GSPMD moves weights/tokens) or expert parallelism under shard_map over the mesh's
     # `expert` axis (sparse_lm/sharding/expert_parallel.py): "a2a_padded" (capacity-padded
@@ -107,7 +135,7 @@ class ModelConfig:
     # Numerics and execution.
     dtype: str = "float32"             # compute dtype of activations and matmuls
     param_dtype: str = "float32"
-    attention_impl: str | None = None  # None = best available for the backend
+    attention_impl: str | None = None  # None = the target platform's preference
     remat: str = "none"
     init_std: float = 0.02
     hc_alpha_init: float = 0.1         # spec §3: gating factors start small (value unpublished)
@@ -159,6 +187,10 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ validation
     def __post_init__(self):
+        object.__setattr__(self, "attention_impl", _canonical_impl(
+            "attention_impl", self.attention_impl, ATTENTION_ALIASES))
+        object.__setattr__(self, "moe_impl", _canonical_impl(
+            "moe_impl", self.moe_impl, MOE_ALIASES))
         for name in ("layer_prefix", "layer_cycle", "layer_tail"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         positive = ("vocab_size", "hidden_size", "num_layers", "num_heads", "head_dim",
@@ -209,8 +241,8 @@ class ModelConfig:
         if self.attention_impl not in ATTENTION_IMPLEMENTATIONS + (None,):
             _fail("attention_impl", self.attention_impl,
                   f"allowed values: {ATTENTION_IMPLEMENTATIONS + (None,)}")
-        if self.moe_impl not in MOE_IMPLEMENTATIONS:
-            _fail("moe_impl", self.moe_impl, f"allowed values: {MOE_IMPLEMENTATIONS}")
+        if self.moe_impl not in MOE_IMPLEMENTATIONS + (None,):
+            _fail("moe_impl", self.moe_impl, f"allowed values: {MOE_IMPLEMENTATIONS + (None,)}")
         if self.moe_dispatch not in MOE_DISPATCHES:
             _fail("moe_dispatch", self.moe_dispatch, f"allowed values: {MOE_DISPATCHES}")
         if not self.moe_capacity_factor >= 0:

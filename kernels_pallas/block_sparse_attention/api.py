@@ -9,9 +9,12 @@ return_lse=True)`: query t attends raw keys t-W+1..t of its own document and eve
 compressed entry (e < (t+1)//m, valid, same document), plus a per-head sink logit; one shared
 K = V head (MQA). The dense causal baseline is the same call with window >= S and no entries.
 
-implementation: "tpu" (Mosaic TPU kernel), "gpu" (Pallas Triton kernel), "reference" (pure jnp),
-or None = the kernel for the default backend ("tpu" on TPU, "gpu" on GPU, "tpu" interpreted on
-CPU). interpret: None = interpret iff the default backend is CPU.
+implementation (`OP`, a `kernels_pallas.registry.Op`): "pallas_tpu" (Mosaic TPU kernel),
+"pallas_gpu" (Pallas Triton kernel), "reference" (pure jnp); the old names "tpu" / "gpu" are
+aliases (one deprecation note each). None = the target platform's preference: "pallas_gpu" on
+GPU, "pallas_tpu" on TPU and on CPU (interpreted there), "reference" where the kernel's tiles
+cannot take the shapes (logged once). interpret: None = interpret iff the target platform is
+CPU.
 """
 from __future__ import annotations
 
@@ -19,66 +22,107 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels_pallas import compat
+from kernels_pallas import registry
 from kernels_pallas.block_sparse_attention import mask as mask_lib
 from kernels_pallas.block_sparse_attention import reference, vjp
 from kernels_pallas.block_sparse_attention.config import BlockSizes, default_block_sizes
 from kernels_pallas.block_sparse_attention.plan import Plan
+from sparse_lm.ops import masks
 
-IMPLEMENTATIONS = ("tpu", "gpu", "reference")
+
+def _family(implementation: str) -> str:
+    return "tpu" if implementation == "pallas_tpu" else "gpu"
 
 
-def default_implementation(backend: str | None = None) -> str:
-    backend = backend or compat.backend()
-    return "gpu" if backend == "gpu" else "tpu"
+def tile_problem(implementation: str, q, *, interpret: bool,
+                 config: BlockSizes | None = None) -> str | None:
+    """Why the compiled kernel cannot tile these heads / head dim / blocks (None if it can, or
+    when interpreted)."""
+    if interpret:
+        return None
+    h, d = q.shape[2], q.shape[3]
+    family = _family(implementation)
+    cfg = config or default_block_sizes(family, num_heads=h, compiled=True)
+    return registry.problem_of(cfg.check_tiling, family, num_heads=h, head_dim=d,
+                               itemsize=jnp.dtype(q.dtype).itemsize)
+
+
+def _pallas(implementation: str):
+    family = _family(implementation)
+
+    def run(q, kv, sink, *, window, scale, compressed, compressed_valid, ratio, segment_ids,
+            config, interpret):
+        b, s, h, d = q.shape
+        if config is None:
+            config = default_block_sizes(family, num_heads=h, compiled=not interpret)
+        n = 0 if compressed is None else compressed.shape[1]
+        geom = mask_lib.make_geometry(s, int(window), n, int(ratio) if n else 0,
+                                      q_multiple=config.q_multiple,
+                                      kv_multiple=config.kv_multiple)
+        plan = Plan(geom=geom, num_heads=h, head_dim=d, scale=float(scale), blocks=config,
+                    platform=family, interpret=interpret,
+                    has_segments=segment_ids is not None,
+                    always_mask=segment_ids is not None or (n > 0 and compressed_valid is not None))
+        # Build the maps now so that a geometry the packed form cannot hold fails before any
+        # launch.
+        for bq, bk in (config.fwd, config.dq):
+            plan.query_map(bq, bk)
+        plan.key_map(*config.dkv)
+
+        q2, keys, kpos, kseg, qseg = _operands(plan, q, kv, compressed, compressed_valid,
+                                               segment_ids)
+        out2, lse2 = vjp.attention_core(plan, q2, keys, sink.astype(jnp.float32), kpos, kseg, qseg)
+        out = out2.reshape(b, geom.q_pad, h, d)[:, :s]
+        lse = lse2.reshape(b, geom.q_pad, h)[:, :s]
+        return out, lse
+
+    def check(q, kv, sink, *, config, interpret, **_):
+        return tile_problem(implementation, q, interpret=interpret, config=config)
+
+    return registry.Implementation(implementation, run, platforms=(family,), check=check,
+                                   interpretable=True)
+
+
+def _reference(q, kv, sink, *, window, scale, compressed, compressed_valid, ratio, segment_ids,
+               config):
+    return reference.attention(q, kv, sink, window=window, scale=scale, compressed=compressed,
+                               compressed_valid=compressed_valid, ratio=ratio,
+                               segment_ids=segment_ids)
+
+
+OP = registry.Op(
+    "block_sparse_attention",
+    [_pallas("pallas_tpu"), _pallas("pallas_gpu"),
+     registry.Implementation("reference", _reference)],
+    # CPU: the TPU kernel interpreted (what tests exercise), the reference if told not to
+    # interpret.
+    preference={"cpu": ("pallas_tpu", "reference"), "tpu": ("pallas_tpu", "reference"),
+                "gpu": ("pallas_gpu", "reference")},
+    aliases={"tpu": "pallas_tpu", "gpu": "pallas_gpu", "pallas": registry.pallas_for})
+IMPLEMENTATIONS = OP.names
+default_implementation = OP.default_implementation
 
 
 def block_sparse_attention(q: jax.Array, kv: jax.Array, sink: jax.Array, *, window: int,
                            scale: float, compressed: jax.Array | None = None,
                            compressed_valid: jax.Array | None = None, ratio: int = 0,
                            segment_ids: jax.Array | None = None, implementation: str | None = None,
-                           interpret: bool | None = None, config: BlockSizes | None = None):
+                           interpret: bool | None = None, config: BlockSizes | None = None,
+                           platform: str | None = None):
     """q [B, S, H, D]; kv [B, S, D] (q's dtype); sink [H]; compressed [B, N, D] | None;
     compressed_valid [B, N] bool | None (None = every entry valid: the fastest path, since
     positionally full blocks then need no mask); ratio >= 1 with entries; segment_ids [B, S] int
-    | None. Returns (out [B, S, H, D] in q's dtype, lse [B, S, H] fp32, sink included).
+    | None; platform: the target (None = `registry.current_platform()`). Returns (out
+    [B, S, H, D] in q's dtype, lse [B, S, H] fp32, sink included).
     Differentiable in q, kv, compressed and sink."""
     _validate(q, kv, sink, window, scale, compressed, compressed_valid, ratio, segment_ids)
-    if implementation is None:
-        implementation = default_implementation()
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation={implementation!r} is invalid: allowed values "
-                         f"{IMPLEMENTATIONS + (None,)}")
-    if implementation == "reference":
-        return reference.attention(q, kv, sink, window=window, scale=scale, compressed=compressed,
-                                   compressed_valid=compressed_valid, ratio=ratio,
-                                   segment_ids=segment_ids)
-    interpret = compat.resolve_interpret(interpret)
-    b, s, h, d = q.shape
-    if config is None:
-        config = default_block_sizes(implementation, num_heads=h, compiled=not interpret)
-    elif not isinstance(config, BlockSizes):
+    implementation = OP.canonical(implementation, platform)
+    if config is not None and not isinstance(config, BlockSizes):
         raise TypeError(f"config={config!r} is invalid: expected a BlockSizes or None")
-    if not interpret:  # compiled (possibly ahead of time for another platform than the host)
-        config.check_tiling(implementation, num_heads=h, head_dim=d,
-                            itemsize=jnp.dtype(q.dtype).itemsize)
-    n = 0 if compressed is None else compressed.shape[1]
-    geom = mask_lib.make_geometry(s, int(window), n, int(ratio) if n else 0,
-                                  q_multiple=config.q_multiple, kv_multiple=config.kv_multiple)
-    plan = Plan(geom=geom, num_heads=h, head_dim=d, scale=float(scale), blocks=config,
-                platform=implementation, interpret=interpret,
-                has_segments=segment_ids is not None,
-                always_mask=segment_ids is not None or (n > 0 and compressed_valid is not None))
-    # Build the maps now so that a geometry the packed form cannot hold fails before any launch.
-    for bq, bk in (config.fwd, config.dq):
-        plan.query_map(bq, bk)
-    plan.key_map(*config.dkv)
-
-    q2, keys, kpos, kseg, qseg = _operands(plan, q, kv, compressed, compressed_valid, segment_ids)
-    out2, lse2 = vjp.attention_core(plan, q2, keys, sink.astype(jnp.float32), kpos, kseg, qseg)
-    out = out2.reshape(b, geom.q_pad, h, d)[:, :s]
-    lse = lse2.reshape(b, geom.q_pad, h)[:, :s]
-    return out, lse
+    return OP(q, kv, sink, window=window, scale=scale, compressed=compressed,
+              compressed_valid=compressed_valid, ratio=ratio, segment_ids=segment_ids,
+              config=config, implementation=implementation, interpret=interpret,
+              platform=platform)
 
 
 def _operands(plan: Plan, q, kv, compressed, compressed_valid, segment_ids):
@@ -103,9 +147,8 @@ def _operands(plan: Plan, q, kv, compressed, compressed_valid, segment_ids):
         qseg = jnp.repeat(jnp.pad(seg, ((0, 0), (0, g.q_pad - s)), constant_values=-1), h, axis=1)
         kparts = [jnp.pad(seg, ((0, 0), (0, g.win_pad - s)), constant_values=-1)]
         if n:
-            first = np.minimum(np.arange(n) * g.ratio, s - 1)   # entries past S are never visible
-            kparts.append(jnp.pad(seg[:, first], ((0, 0), (0, g.comp_pad - n)),
-                                  constant_values=-1))
+            kparts.append(jnp.pad(masks.entry_segments(seg, n, g.ratio),
+                                  ((0, 0), (0, g.comp_pad - n)), constant_values=-1))
         kseg = jnp.concatenate(kparts, axis=1)
     return q2, keys, kpos.astype(jnp.int32), kseg, qseg
 

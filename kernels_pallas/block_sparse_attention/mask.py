@@ -9,6 +9,9 @@ Key space. The kernels attend over one concatenated key array:
 Every key k carries an interval of query positions that may see it, [kpos_k, kend_k]:
     window key j:        [j, j + W - 1]     (query t sees j iff j <= t and t - j < W)
     compressed entry e:  [(e + 1) * ratio - 1, +inf)  (t sees e iff e < (t + 1) // ratio)
+(the rules of `sparse_lm.ops.masks`: `window_visible`, and `first_query_of_entry` /
+`visible_entry_count` for entries; tests/kernels/test_plan_masks.py checks the maps against
+that module on random shapes)
     padding:             empty
 Both ends are non-decreasing in k inside a region, so for a query block [t0, t1] the key blocks
 it touches form one contiguous range per region, and so do the *full* blocks (every query of the
@@ -31,6 +34,8 @@ import functools
 
 import numpy as np
 from jax import lax
+
+from sparse_lm.ops import masks
 
 NEVER = 1 << 30          # kpos of keys no query sees (padding, invalid entries); kend of "forever"
 MAX_BLOCKS = 1 << 30     # run starts and lengths (in blocks) must stay below this (int32 words)
@@ -81,7 +86,7 @@ def _region_keys(geom: Geometry) -> list[tuple[int, np.ndarray, np.ndarray]]:
     regions = [(0, j, j + geom.window - 1)]
     if geom.num_entries:
         e = np.arange(geom.num_entries, dtype=np.int64)
-        regions.append((geom.win_pad, (e + 1) * geom.ratio - 1,
+        regions.append((geom.win_pad, masks.first_query_of_entry(e, geom.ratio),
                         np.full(geom.num_entries, NEVER, np.int64)))
     return regions
 

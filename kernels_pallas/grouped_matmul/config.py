@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax.numpy as jnp
+
 
 def _is_pow2(x: int) -> bool:
     return x > 0 and (x & (x - 1)) == 0
@@ -52,7 +54,6 @@ class GroupedMatmulConfig:
         if not compiled:
             return
         if backend == "tpu":
-            import jax.numpy as jnp
             sub = 8 * (4 // jnp.dtype(dtype).itemsize) if dtype is not None else 8
             if self.block_m % sub:
                 raise ValueError(f"GroupedMatmulConfig.block_m={self.block_m} is invalid for the "

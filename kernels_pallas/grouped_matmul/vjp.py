@@ -14,6 +14,7 @@ import functools
 import jax
 import numpy as np
 
+from kernels_pallas.grouped_matmul import gpu, tpu
 from kernels_pallas.grouped_matmul.config import GroupedMatmulConfig
 
 
@@ -28,10 +29,8 @@ class Static:
 
 def _kernels(backend: str):
     if backend == "tpu":
-        from kernels_pallas.grouped_matmul.tpu import gmm_tpu, tgmm_tpu
-        return gmm_tpu, tgmm_tpu
-    from kernels_pallas.grouped_matmul.gpu import gmm_gpu, tgmm_gpu
-    return gmm_gpu, tgmm_gpu
+        return tpu.gmm_tpu, tpu.tgmm_tpu
+    return gpu.gmm_gpu, gpu.tgmm_gpu
 
 
 def _gmm(lhs, rhs, sizes, st: Static, transpose_rhs: bool, out_dtype):

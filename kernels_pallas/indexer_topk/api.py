@@ -5,17 +5,18 @@
 
 q [B, S, Hi, Di], weights [B, S, Hi] (already scaled), keys [B, N, Di] (compressed indexer keys),
 key_valid [B, N] bool (None = all valid), segment_ids [B, S] int (packed documents; None = one
-document). Semantics = `sparse_lm.ops.indexer` (`indexer_scores` over `entry_visibility`, then
-`select_topk`): I[t,s] = sum_h w[t,h] relu(q[t,h] . k[s]) for visible s (s < (t+1)//m, valid,
+document). Semantics = `sparse_lm.ops.indexer` (`indexer_scores` over
+`sparse_lm.ops.masks.sequence_entry_visible`, then `select_topk`): I[t,s] = sum_h w[t,h] relu(q[t,h] . k[s]) for visible s (s < (t+1)//m, valid,
 same document), the k best per query, best first, ties to the lower index (exactly
 `lax.top_k`'s order), -1 (score -inf) where fewer than k entries are visible.
 -> idx [B, S, k] int32 (and scores [B, S, k] fp32 with return_scores). Forward only: top-k has
 no gradient (the indexer learns through its KL objective).
 
-Implementations: "reference" (the naive [B, S, N] scores then `lax.top_k`), "xla" (the same in
-query chunks, O(chunk * N) memory), "pallas_tpu" (Mosaic), "pallas_gpu" (Pallas Triton). None =
-"pallas_tpu" on TPU, "pallas_gpu" on GPU, "xla" on CPU (logged once). `interpret=None` =
-interpret the Pallas kernels iff the backend is CPU.
+Implementations (`OP`, a `kernels_pallas.registry.Op`): "reference" (the naive [B, S, N] scores
+then `lax.top_k`), "xla" (the same in query chunks, O(chunk * N) memory), "pallas_tpu" (Mosaic),
+"pallas_gpu" (Pallas Triton). None = the target platform's preference: "pallas_tpu" on TPU,
+"pallas_gpu" on GPU (each where its blocks take the shapes, else "xla", logged once), "xla" on
+CPU. `interpret=None` = interpret the Pallas kernels iff the target platform is CPU.
 """
 from __future__ import annotations
 
@@ -24,16 +25,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels_pallas import compat
+from kernels_pallas import compat, registry
 from kernels_pallas.indexer_topk import reference
 from kernels_pallas.indexer_topk.config import IndexerTopkConfig, default_config
+from kernels_pallas.indexer_topk.gpu import indexer_topk_gpu
 from kernels_pallas.indexer_topk.plan import QUERY_PAD, Layout, finish
-
-IMPLEMENTATIONS = ("reference", "xla", "pallas_tpu", "pallas_gpu")
-
-
-def default_implementation(platform: str | None = None) -> str:
-    return compat.platform_implementation("indexer_topk", "xla", platform)
+from kernels_pallas.indexer_topk.tpu import indexer_topk_tpu
 
 
 def validate_inputs(q, weights, keys, *, k, ratio, key_valid=None, segment_ids=None):
@@ -79,15 +76,71 @@ def validate_inputs(q, weights, keys, *, k, ratio, key_valid=None, segment_ids=N
                              f"{QUERY_PAD} (the two smallest int32 values are sentinels)")
 
 
+def _jnp(fn):
+    def run(q, weights, keys, *, k, ratio, key_valid, segment_ids, return_scores, config,
+            scores_only):
+        idx, vals = fn(q, weights, keys, k=k, ratio=ratio, key_valid=key_valid,
+                       segment_ids=segment_ids)
+        return (idx, vals) if return_scores else idx
+    return run
+
+
+def _pallas(implementation: str):
+    family = "tpu" if implementation == "pallas_tpu" else "gpu"
+
+    def run(q, weights, keys, *, k, ratio, key_valid, segment_ids, return_scores, config,
+            scores_only, interpret):
+        b, s, h, d = q.shape
+        config = config or default_config(family, compiled=not interpret)
+        config.validate_for(family, compiled=not interpret, k=k, heads=h, dim=d)
+        lay = Layout(b=b, s=s, h=h, d=d, n=keys.shape[1], k=k, ratio=ratio, bq=config.block_q,
+                     bk=config.key_block(k, backend=family, compiled=not interpret),
+                     width=config.merge_width(k, backend=family, compiled=not interpret),
+                     scores_only=scores_only)
+        if family == "tpu":
+            idx, vals = indexer_topk_tpu(q, weights, keys, lay=lay, key_valid=key_valid,
+                                         segment_ids=segment_ids,
+                                         vmem_limit_bytes=config.vmem_limit_bytes,
+                                         with_scores=return_scores, interpret=interpret)
+        else:
+            idx, vals = indexer_topk_gpu(q, weights, keys, lay=lay, key_valid=key_valid,
+                                         segment_ids=segment_ids, num_warps=config.num_warps,
+                                         num_stages=config.num_stages,
+                                         with_scores=return_scores, interpret=interpret)
+        return finish(lay, idx, vals)
+
+    def check(q, weights, keys, *, k, config, interpret, **_):
+        """The compiled kernel's block rules on these heads / dims / k."""
+        cfg = config or default_config(family, compiled=not interpret)
+        return registry.problem_of(cfg.validate_for, family, compiled=not interpret, k=k,
+                                   heads=q.shape[2], dim=q.shape[3])
+
+    return registry.Implementation(implementation, run, platforms=(family,), check=check,
+                                   interpretable=True)
+
+
+OP = registry.Op(
+    "indexer_topk",
+    [registry.Implementation("reference", _jnp(reference.indexer_topk_reference)),
+     registry.Implementation("xla", _jnp(reference.indexer_topk_xla)),
+     _pallas("pallas_tpu"), _pallas("pallas_gpu")],
+    preference={"cpu": ("xla",), "tpu": ("pallas_tpu", "xla"), "gpu": ("pallas_gpu", "xla")},
+    aliases={"tpu": "pallas_tpu", "gpu": "pallas_gpu", "pallas": registry.pallas_for})
+IMPLEMENTATIONS = OP.names
+default_implementation = OP.default_implementation
+
+
 def indexer_topk(q: jax.Array, weights: jax.Array, keys: jax.Array, *, k: int, ratio: int,
                  key_valid: jax.Array | None = None, segment_ids: jax.Array | None = None,
                  return_scores: bool = False, implementation: str | None = None,
-                 interpret: bool | None = None, config: IndexerTopkConfig | None = None):
-    """-> idx [B, S, k] int32 (-1 = none), plus scores [B, S, k] fp32 with return_scores."""
+                 interpret: bool | None = None, config: IndexerTopkConfig | None = None,
+                 platform: str | None = None):
+    """-> idx [B, S, k] int32 (-1 = none), plus scores [B, S, k] fp32 with return_scores.
+    platform: the target (None = `registry.current_platform()`)."""
     return _run(q, weights, keys, k=k, ratio=ratio, key_valid=key_valid,
                 segment_ids=segment_ids, return_scores=return_scores,
                 implementation=implementation, interpret=interpret, config=config,
-                scores_only=False)
+                scores_only=False, platform=platform)
 
 
 def indexer_max_score(q: jax.Array, weights: jax.Array, keys: jax.Array, *, ratio: int,
@@ -107,44 +160,14 @@ def indexer_max_score(q: jax.Array, weights: jax.Array, keys: jax.Array, *, rati
 
 
 def _run(q, weights, keys, *, k, ratio, key_valid, segment_ids, return_scores, implementation,
-         interpret, config, scores_only):
-    if implementation is None:
-        implementation = default_implementation()
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation={implementation!r} is invalid: allowed values "
-                         f"{IMPLEMENTATIONS + (None,)}")
+         interpret, config, scores_only, platform=None):
+    implementation = OP.canonical(implementation, platform)
     if config is not None and not isinstance(config, IndexerTopkConfig):
         raise TypeError(f"config={config!r} is invalid: expected an IndexerTopkConfig or None")
     validate_inputs(q, weights, keys, k=k, ratio=ratio, key_valid=key_valid,
                     segment_ids=segment_ids)
     q, weights, keys = jax.lax.stop_gradient((q, weights, keys))
-    kw = dict(k=int(k), ratio=int(ratio), key_valid=key_valid, segment_ids=segment_ids)
-    if implementation in ("reference", "xla"):
-        fn = (reference.indexer_topk_reference if implementation == "reference"
-              else reference.indexer_topk_xla)
-        idx, vals = fn(q, weights, keys, **kw)
-        return (idx, vals) if return_scores else idx
-    interpret = compat.resolve_interpret(interpret)
-    backend = "tpu" if implementation == "pallas_tpu" else "gpu"
-    b, s, h, d = q.shape
-    if config is None:
-        config = default_config(backend, compiled=not interpret)
-    config.validate_for(backend, compiled=not interpret, k=int(k), heads=h, dim=d)
-    width = config.merge_width(int(k), backend=backend, compiled=not interpret)
-    lay = Layout(b=b, s=s, h=h, d=d, n=keys.shape[1], k=int(k), ratio=int(ratio),
-                 bq=config.block_q, bk=config.key_block(int(k), backend=backend,
-                                                         compiled=not interpret),
-                 width=width, scores_only=scores_only)
-    if backend == "tpu":
-        from kernels_pallas.indexer_topk.tpu import indexer_topk_tpu
-        idx, vals = indexer_topk_tpu(q, weights, keys, lay=lay, key_valid=key_valid,
-                                     segment_ids=segment_ids,
-                                     vmem_limit_bytes=config.vmem_limit_bytes,
-                                     with_scores=return_scores, interpret=interpret)
-    else:
-        from kernels_pallas.indexer_topk.gpu import indexer_topk_gpu
-        idx, vals = indexer_topk_gpu(q, weights, keys, lay=lay, key_valid=key_valid,
-                                     segment_ids=segment_ids, num_warps=config.num_warps,
-                                     num_stages=config.num_stages, with_scores=return_scores,
-                                     interpret=interpret)
-    return finish(lay, idx, vals)
+    return OP(q, weights, keys, k=int(k), ratio=int(ratio), key_valid=key_valid,
+              segment_ids=segment_ids, return_scores=return_scores, config=config,
+              scores_only=scores_only, implementation=implementation, interpret=interpret,
+              platform=platform)

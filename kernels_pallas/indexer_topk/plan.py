@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparse_lm.ops import masks
+
 KEY_NONE = int(np.iinfo(np.int32).min)          # segment of an invalid / padding entry
 QUERY_PAD = int(np.iinfo(np.int32).min) + 1     # segment of a padding query (matches nothing)
 
@@ -49,7 +51,9 @@ def prepare(lay: Layout, key_valid, segment_ids):
     kseg: an entry's segment (0 without segment ids), KEY_NONE if invalid or padding.
     qseg: a query's segment, QUERY_PAD for padding rows.
     Query block j visits key tiles [tile_lo, tile_hi): hi from the causal rule (entries <
-    (t+1)//ratio of its last query), lo from the first entry of any of its queries' segments.
+    (t+1)//ratio of its last query: `masks.visible_entry_count`), lo from the first entry of any
+    of its queries' segments (entry documents: `masks.entry_segments`). Tested against
+    `sparse_lm.ops.masks.entry_visible` in tests/kernels/test_plan_masks.py.
     """
     b, n, s, m = lay.b, lay.n, lay.s, lay.ratio
     valid = jnp.ones((b, n), bool) if key_valid is None else key_valid.astype(bool)
@@ -58,13 +62,13 @@ def prepare(lay: Layout, key_valid, segment_ids):
         seg_q = jnp.zeros((b, s), jnp.int32)
     else:
         seg_q = segment_ids.astype(jnp.int32)
-        seg_e = seg_q[:, : n * m: m]
+        seg_e = masks.entry_segments(seg_q, n, m)
     kseg = jnp.where(valid, seg_e, KEY_NONE)
     kseg = jnp.pad(kseg, ((0, 0), (0, lay.np_ - n)), constant_values=KEY_NONE)
     qseg = jnp.pad(seg_q, ((0, 0), (0, lay.sp - s)), constant_values=QUERY_PAD)
 
     t = jnp.arange(lay.sp)
-    hi = jnp.where(t < s, jnp.minimum((t + 1) // m, n), 0)                     # [Sp]
+    hi = jnp.where(t < s, jnp.minimum(masks.visible_entry_count(t, m), n), 0)  # [Sp]
     if segment_ids is None:
         lo = jnp.zeros((b, lay.sp), jnp.int32)
     else:

@@ -9,11 +9,12 @@ segment, the compressed entries listed in topk_idx[b, t] (-1 = none; a duplicate
 twice; the list is trusted, no visibility check) and a sink logit per head that only enters the
 denominator. V = K (one shared head). lse includes the sink.
 
-Implementations: "reference" (dense masked jnp), "xla" (gathered jnp), "pallas_tpu" (Mosaic),
-"pallas_gpu" (Pallas Triton). None = "pallas_tpu" on TPU, "pallas_gpu" on GPU, "xla" on CPU
-(Pallas runs only interpreted there; ask for a pallas_* implementation to interpret it).
-`interpret=None` = interpret iff the backend is CPU. Everything is validated before a kernel
-is traced.
+Implementations (`OP`, a `kernels_pallas.registry.Op`): "reference" (dense masked jnp), "xla"
+(gathered jnp), "pallas_tpu" (Mosaic), "pallas_gpu" (Pallas Triton). None = the target
+platform's preference: "pallas_tpu" on TPU, "pallas_gpu" on GPU (each where its tiles take the
+shapes, else "xla", logged once), "xla" on CPU (Pallas runs only interpreted there; ask for a
+pallas_* implementation to interpret it). `interpret=None` = interpret iff the target platform
+is CPU. Everything is validated before a kernel is traced.
 """
 from __future__ import annotations
 
@@ -22,16 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels_pallas import compat
+from kernels_pallas import compat, registry
 from kernels_pallas.sparse_attention import reference
 from kernels_pallas.sparse_attention.config import SparseAttentionConfig, default_config
 from kernels_pallas.sparse_attention.vjp import Static, csa_pallas
-
-IMPLEMENTATIONS = ("reference", "xla", "pallas_tpu", "pallas_gpu")
-
-
-def default_implementation(platform: str | None = None) -> str:
-    return compat.platform_implementation("csa_attention", "xla", platform)
 
 
 def validate_inputs(q, kv, compressed, topk_idx, sink, *, window, scale, segment_ids=None):
@@ -79,6 +74,12 @@ def validate_inputs(q, kv, compressed, topk_idx, sink, *, window, scale, segment
             raise ValueError(f"topk_idx holds {lo}: the only negative value allowed is -1 (none)")
 
 
+def tile_problem(implementation: str, q, *, interpret: bool) -> str | None:
+    """Why the compiled kernel cannot tile q's heads / head dim (None if it can, or when
+    interpreted: interpret mode accepts any size)."""
+    return registry.problem_of(check_kernel_shapes, implementation, q, compiled=not interpret)
+
+
 def check_kernel_shapes(implementation, q, compiled):
     """Tile constraints of the compiled kernels (interpret mode accepts any size)."""
     if not compiled:
@@ -99,33 +100,57 @@ def check_kernel_shapes(implementation, q, compiled):
                                  "a power of two >= 16 (Triton dot tiles)")
 
 
+def _pallas(implementation: str):
+    family = "tpu" if implementation == "pallas_tpu" else "gpu"
+
+    def run(q, kv, compressed, topk_idx, sink, *, window, scale, segment_ids, config,
+            interpret):
+        # (Compiling for another platform than the host's is allowed: TPU AOT from a CPU host.)
+        if config is None:
+            config = default_config(family, compiled=not interpret,
+                                    num_selected=topk_idx.shape[-1])
+        config.validate_for(family, compiled=not interpret)
+        st = Static(implementation, int(window), float(scale), config, interpret)
+        return csa_pallas(q, kv, compressed, topk_idx, sink.astype(jnp.float32), segment_ids, st)
+
+    def check(q, kv, compressed, topk_idx, sink, *, interpret, **_):
+        return tile_problem(implementation, q, interpret=interpret)
+
+    return registry.Implementation(implementation, run, platforms=(family,), check=check,
+                                   interpretable=True)
+
+
+def _jnp(fn):
+    def run(q, kv, compressed, topk_idx, sink, *, window, scale, segment_ids, config):
+        return fn(q, kv, compressed, topk_idx, sink, window=window, scale=scale,
+                  segment_ids=segment_ids)
+    return run
+
+
+OP = registry.Op(
+    "csa_attention",
+    [registry.Implementation("reference", _jnp(reference.csa_reference)),
+     registry.Implementation("xla", _jnp(reference.csa_xla)),
+     _pallas("pallas_tpu"), _pallas("pallas_gpu")],
+    preference={"cpu": ("xla",), "tpu": ("pallas_tpu", "xla"), "gpu": ("pallas_gpu", "xla")},
+    aliases={"tpu": "pallas_tpu", "gpu": "pallas_gpu", "pallas": registry.pallas_for})
+IMPLEMENTATIONS = OP.names
+default_implementation = OP.default_implementation
+
+
 def csa_attention(q: jax.Array, kv: jax.Array, compressed: jax.Array, topk_idx: jax.Array,
                   sink: jax.Array, *, window: int, scale: float,
                   segment_ids: jax.Array | None = None, implementation: str | None = None,
-                  interpret: bool | None = None, config: SparseAttentionConfig | None = None):
+                  interpret: bool | None = None, config: SparseAttentionConfig | None = None,
+                  platform: str | None = None):
     """q [B,S,H,D], kv [B,S,D], compressed [B,N,D], topk_idx [B,S,K] int32, sink [H] fp32
-    -> (out [B,S,H,D] in q's dtype, lse [B,S,H] fp32). Differentiable in q, kv, compressed, sink."""
-    if implementation is None:
-        implementation = default_implementation()
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation={implementation!r} is invalid: allowed values "
-                         f"{IMPLEMENTATIONS + (None,)}")
+    -> (out [B,S,H,D] in q's dtype, lse [B,S,H] fp32). Differentiable in q, kv, compressed, sink.
+    platform: the target platform (None = `registry.current_platform()`)."""
+    implementation = OP.canonical(implementation, platform)
     if config is not None and not isinstance(config, SparseAttentionConfig):
         raise TypeError(f"config={config!r} is invalid: expected a SparseAttentionConfig or None")
     validate_inputs(q, kv, compressed, topk_idx, sink, window=window, scale=scale,
                     segment_ids=segment_ids)
-    if implementation == "reference":
-        return reference.csa_reference(q, kv, compressed, topk_idx, sink, window=window,
-                                       scale=scale, segment_ids=segment_ids)
-    if implementation == "xla":
-        return reference.csa_xla(q, kv, compressed, topk_idx, sink, window=window, scale=scale,
-                                 segment_ids=segment_ids)
-    interpret = compat.resolve_interpret(interpret)
-    # (Compiling for a backend other than the default one is allowed: TPU AOT from a CPU host.)
-    backend = "tpu" if implementation == "pallas_tpu" else "gpu"
-    check_kernel_shapes(implementation, q, compiled=not interpret)
-    if config is None:
-        config = default_config(backend, compiled=not interpret, num_selected=topk_idx.shape[-1])
-    config.validate_for(backend, compiled=not interpret)
-    st = Static(implementation, int(window), float(scale), config, interpret)
-    return csa_pallas(q, kv, compressed, topk_idx, sink.astype(jnp.float32), segment_ids, st)
+    return OP(q, kv, compressed, topk_idx, sink, window=window, scale=scale,
+              segment_ids=segment_ids, config=config, implementation=implementation,
+              interpret=interpret, platform=platform)

@@ -3,9 +3,24 @@
 Router math is fp32. Selection uses `affinity + bias` (score layers) or a fixed token->experts
 table (hash layers); the combine weights always come from the unbiased affinities, normalised over
 the chosen experts and multiplied by the route scale.
+
+The routed-expert product has one registry (`EXPERTS`, a `kernels_pallas.registry.Op`) in the
+one vocabulary: "reference" (`lax.ragged_dot`: `experts_dropless`), "xla" (padded row blocks:
+`experts_blocked`, the fast form on XLA:CPU), "pallas_tpu" / "pallas_gpu" (the grouped-matmul
+kernels: `experts_grouped`), "tokamax" (the optional package's grouped matmul); None = the
+target platform's preference (the platform's kernel on TPU / GPU, "xla" on CPU). Old names
+are aliases with one deprecation note: "ragged_dot" -> "reference", "blocked" -> "xla",
+"grouped" -> the grouped-matmul registry's choice ("pallas_<target>" on TPU / GPU, "reference"
+on CPU), "pallas" -> "pallas_<target>" ("pallas_tpu" interpreted on CPU).
 """
+from collections.abc import Mapping
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from kernels_pallas import registry
+from kernels_pallas.grouped_matmul import grouped_matmul
 
 
 def affinities(u: jax.Array, gate_w: jax.Array) -> jax.Array:
@@ -129,14 +144,13 @@ def experts_blocked(u, idx, weights, w_gate, w_up, w_down, limit: float, block: 
 
 
 def experts_grouped(u, idx, weights, w_gate, w_up, w_down, limit: float,
-                    implementation: str | None = None):
+                    implementation: str | None = None, interpret: bool | None = None):
     """`experts_dropless` with its three grouped matmuls taken from the kernel registry
-    (`kernels_pallas.grouped_matmul`): implementation None = the platform's choice (Pallas
-    kernel on TPU/GPU, `lax.ragged_dot` on CPU), or "ragged_dot" / "pallas_tpu" / "pallas_gpu" /
-    "tokamax". Same shapes and result as `experts_dropless`; differentiable (the Pallas kernels
-    carry their own backward grouped matmuls).
+    (`kernels_pallas.grouped_matmul`): implementation None = the target platform's choice
+    (Pallas kernel on TPU/GPU, `lax.ragged_dot` on CPU), or "reference" / "pallas_tpu" /
+    "pallas_gpu" / "tokamax". Same shapes and result as `experts_dropless`; differentiable (the
+    Pallas kernels carry their own backward grouped matmuls).
     """
-    from kernels_pallas.grouped_matmul import grouped_matmul
     t, k = idx.shape
     e = w_gate.shape[0]
     dt = u.dtype
@@ -148,7 +162,7 @@ def experts_grouped(u, idx, weights, w_gate, w_up, w_down, limit: float,
 
     def gmm(a, w):
         return grouped_matmul(a, w.astype(dt), group_sizes, implementation=implementation,
-                              preferred_element_type=jnp.float32)
+                              interpret=interpret, preferred_element_type=jnp.float32)
 
     h = swiglu(gmm(x, w_gate), gmm(x, w_up), limit)
     h = h * weights.reshape(-1)[order][:, None].astype(jnp.float32)
@@ -157,24 +171,53 @@ def experts_grouped(u, idx, weights, w_gate, w_up, w_down, limit: float,
 
 
 def _grouped(implementation):
-    def experts(u, idx, weights, w_gate, w_up, w_down, limit: float):
+    def experts(u, idx, weights, w_gate, w_up, w_down, limit: float, interpret=None):
         return experts_grouped(u, idx, weights, w_gate, w_up, w_down, limit,
-                               implementation=implementation)
+                               implementation=implementation, interpret=interpret)
     return experts
 
 
-def _platform_pallas():
-    import jax as _jax
-    return "pallas_gpu" if _jax.default_backend() == "gpu" else "pallas_tpu"
+def _grouped_choice(platform: str) -> str:
+    """What the old "grouped" meant: the grouped-matmul registry's choice for the target."""
+    return registry.PALLAS.get(platform, "reference")
 
 
-# "grouped": the grouped-matmul registry's platform default; "pallas": the platform's Pallas
-# kernel (TPU/GPU; interpreted on CPU: slow, for tests); "tokamax": the optional tokamax backend
-# (an error naming the package if it is not installed).
-EXPERT_IMPLEMENTATIONS = {"ragged_dot": experts_dropless, "blocked": experts_blocked,
-                          "grouped": _grouped(None),
-                          "pallas": lambda *a, **kw: _grouped(_platform_pallas())(*a, **kw),
-                          "tokamax": _grouped("tokamax")}
+EXPERTS = registry.Op(
+    "moe_experts",
+    [registry.Implementation("reference", experts_dropless),
+     registry.Implementation("xla", experts_blocked),
+     registry.Implementation("pallas_tpu", _grouped("pallas_tpu"), platforms=("tpu",),
+                             interpretable=True),
+     registry.Implementation("pallas_gpu", _grouped("pallas_gpu"), platforms=("gpu",),
+                             interpretable=True),
+     registry.Implementation("tokamax", _grouped("tokamax"))],
+    preference={"cpu": ("xla",), "tpu": ("pallas_tpu", "xla"), "gpu": ("pallas_gpu", "xla")},
+    aliases={"ragged_dot": "reference", "blocked": "xla", "grouped": _grouped_choice,
+             "pallas": registry.pallas_for})
+
+
+class _ExpertImplementations(Mapping):
+    """name -> experts(u, idx, weights, w_gate, w_up, w_down, limit) through `EXPERTS`; the
+    keys are the vocabulary (None = the target platform's preference), old names are read as
+    aliases (resolved, with their deprecation note, when the experts run: at trace time, on
+    the target platform of the compile)."""
+
+    def __getitem__(self, name):
+        if name is not None and name not in EXPERTS.names and name not in EXPERTS.aliases:
+            raise KeyError(name)
+
+        def experts(u, idx, weights, w_gate, w_up, w_down, limit: float):
+            return EXPERTS(u, idx, weights, w_gate, w_up, w_down, limit, implementation=name)
+        return experts
+
+    def __iter__(self):
+        return iter((None,) + EXPERTS.names)
+
+    def __len__(self):
+        return len(EXPERTS.names) + 1
+
+
+EXPERT_IMPLEMENTATIONS = _ExpertImplementations()
 
 
 def experts_dense_reference(u, idx, weights, w_gate, w_up, w_down, limit: float):
@@ -206,7 +249,6 @@ def balanced_hash_table(vocab: int, num_experts: int, k: int, seed: int = 0):
     """[vocab, k] int32 table of k distinct experts per token, every expert used equally often
     (up to one). A from-scratch training choice (spec §8.9); released checkpoints ship their own.
     """
-    import numpy as np
     rng = np.random.default_rng(seed)
     experts = rng.permutation(num_experts)
     slots = np.arange(vocab)[:, None] * k + np.arange(k)[None, :]     # consecutive, wrapping

@@ -1,6 +1,6 @@
 """Block-sparse HCA / SWA attention: the host-side block map against a brute-force element mask,
 and the TPU (Mosaic) and GPU (Triton) kernels, interpreted on CPU, against the model's dense
-reference (`sparse_lm.ops.attention`, implementation="reference"): out, lse and the gradients in
+reference (`sparse_lm.ops.implementations.sparse_attention`, implementation="reference"): out, lse and the gradients in
 q, kv, compressed and sink, on ragged S, packed documents with invalid entries, batch 1 and 2,
 SWA and HCA, fp32 (1e-5) and bf16 (2e-2). Plus input validation. About 70 s on 2 CPU cores."""
 import itertools
@@ -15,8 +15,8 @@ from kernels_pallas.block_sparse_attention import (BlockSizes, block_sparse_atte
 from kernels_pallas.block_sparse_attention import mask as mask_lib
 from kernels_pallas.block_sparse_attention import reference
 from kernels_pallas.testing import assert_close, packed_segment_ids
-from sparse_lm.ops.attention import sparse_attention
-from sparse_lm.ops.compress import window_validity
+from sparse_lm.ops.implementations import sparse_attention
+from sparse_lm.ops.masks import window_validity
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 
@@ -164,13 +164,13 @@ def _check(impl, case, dtype, seed=0):
         assert_close(name, g, w, tol)
 
 
-@pytest.mark.parametrize("impl", ["tpu", "gpu"])
+@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_kernel_matches_reference_fp32(impl, case):
     _check(impl, case, jnp.float32)
 
 
-@pytest.mark.parametrize("impl", ["tpu", "gpu"])
+@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
 def test_kernel_matches_reference_bf16(impl):
     _check(impl, "hca_batch2_packed", jnp.bfloat16, seed=3)
 
@@ -190,7 +190,7 @@ ROW_TILE_CASES = {
 @pytest.mark.parametrize("case", list(ROW_TILE_CASES))
 def test_gpu_kernel_row_tiles_match_reference(case, monkeypatch):
     monkeypatch.setitem(CASES, case, ROW_TILE_CASES[case])
-    _check("gpu", case, jnp.float32, seed=4)
+    _check("pallas_gpu", case, jnp.float32, seed=4)
 
 
 def test_dense_causal_baseline_and_defaults():
@@ -204,7 +204,7 @@ def test_dense_causal_baseline_and_defaults():
     assert_close("lse", lse, ref_lse, 1e-5)
 
 
-@pytest.mark.parametrize("impl", ["tpu", "gpu"])
+@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
 def test_sequence_shorter_than_ratio_is_window_only(impl):
     """S < ratio: no compressed entry exists (N = 0), the layer is plain SWA with a sink."""
     q, kv, _, _, sink, _ = _inputs(2, b=2, s=5, h=2, d=8, ratio=0, dtype=jnp.float32)
@@ -254,7 +254,7 @@ def _small():
 def test_bad_input_is_refused(change, match):
     q, kv, comp, valid, sink, seg = _small()
     args = dict(q=q, kv=kv, sink=sink, window=4, scale=0.3, compressed=comp, compressed_valid=valid,
-                ratio=4, segment_ids=seg, implementation="tpu", interpret=True, config=None)
+                ratio=4, segment_ids=seg, implementation="pallas_tpu", interpret=True, config=None)
     for k, f in change.items():
         args[k] = f(args)
     with pytest.raises((ValueError, TypeError), match=match):
@@ -262,13 +262,13 @@ def test_bad_input_is_refused(change, match):
 
 
 @pytest.mark.parametrize("impl,config,heads,match", [
-    ("tpu", BlockSizes(block_q=8, block_kv=96), 64, "multiple of 128"),
-    ("tpu", BlockSizes(block_q=1, block_kv=128), 4, "sublanes"),
-    ("tpu", BlockSizes(block_q=8, block_kv=128, block_q_dkv=1), 64, "block_q_dkv"),
-    ("gpu", BlockSizes(block_q=1, block_kv=64), 48, "power of two"),
-    ("gpu", BlockSizes(block_q=4, block_kv=48), 16, "key block"),
-    ("gpu", BlockSizes(block_q=4, block_kv=64, block_rows_dq=24), 16, "block_rows_dq"),
-    ("gpu", BlockSizes(block_q=4, block_kv=64, block_rows_dkv=8), 16, "block_rows"),
+    ("pallas_tpu", BlockSizes(block_q=8, block_kv=96), 64, "multiple of 128"),
+    ("pallas_tpu", BlockSizes(block_q=1, block_kv=128), 4, "sublanes"),
+    ("pallas_tpu", BlockSizes(block_q=8, block_kv=128, block_q_dkv=1), 64, "block_q_dkv"),
+    ("pallas_gpu", BlockSizes(block_q=1, block_kv=64), 48, "power of two"),
+    ("pallas_gpu", BlockSizes(block_q=4, block_kv=48), 16, "key block"),
+    ("pallas_gpu", BlockSizes(block_q=4, block_kv=64, block_rows_dq=24), 16, "block_rows_dq"),
+    ("pallas_gpu", BlockSizes(block_q=4, block_kv=64, block_rows_dkv=8), 16, "block_rows"),
 ])
 def test_compiled_tiling_is_checked_before_launch(impl, config, heads, match):
     """Block sizes the compiled kernel cannot tile fail with the field named, before lowering."""

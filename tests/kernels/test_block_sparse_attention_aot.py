@@ -48,7 +48,7 @@ TPU_CASES = {
 @pytest.mark.parametrize("case", list(TPU_CASES))
 def test_tpu_kernels_compile_ahead_of_time(case):
     topology, shape, window, ratio, packed = TPU_CASES[case]
-    fwd, grad = _fns("tpu", window=window, ratio=ratio, packed=packed,
+    fwd, grad = _fns("pallas_tpu", window=window, ratio=ratio, packed=packed,
                      scale=shape["d"] ** -0.5)
     with tpu_aot(topology) as shaped:
         args = _args(shaped, ratio=ratio, **shape)
@@ -84,7 +84,7 @@ GPU_CASES = {
 @pytest.mark.parametrize("case", list(GPU_CASES))
 def test_gpu_kernels_lower_to_triton(case):
     shape, window, ratio, packed = GPU_CASES[case]
-    _, grad = _fns("gpu", window=window, ratio=ratio, packed=packed, scale=shape["d"] ** -0.5)
+    _, grad = _fns("pallas_gpu", window=window, ratio=ratio, packed=packed, scale=shape["d"] ** -0.5)
     shaped = jax.ShapeDtypeStruct
     with _abstract_h100():
         text = jax.jit(grad).trace(*_args(shaped, ratio=ratio, **shape)).lower(

@@ -8,7 +8,7 @@ import pytest
 
 from kernels_pallas.block_sparse_attention import BlockSizes, block_sparse_attention
 from kernels_pallas.testing import assert_close, requires_gpu
-from sparse_lm.ops.attention import sparse_attention
+from sparse_lm.ops.implementations import sparse_attention
 from tests.kernels.test_block_sparse_attention import TOL, _inputs, _value_and_grads
 
 # name -> (shape, window, segments, drop an entry, config, dtype); tiles are Triton-legal
@@ -38,7 +38,7 @@ def test_compiled_gpu_kernel_matches_reference(case):
     dlse = jax.random.normal(ks[1], q.shape[:3], jnp.float32)
     valid_k = valid if (segments or drop) else None
     got = _value_and_grads(lambda q, kv, c, s: block_sparse_attention(
-        q, kv, s, compressed=c, compressed_valid=valid_k, implementation="gpu", interpret=False,
+        q, kv, s, compressed=c, compressed_valid=valid_k, implementation="pallas_gpu", interpret=False,
         config=config, **kw), q, kv, comp, sink, dout, dlse)
     f32 = lambda x: None if x is None else x.astype(jnp.float32)  # noqa: E731
     with jax.default_matmul_precision("highest"):

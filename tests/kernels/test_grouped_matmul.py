@@ -55,7 +55,7 @@ def test_forward_and_gradients_equal_ragged_dot(impl, case):
     lhs, rhs, gs, cot = _data(sizes, k, n, jnp.float32)
     got = _value_and_grads(impl, lhs, rhs, gs, cot, config=SMALL, interpret=True)
     with jax.default_matmul_precision("highest"):
-        want = _value_and_grads("ragged_dot", lhs, rhs, gs, cot)
+        want = _value_and_grads("reference", lhs, rhs, gs, cot)
     assert_close("out", got[0], want[0], 1e-5)
     assert_close("dlhs", got[1][0], want[1][0], 1e-5)
     assert_close("drhs", got[1][1], want[1][1], 1e-5)
@@ -72,7 +72,7 @@ def test_transposed_rhs_and_bf16(impl):
                            transpose_rhs=True)
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
     with jax.default_matmul_precision("highest"):
-        want = _value_and_grads("ragged_dot", f32(lhs), f32(rhs), gs, cot, transpose_rhs=True)
+        want = _value_and_grads("reference", f32(lhs), f32(rhs), gs, cot, transpose_rhs=True)
     assert got[0].dtype == jnp.bfloat16 and got[1][1].dtype == jnp.bfloat16
     for name, a, b in (("out", got[0], want[0]), ("dlhs", got[1][0], want[1][0]),
                        ("drhs", got[1][1], want[1][1])):
@@ -90,7 +90,7 @@ def test_traced_group_sizes_under_jit_and_default_config(impl):
     def f(lhs, rhs, ids):
         gs = jnp.bincount(ids, length=5).astype(jnp.int32)
         return (grouped_matmul(lhs, rhs, gs, implementation=impl),
-                grouped_matmul(lhs, rhs, gs, implementation="ragged_dot"))
+                grouped_matmul(lhs, rhs, gs, implementation="reference"))
 
     got, want = f(lhs, rhs, ids)
     assert_close("out", got, want, 1e-5)
@@ -105,7 +105,7 @@ def test_transposed_product_equals_masked_reference(impl):
     want = grouped_transposed(lhs, cot, gs, len(sizes))
     assert got.shape == (len(sizes), k, n)
     assert_close("tgmm", got, want, 1e-5)
-    via_xla = grouped_matmul_transposed(lhs, cot, gs, len(sizes), implementation="ragged_dot")
+    via_xla = grouped_matmul_transposed(lhs, cot, gs, len(sizes), implementation="reference")
     assert_close("tgmm ragged_dot", via_xla, want, 1e-5)
 
 
@@ -135,13 +135,13 @@ def test_visit_list_covers_every_row_once(sizes, tm, visit_empty, tail):
 def test_bad_input_is_refused_with_clear_errors():
     lhs, rhs, gs, _ = _data([3, 5], 8, 4, jnp.float32)
     with pytest.raises(TypeError, match="group_sizes has dtype int64"):
-        grouped_matmul(lhs, rhs, np.array([3, 5], np.int64), implementation="ragged_dot")
+        grouped_matmul(lhs, rhs, np.array([3, 5], np.int64), implementation="reference")
     with pytest.raises(TypeError, match="group_sizes has dtype float32"):
-        grouped_matmul(lhs, rhs, gs.astype(jnp.float32), implementation="ragged_dot")
+        grouped_matmul(lhs, rhs, gs.astype(jnp.float32), implementation="reference")
     with pytest.raises(ValueError, match="sum to 7 but lhs has M=8"):
         grouped_matmul(lhs, rhs, jnp.asarray([3, 4], jnp.int32), implementation="pallas_tpu")
     with pytest.raises(ValueError, match="sizes must be >= 0"):
-        grouped_matmul(lhs, rhs, jnp.asarray([9, -1], jnp.int32), implementation="ragged_dot")
+        grouped_matmul(lhs, rhs, jnp.asarray([9, -1], jnp.int32), implementation="reference")
     with pytest.raises(ValueError, match=r"group_sizes has shape \(3,\)"):
         grouped_matmul(lhs, rhs, jnp.asarray([3, 5, 0], jnp.int32))
     with pytest.raises(ValueError, match="lhs has K=6 columns"):
@@ -157,7 +157,7 @@ def test_bad_input_is_refused_with_clear_errors():
 
 
 def test_default_is_ragged_dot_on_cpu():
-    assert gmm_api.default_implementation("cpu") == "ragged_dot"
+    assert gmm_api.default_implementation("cpu") == "reference"
     assert gmm_api.default_implementation("tpu") == "pallas_tpu"
     assert gmm_api.default_implementation("gpu") == "pallas_gpu"
 
@@ -181,7 +181,7 @@ def test_tokamax_is_used_only_when_importable(monkeypatch):
     try:
         out = grouped_matmul(lhs, rhs, gs, implementation="tokamax")
         assert calls == ["xla"]                                  # the CPU choice, explicit
-        assert_close("tokamax", out, grouped_matmul(lhs, rhs, gs, implementation="ragged_dot"),
+        assert_close("tokamax", out, grouped_matmul(lhs, rhs, gs, implementation="reference"),
                      1e-6)
     finally:
         gmm_api.tokamax_module.cache_clear()

@@ -1,7 +1,8 @@
 """Wiring of the grouped-matmul registry into the MoE (additive; default moe_impl unchanged):
 `ops.moe.experts_grouped` equals `experts_dropless` (lax.ragged_dot) in value and gradient with
 unused experts and a dominant expert, through every implementation (Pallas interpreted), and
-the tiny config's MoE layer with moe_impl="grouped" / "pallas" gives the default layer's output.
+the tiny config's MoE layer with moe_impl=None / "pallas_tpu" (the old "grouped" / "pallas")
+gives the default layer's output.
 About 40 s."""
 import jax
 import jax.numpy as jnp
@@ -42,7 +43,7 @@ def test_experts_grouped_equals_dropless(impl):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("moe_impl", ["grouped", "pallas"])
+@pytest.mark.parametrize("moe_impl", [None, "pallas_tpu"])
 def test_moe_layer_with_registry_matches_default(moe_impl):
     """The MoE module (score routing, shared expert) with moe_impl from the registry gives the
     default module's output: same parameters (same seed), same tokens."""
@@ -50,12 +51,12 @@ def test_moe_layer_with_registry_matches_default(moe_impl):
     from sparse_lm.model.moe import MoE
     u = jax.random.normal(jax.random.key(1), (1, 12, 64), jnp.float32)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 256, size=(1, 12)), jnp.int32)
-    base, _ = MoE(tiny_config(), "score", rngs=nnx.Rngs(0))(u, ids)
-    got, _ = MoE(tiny_config(moe_impl=moe_impl), "score", rngs=nnx.Rngs(0))(u, ids)
+    base = MoE(tiny_config(), "score", rngs=nnx.Rngs(0))(u, ids)[0]
+    got = MoE(tiny_config(moe_impl=moe_impl), "score", rngs=nnx.Rngs(0))(u, ids)[0]
     np.testing.assert_allclose(np.asarray(got), np.asarray(base), rtol=1e-5, atol=1e-5)
 
 
 def test_config_accepts_registry_names_only():
-    assert set(moe.EXPERT_IMPLEMENTATIONS) >= {"grouped", "pallas", "tokamax"}
+    assert set(moe.EXPERT_IMPLEMENTATIONS) >= {None, "pallas_tpu", "pallas_gpu", "tokamax"}
     with pytest.raises(ConfigError, match="moe_impl"):
         tiny_config(moe_impl="dense_loop")

@@ -15,7 +15,14 @@ from kernels_pallas.indexer_topk import IndexerTopkConfig, indexer_topk, indexer
 from kernels_pallas.indexer_topk import bitonic
 from kernels_pallas.indexer_topk.plan import Layout, prepare
 from kernels_pallas.indexer_topk.reference import scores as ref_scores
-from kernels_pallas.indexer_topk.reference import visibility
+from sparse_lm.ops import masks
+
+
+def visibility(s, n, m, key_valid=None, segment_ids=None):
+    """[B or 1, S, N] entry visibility of a packed row (`sparse_lm.ops.masks`)."""
+    seg_e = None if segment_ids is None else masks.entry_segments(segment_ids, n, m)
+    vis = masks.entry_visible(jnp.arange(s), n, m, key_valid, segment_ids, seg_e)
+    return vis if vis.ndim == 3 else vis[None]
 
 KERNELS = {"pallas_tpu": IndexerTopkConfig(block_q=8),
            "pallas_gpu": IndexerTopkConfig(block_q=4, block_k=8)}
@@ -87,10 +94,10 @@ def test_equals_top_k_over_naive_scores(impl, case):
 
 def test_model_semantics_select_topk_over_entry_visibility():
     """Same result as the model's own ops (sparse_lm.ops.indexer / compress) on a packed row."""
-    from sparse_lm.ops.compress import entry_visibility
+    from sparse_lm.ops.masks import sequence_entry_visible
     from sparse_lm.ops.indexer import indexer_scores, select_topk
     q, w, keys, kw = _case_inputs("packed_documents")
-    vis = entry_visibility(q.shape[1], kw["ratio"], kw["key_valid"], kw["segment_ids"])
+    vis = sequence_entry_visible(q.shape[1], kw["ratio"], kw["key_valid"], kw["segment_ids"])
     want = select_topk(indexer_scores(q, w, keys, vis), kw["k"])
     got = indexer_topk(q, w, keys, implementation="pallas_tpu", config=KERNELS["pallas_tpu"], **kw)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

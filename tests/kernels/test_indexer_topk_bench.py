@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 
 from experiments import bench_indexer as bench
-from kernels_pallas.indexer_topk.reference import visibility
+from sparse_lm.ops import masks
+
+
+def visibility(s, n, m, key_valid=None, segment_ids=None):
+    """[B or 1, S, N] entry visibility of a packed row (`sparse_lm.ops.masks`)."""
+    seg_e = None if segment_ids is None else masks.entry_segments(segment_ids, n, m)
+    vis = masks.entry_visible(jnp.arange(s), n, m, key_valid, segment_ids, seg_e)
+    return vis if vis.ndim == 3 else vis[None]
 
 
 @pytest.mark.parametrize("s", [1, 7, 40])

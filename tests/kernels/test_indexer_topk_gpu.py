@@ -10,8 +10,15 @@ import pytest
 
 from kernels_pallas.indexer_topk import IndexerTopkConfig, indexer_topk, indexer_topk_reference
 from kernels_pallas.indexer_topk.reference import scores as ref_scores
-from kernels_pallas.indexer_topk.reference import visibility
 from kernels_pallas.testing import has_gpu, requires_gpu
+from sparse_lm.ops import masks
+
+
+def visibility(s, n, m, key_valid=None, segment_ids=None):
+    """[B or 1, S, N] entry visibility of a packed row (`sparse_lm.ops.masks`)."""
+    seg_e = None if segment_ids is None else masks.entry_segments(segment_ids, n, m)
+    vis = masks.entry_visible(jnp.arange(s), n, m, key_valid, segment_ids, seg_e)
+    return vis if vis.ndim == 3 else vis[None]
 
 
 @requires_gpu
