@@ -17,19 +17,15 @@ being measured (max_len = L):
               i.e. what `generate` runs: window ring buffer + compressor tails + compressed
               entries and indexer keys for L tokens; layers unrolled, one cache per layer, the
               new rows written in place (its compiled step holds no cache-sized copy either).
-  dense       the same model with a dense full-context cache: every layer becomes a plain
-              causal attention over a full KV cache [B, L, D] (MQA, the same shared K=V head,
-              the same query/KV/output projections, sinks, mHC and MoE; no compressor or
-              indexer). A step writes its row in place (one dynamic-update-slice into the
-              donated cache) and attends over the cache with the math of the library's cached
-              attention (`dense_attention`); the layers are unrolled (the scanned cycle's
-              stacked parameters sliced per layer once, outside the step). Its compiled step
-              holds no cache-sized copy (`--hlo` checks): an honest baseline that does no work a
-              full-KV decoder would not do. (A first version with a per-row scatter and the
-              library's einsums made XLA:CPU copy and transpose every layer's cache each step,
-              3-4x slower at 64K.) Both arms run the same MoE code: a decode step's experts
-              multiply by the chosen experts' gathered weights (`ops.moe.experts_gathered`;
-              `lax.ragged_dot` transposed all expert weights, 44 MB here, every step).
+  dense       the library's dense baseline (`sparse_lm.inference.dense`): the same model with
+              every layer a plain causal attention over a full KV cache [B, L, D] (MQA, the same
+              shared K=V head, query/KV/output projections, sinks, mHC and MoE; no compressor
+              or indexer), run by the same `Decoder`: a step writes its row in place and
+              attends over the cache with the library's cached attention. `--hlo` counts the
+              cache-sized copies of its compiled step. Both arms run the same MoE code: a decode
+              step's experts multiply by the chosen experts' gathered weights
+              (`ops.moe.experts_gathered`; `lax.ragged_dot` transposed all expert weights,
+              44 MB here, every step).
   dense_ring  (optional) the library decoder with every layer an SWA layer whose window is L:
               also a full-context cache, but through the ring-buffer code path, which copies
               the window into the key array and rewrites the ring every step (fine for W = 128,
@@ -55,9 +51,8 @@ their timed calls interleaved with the arms' steps of the same length:
   window      `cached_attention` over the 128-row ring + the new row (every layer; = SWA layer)
   csa_attn    the same + the top-k entries gathered from the [B, L/4, D] entries (CSA layer)
   hca_attn    the same + every visible entry of the [B, L/128, D] entries (HCA layer)
-  indexer     `cached_indexer_scores` over the [B, L/4, D_I] indexer keys + `select_topk`
-              (CSA layer)
-  dense_attn  `dense_attention` over the full [B, L, D] cache (one layer of the dense arm)
+  indexer     `indexer_scores` over the [B, L/4, D_I] indexer keys + `select_topk` (CSA layer)
+  dense_attn  `cached_attention` over the full [B, L, D] cache (one layer of the dense arm)
 with their FLOPs (2 per multiply-add; attention 4*H*D per attended key, indexer 2*H_I*D_I per
 key) and the bytes of cache they read. `other` = step time minus the attention parts summed over
 the layers (projections, compressors, MoE, mHC, head, cache writes, dispatch).
@@ -95,13 +90,16 @@ from flax import nnx
 
 from sparse_lm.analysis import accounting as acc
 from sparse_lm.config import ModelConfig
-from sparse_lm.inference import ops
 from sparse_lm.inference.cache import Cache, CompressorCache, LayerCache, cache_bytes, init_cache
 from sparse_lm.inference.decode import Decoder
-from sparse_lm.inference.step import layer_blocks
+from sparse_lm.inference.dense import (full_attention_config, full_kv_cache_bytes,
+                                       init_full_kv_cache)
 from sparse_lm.model.layers import dtype_of
 from sparse_lm.model.transformer import build_model
-from sparse_lm.ops.indexer import select_topk
+from sparse_lm.ops import masks
+from sparse_lm.ops.attention import cached_attention
+from sparse_lm.ops.indexer import indexer_scores, select_topk
+from sparse_lm.ops.kv_cache import FullKVCache, ring_positions
 
 ARMS = ("sparse", "dense", "dense_ring")
 PARTS = ("window", "csa_attn", "hca_attn", "indexer", "dense_attn")
@@ -134,16 +132,6 @@ def bench_config(*, tiny: bool = False, dtype: str = "float32") -> ModelConfig:
         index_topk=512, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=256,
         num_hash_layers=2, yarn_original_max_position=4096, mtp_depth=0, dtype=dtype,
         param_dtype="float32")
-
-
-def dense_config(cfg: ModelConfig, window: int | None = None) -> ModelConfig:
-    """`cfg` with every layer an SWA layer (same schedule shape, so the same head / scanned cycle
-    / tail grouping and hash layers); `window` replaces the sliding window if given."""
-    def swa(kinds):
-        return tuple("swa" for _ in kinds)
-    return cfg.replace(layer_prefix=swa(cfg.layer_prefix), layer_cycle=swa(cfg.layer_cycle),
-                       layer_tail=swa(cfg.layer_tail),
-                       sliding_window=cfg.sliding_window if window is None else window)
 
 
 # ------------------------------------------------------------------------------ cache filling
@@ -180,7 +168,7 @@ def _fill_compressor(cc: CompressorCache, ratio: int, overlap: bool, length: int
 def _fill_layer(cfg: ModelConfig, kind: str, lc: LayerCache, length: int, key) -> LayerCache:
     kw, kc, ki = jax.random.split(key, 3)
     w = lc.window.shape[-2]
-    held = ops.ring_positions(jnp.array([length], jnp.int32), w)[0] >= 0      # [W]
+    held = ring_positions(jnp.array([length], jnp.int32), w)[0] >= 0      # [W]
     window = jnp.where(held[:, None], _normal(kw, lc.window.shape, lc.window.dtype),
                        jnp.zeros((), lc.window.dtype))
     comp = idx = None
@@ -210,127 +198,20 @@ def fill_cache(cfg: ModelConfig, cache: Cache, length: int, seed: int = 0) -> Ca
 
 # ------------------------------------------------------------------------------ the dense arm
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class DenseCache:
-    """Full-context KV cache: one [B, max_len, D] array per layer, in layer order."""
-    lengths: jax.Array                 # [B] int32
-    layers: tuple[jax.Array, ...]      # num_layers x [B, max_len, D]
-    max_len: int = dataclasses.field(metadata=dict(static=True))
-
-
-def init_dense_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> DenseCache:
-    dtype = dtype or dtype_of(cfg.dtype)
-    shape = (batch, max_len, cfg.head_dim)
-    return DenseCache(lengths=jnp.zeros((batch,), jnp.int32),
-                      layers=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
-                      max_len=max_len)
-
-
-def fill_dense_cache(cache: DenseCache, length: int, seed: int = 0) -> DenseCache:
-    """Rows < length standard normal, the rest zero; lengths = length."""
+def fill_dense_cache(cache: Cache, length: int, seed: int = 0) -> Cache:
+    """A full KV cache (`init_full_kv_cache`) holding `length` tokens: rows < length standard
+    normal, the rest zero; lengths = length."""
     if not 0 <= length <= cache.max_len:
         raise BenchError(f"length={length} is invalid: must be in [0, max_len={cache.max_len}]")
     keys = jax.random.split(jax.random.key(seed), max(len(cache.layers), 1))
 
-    def fill(a, key):
+    def fill(lc, key):
+        a = lc.kv
         held = _rows_held(a.shape[-2], length)[:, None]
-        return jnp.where(held, _normal(key, a.shape, a.dtype), jnp.zeros((), a.dtype))
-    return DenseCache(lengths=jnp.full(cache.lengths.shape, length, jnp.int32),
-                      layers=tuple(fill(a, k) for a, k in zip(cache.layers, keys)),
-                      max_len=cache.max_len)
-
-
-def dense_attention(q: jax.Array, kv_cache: jax.Array, lengths: jax.Array, sink: jax.Array, *,
-                    scale: float) -> jax.Array:
-    """One decode query per row against a full KV cache, with a sink, in one softmax.
-
-    q [B, 1, H, D] at positions lengths [B]; kv_cache [B, n, D] holds token p in row p for
-    p <= length (the query's own row included; later rows are ignored); V = K.
-    Returns [B, 1, H, D] in q's dtype: the math of `ops.cached_attention` with every earlier
-    token in the window, written without the chunk axis (on XLA:CPU the library's einsums over
-    a long key axis materialise a transposed copy of the keys; these do not).
-    """
-    n = kv_cache.shape[1]
-    qf = q[:, 0].astype(jnp.float32)                                          # [B, H, D]
-    cf = kv_cache.astype(jnp.float32)
-    held = jnp.arange(n)[None, None, :] <= lengths[:, None, None]
-    logits = jnp.where(held, jnp.einsum("bhd,bkd->bhk", qf, cf) * scale, -jnp.inf)
-    sk = jnp.broadcast_to(sink.astype(jnp.float32), logits.shape[:2])           # [B, H]
-    m = jnp.maximum(jnp.max(logits, axis=-1), sk)
-    p = jnp.exp(logits - m[..., None])
-    denom = jnp.sum(p, axis=-1) + jnp.exp(sk - m)
-    out = jnp.einsum("bhk,bkd->bhd", p, cf) / denom[..., None]
-    return out[:, None].astype(q.dtype)
-
-
-def _dense_layer(block, x, tokens, kv_cache, lengths):
-    """One layer of the dense arm: x [B, 1, n, d] streams -> (streams, updated kv_cache)."""
-    attn = block.attn
-    positions = lengths[:, None]
-
-    def attend(h):
-        q, _ = attn.project_queries(h, positions)
-        kv = attn.project_kv(h, positions)                                   # [B, 1, D]
-        # Every row of the benchmark holds the same number of tokens: one dynamic-update-slice
-        # writes the new rows. The barrier keeps XLA from fusing the write into its readers,
-        # which made XLA:CPU copy the whole cache twice per layer; with it the write is in place
-        # (checked on the compiled HLO: no cache-sized copy or transpose).
-        cache = jax.lax.dynamic_update_slice(kv_cache, kv.astype(kv_cache.dtype),
-                                             (0, lengths[0], 0))
-        cache = jax.lax.optimization_barrier(cache)
-        o = dense_attention(q, cache, lengths, attn.sink[...], scale=attn.softmax_scale)
-        return attn.project_output(o, positions), cache
-
-    x, kv_cache = block.attention_residual(x, attend)
-    x, _ = block.ffn_residual(x, tokens)
-    return x, kv_cache
-
-
-def dense_decode_step(model, blocks, cache: DenseCache, tokens: jax.Array):
-    """tokens [B] -> (logits [B, V], cache with one more token per row). `blocks`: the model's
-    layers in order (`layer_blocks`). Every layer a causal attention over its full KV cache; the
-    rest of the layer is the model's own code."""
-    lengths = cache.lengths
-    tok = tokens[:, None]
-    x = model.embed_streams(tok)
-    new = []
-    for block, kc in zip(blocks, cache.layers, strict=True):
-        x, kc = _dense_layer(block, x, tok, kc, lengths)
-        new.append(kc)
-    out = DenseCache(lengths=lengths + 1, layers=tuple(new), max_len=cache.max_len)
-    return model.final_logits(x)[:, 0], out
-
-
-class DenseDecoder:
-    """Jitted `dense_decode_step` over (params, per-layer params, cache), cache donated.
-
-    The scanned cycle's stacked parameters are sliced per layer once, here, outside the step:
-    slicing them inside the jitted step made XLA:CPU copy every cycle layer's weights each step.
-    """
-    decode = staticmethod(dense_decode_step)
-
-    def __init__(self, model):
-        self.cfg = model.cfg
-        self.graphdef, self.params = nnx.split(model)       # embedding, head (and unused layers)
-        split = [nnx.split(b) for b in layer_blocks(model)]
-        self.block_defs = [g for g, _ in split]
-        self.block_params = [st for _, st in split]
-        self._step = jax.jit(self._step_fn, donate_argnames=("cache",))
-
-    def _step_fn(self, params, block_params, cache, tokens):
-        blocks = [nnx.merge(g, st) for g, st in zip(self.block_defs, block_params)]
-        return self.decode(nnx.merge(self.graphdef, params), blocks, cache, tokens)
-
-    def step(self, cache, tokens):
-        return self._step(self.params, self.block_params, cache, tokens)
-
-    def lower(self, cache, tokens):
-        return self._step.lower(self.params, self.block_params, cache, tokens)
-
-
-def dense_cache_bytes(cache: DenseCache) -> int:
-    return sum(int(a.size) * a.dtype.itemsize for a in cache.layers)
+        return FullKVCache(kv=jnp.where(held, _normal(key, a.shape, a.dtype), jnp.zeros((), a.dtype)))
+    return Cache(lengths=jnp.full(cache.lengths.shape, length, jnp.int32),
+                 layers=tuple(fill(lc, k) for lc, k in zip(cache.layers, keys)),
+                 max_len=cache.max_len)
 
 
 # ------------------------------------------------------------------------------ HLO copies
@@ -391,14 +272,14 @@ def arm_config(arm: str, cfg: ModelConfig, length: int) -> ModelConfig:
     if arm == "sparse":
         return cfg
     if arm in ("dense", "dense_ring"):
-        return dense_config(cfg, window=length)
+        return full_attention_config(cfg, window=length)
     raise BenchError(f"arm {arm!r} is invalid: allowed values {ARMS}")
 
 
 def empty_arm_cache(arm: str, cfg: ModelConfig, batch: int, length: int):
     """The arm's empty cache allocated for `length` tokens."""
     if arm == "dense":
-        return init_dense_cache(dense_config(cfg), batch, length)
+        return init_full_kv_cache(arm_config(arm, cfg, length), batch, length)
     return init_cache(arm_config(arm, cfg, length), batch, length)
 
 
@@ -407,7 +288,7 @@ def arm_cache_bytes(arm: str, cfg: ModelConfig, batch: int, length: int) -> int:
     arrays the arm allocates (`jax.eval_shape`: nothing allocated)."""
     shapes = jax.eval_shape(lambda: empty_arm_cache(arm, cfg, batch, length))
     if arm == "dense":
-        return dense_cache_bytes(shapes)
+        return full_kv_cache_bytes(shapes)
     per_kind = cache_bytes(arm_config(arm, cfg, length), shapes)
     return sum(d["state"] + d["entries"] for d in per_kind.values())
 
@@ -420,13 +301,8 @@ def prepare_arm(arm: str, cfg: ModelConfig, length: int, start: int, *, batch: i
     nbytes = arm_cache_bytes(arm, cfg, batch, length)
     flops = acc.flops_per_token(acfg, length)
     empty = empty_arm_cache(arm, cfg, batch, length)
-    if arm == "dense":
-        dec = DenseDecoder(build_model(dense_config(cfg), seed))
-        cache = fill_dense_cache(empty, start, seed)
-        return Arm(arm, lambda c: dec.step(c, tokens), cache, nbytes, flops,
-                   lower=lambda c: dec.lower(c, tokens))
     dec = Decoder(build_model(acfg, seed))
-    cache = fill_cache(acfg, empty, start, seed)
+    cache = fill_dense_cache(empty, start, seed) if arm == "dense" else fill_cache(acfg, empty, start, seed)
     tok2, ones = tokens[:, None], jnp.ones((batch,), jnp.int32)
     return Arm(arm, lambda c: dec.step(c, tok2, ones, logits="last"), cache, nbytes, flops,
                lower=lambda c: dec.lower(c, tok2, ones, logits="last"))
@@ -533,10 +409,10 @@ def part_inputs(part: str, cfg: ModelConfig, length: int, batch: int, seed: int 
     q = _normal(next(ks), (b, 1, h, d), dt)
     sink = jnp.zeros((h,), jnp.float32)
     ring = _normal(next(ks), (b, w + 1, d), dt)                  # ring buffer + the new row
-    ring_pos = jnp.concatenate([ops.ring_positions(pos, w), pos[:, None]], axis=1)
+    ring_pos = jnp.concatenate([ring_positions(pos, w), pos[:, None]], axis=1)
     if part == "window":
         def f(q, ring, ring_pos, sink):
-            return ops.cached_attention(q, pos[:, None], ring, ring_pos, sink, window=w,
+            return cached_attention(q, pos[:, None], ring, ring_pos, sink, window=w,
                                         scale=scale)
         return f, (q, ring, ring_pos, sink)
     if part in ("csa_attn", "hca_attn"):
@@ -549,12 +425,12 @@ def part_inputs(part: str, cfg: ModelConfig, length: int, batch: int, seed: int 
             topk = jnp.broadcast_to(idx.astype(jnp.int32), (b, 1, k))
 
             def f(q, ring, ring_pos, sink, entries, topk):
-                return ops.cached_attention(q, pos[:, None], ring, ring_pos, sink, window=w,
+                return cached_attention(q, pos[:, None], ring, ring_pos, sink, window=w,
                                             scale=scale, entries=entries, ratio=m, topk_idx=topk)
             return f, (q, ring, ring_pos, sink, entries, topk)
 
         def f(q, ring, ring_pos, sink, entries):
-            return ops.cached_attention(q, pos[:, None], ring, ring_pos, sink, window=w,
+            return cached_attention(q, pos[:, None], ring, ring_pos, sink, window=w,
                                         scale=scale, entries=entries, ratio=m)
         return f, (q, ring, ring_pos, sink, entries)
     if part == "indexer":
@@ -565,13 +441,15 @@ def part_inputs(part: str, cfg: ModelConfig, length: int, batch: int, seed: int 
         keys = _normal(next(ks), (b, length // m, di), dt)
 
         def f(qi, wi, keys):
-            visible = ops.entry_visible(pos[:, None], keys.shape[1], m)
-            return select_topk(ops.cached_indexer_scores(qi, wi, keys, visible), cfg.index_topk)
+            visible = masks.entry_visible(pos[:, None], keys.shape[1], m)
+            return select_topk(indexer_scores(qi, wi, keys, visible, flat=True), cfg.index_topk)
         return f, (qi, wi, keys)
     kv = _normal(next(ks), (b, length, d), dt)                   # dense_attn
 
+    key_pos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+
     def f(q, kv, sink):
-        return dense_attention(q, kv, pos, sink, scale=scale)
+        return cached_attention(q, pos[:, None], kv, key_pos, sink, window=length, scale=scale)
     return f, (q, kv, sink)
 
 
@@ -833,7 +711,7 @@ def run(args: argparse.Namespace) -> dict:
         "layer_kinds": list(cfg.layer_kinds), "layer_counts": layer_counts(cfg),
         "cache_fill": "random-valid: caches filled directly (no prefill), see fill_cache",
         "dense_arm": "same model, every layer a causal attention over a full [B, L, D] KV "
-                     "cache written in place (DenseDecoder); no compressor/indexer",
+                     "cache written in place (inference.dense + Decoder); no compressor/indexer",
         "parts_method": "library functions jitted alone on cache-shaped random inputs, one "
                         "decode query, one layer, timed interleaved with the arms",
     }

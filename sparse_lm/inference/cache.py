@@ -1,6 +1,6 @@
 """Decode caches as pytrees (spec §13): a fixed-size *state* part and a growing *entries* part.
 
-Per attention layer (`LayerCache`):
+Per attention layer (`LayerCache`, defined with its bookkeeping in `sparse_lm.ops.kv_cache`):
   * ``window`` [B, W, D]: ring buffer of the last W raw K=V rows; token p sits in slot p mod W
     (the current token's row is part of the window, spec §4.4).
   * ``compressor`` (CSA/HCA) and ``indexer`` (CSA), each a `CompressorCache`:
@@ -22,37 +22,18 @@ them made XLA copy every stacked cache on every step, O(max_len) work per decode
 """
 from __future__ import annotations
 
-import dataclasses
 import jax
 import jax.numpy as jnp
 
 from sparse_lm.config import ModelConfig
 from sparse_lm.model.layers import dtype_of
+from sparse_lm.ops.kv_cache import CompressorCache, LayerCache, dataclass_pytree
+
+__all__ = ["Cache", "CompressorCache", "LayerCache", "cache_bytes", "cache_logical_axes",
+           "init_cache", "layer_cache", "measured_bytes_per_token"]
 
 
-def _dataclass_pytree(cls=None, *, meta=()):
-    def wrap(c):
-        c = dataclasses.dataclass(c)
-        data = [f.name for f in dataclasses.fields(c) if f.name not in meta]
-        return jax.tree_util.register_dataclass(c, data_fields=data, meta_fields=list(meta))
-    return wrap if cls is None else wrap(cls)
-
-
-@_dataclass_pytree
-class CompressorCache:
-    kv: jax.Array        # [B, slots, w] fp32 (state)
-    gate: jax.Array      # [B, slots, w] fp32, ape included, -inf = empty (state)
-    entries: jax.Array   # [B, max_len // m, c] (grows with context)
-
-
-@_dataclass_pytree
-class LayerCache:
-    window: jax.Array                      # [B, W, D] ring buffer (state)
-    compressor: CompressorCache | None     # CSA / HCA
-    indexer: CompressorCache | None        # CSA
-
-
-@_dataclass_pytree(meta=("max_len",))
+@dataclass_pytree(meta=("max_len",))
 class Cache:
     lengths: jax.Array                     # [B] int32 tokens held per row
     layers: tuple[LayerCache, ...]         # one per layer, in layer order

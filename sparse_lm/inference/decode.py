@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from sparse_lm.inference.cache import Cache, init_cache
-from sparse_lm.inference.step import LOGITS_MODES, forward_chunk, layer_blocks
+from sparse_lm.inference.step import LOGITS_MODES, forward_chunk
 
 
 class InferenceError(ValueError):
@@ -83,7 +83,7 @@ class Decoder:
     def __init__(self, model, *, sparse: bool = True):
         self.cfg = model.cfg
         self.graphdef, self.params = nnx.split(model)
-        split = [nnx.split(b) for b in layer_blocks(model)]
+        split = [nnx.split(b) for b in model.layer_blocks()]
         self.block_defs = [g for g, _ in split]
         self.block_params = [p for _, p in split]
         self.sparse = sparse
@@ -97,6 +97,8 @@ class Decoder:
                              logits=logits)
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> Cache:
+        """The model's compressed cache (`init_cache`); a `init_full_kv_cache` cache works too
+        for window-only models (the dense baseline)."""
         return init_cache(self.cfg, batch, max_len, dtype)
 
     def step(self, cache: Cache, tokens, n_new, *, logits: str = "last"):

@@ -1,4 +1,15 @@
-"""Attention block for every layer kind (SWA-only, CSA, HCA), spec §4."""
+"""Attention block for every layer kind (SWA-only, CSA, HCA), spec §4, with or without a cache.
+
+One body for training, evaluation, analysis, chunked prefill and decode (as a transformer's
+attention runs with or without a KV cache): the projections, the compressor, the indexer's
+selection, the joint window + compressed attention and the output projection are the same
+calls; only where keys and entries come from differs:
+  * no cache: a packed row x [B, S, d] attends its own keys and compressed entries
+    (`implementations.sparse_attention`);
+  * a `LayerCache`: a chunk of T new tokens per row is appended after the `lengths` tokens the
+    cache holds, attends the ring buffer + its own rows and the cached entries
+    (`ops.attention.cached_attention`), and the cache is updated (`ops.kv_cache`).
+"""
 from __future__ import annotations
 
 import jax
@@ -10,8 +21,9 @@ from sparse_lm.config import ModelConfig
 from sparse_lm.model.compressor import Compressor
 from sparse_lm.model.indexer import Indexer
 from sparse_lm.model.layers import RMSNorm, constant, param
-from sparse_lm.ops.attention import sparse_attention
-from sparse_lm.ops.compress import entry_visibility
+from sparse_lm.ops import kv_cache, masks
+from sparse_lm.ops.attention import attention_mass_split, cached_attention
+from sparse_lm.ops.implementations import sparse_attention
 from sparse_lm.ops.indexer import (compressed_attention_mass, indexer_objective,
                                    indexer_objective_selected, selected_attention_mass,
                                    sparse_stage_recall)
@@ -27,6 +39,10 @@ def rope_table(cfg: ModelConfig, kind: str) -> np.ndarray:
     yarn = Yarn(cfg.yarn_factor, cfg.yarn_original_max_position, cfg.yarn_beta_fast,
                 cfg.yarn_beta_slow) if cfg.yarn else None
     return inv_frequencies(cfg.rope_head_dim, cfg.compress_rope_theta, yarn)
+
+
+def _zero_stats():
+    return {"indexer_kl": jnp.zeros((), jnp.float32), "indexer_recall": jnp.zeros((), jnp.float32)}
 
 
 class Attention(nnx.Module):
@@ -51,59 +67,152 @@ class Attention(nnx.Module):
         self.indexer = Indexer(cfg, rngs=rngs) if kind == "csa" else None
         self.cfg = cfg
 
-    def __call__(self, x, positions, segment_ids=None, *, sparse: bool = True,
-                 implementation: str | None = None):
-        """x [B, S, d] (normed) -> (out [B, S, d], stats).
+    def __call__(self, x, positions, segment_ids=None, *, cache: kv_cache.LayerCache | None = None,
+                 lengths=None, n_new=None, sparse: bool = True, implementation: str | None = None,
+                 topk: int | None = None, topk_limit=None, record: bool = False):
+        """x [B, S, d] (normed) at positions [B, S] -> (out [B, S, d], stats, cache, recorded).
 
-        sparse=False makes CSA attend every visible entry (the indexer warm-up stage). stats:
-        indexer_kl (the indexer's training objective) and indexer_recall (share of the dense
-        attention mass on compressed entries that the top-k keeps); zeros for non-CSA layers.
-        In the sparse stage the KL is restricted to the selected entries (V3.2, spec §6) and the
-        recall is measured on at most 512 evenly strided queries per row (exact for S <= 512).
+        Without `cache` x is a packed row (documents told apart by segment_ids [B, S]); with a
+        `LayerCache` x is a chunk appended after `lengths` [B] tokens, of which the first
+        n_new [B] per row are real, and the updated cache is returned (else None).
+        sparse=False makes CSA attend every visible entry (the indexer warm-up stage).
+        topk overrides index_topk, topk_limit keeps only the best `limit` picks (a traced int:
+        one compiled forward for every k), record=True also returns the layer's internals
+        (`recorded`, for analysis; empty otherwise).
+        stats: indexer_kl (the indexer's training objective) and indexer_recall (share of the
+        dense attention mass on compressed entries that the top-k keeps); zeros for non-CSA
+        layers and on the cached path. In the sparse stage the KL is restricted to the selected
+        entries (V3.2, spec §6) and the recall is measured on at most 512 evenly strided
+        queries per row (exact for S <= 512).
         """
+        q, q_latent = self.project_queries(x, positions)
+        kv = self.project_kv(x, positions)
+        if cache is not None:
+            o, new_cache = self._attend_cached(cache, x, q, q_latent, kv, positions, lengths,
+                                               n_new, sparse=sparse, topk=topk)
+            return self.project_output(o, positions), _zero_stats(), new_cache, {}
+        o, stats, recorded = self._attend_row(x, q, q_latent, kv, positions, segment_ids,
+                                              sparse=sparse, implementation=implementation,
+                                              topk=topk, topk_limit=topk_limit, record=record)
+        return self.project_output(o, positions), stats, None, recorded
+
+    # ------------------------------------------------------------------ the two key sources
+    def _attend_row(self, x, q, q_latent, kv, positions, segment_ids, *, sparse, implementation,
+                    topk, topk_limit, record):
         cfg = self.cfg
         s = x.shape[1]
         inv_freq = self.inv_freq
-        q, q_latent = self.project_queries(x, positions)
-        kv = self.project_kv(x, positions)
         q = constrain(q, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
         kv = constrain(kv, ("activation_batch", "activation_kv_length", "activation_kv"))
-        entries = valid = topk = scores = None
+        entries = valid = picks = scores = None
+        recorded = {}
         if self.compressor is not None:
             entries, valid = self.compressor(x, positions, inv_freq, segment_ids)
             entries = constrain(entries, ("activation_batch", "activation_kv_length", "activation_kv"))
-            if self.indexer is not None and sparse:
-                scores, topk = self.indexer.sparse_stage(x, q_latent, positions, inv_freq,
-                                                         segment_ids)
-            elif self.indexer is not None:
-                scores, topk = self.indexer(x, q_latent, positions, inv_freq, segment_ids)
+            if self.indexer is not None:
+                scores, picks, recorded = self.indexer(
+                    x, q_latent, positions, inv_freq, segment_ids,
+                    stage="sparse" if sparse else "dense", k=topk, limit=topk_limit,
+                    record=record)
         o, lse = sparse_attention(q, kv, self.sink[...], window=cfg.sliding_window,
-                                  scale=self.softmax_scale,
-                                  segment_ids=segment_ids, compressed=entries,
-                                  compressed_valid=valid, ratio=self.ratio,
-                                  topk_idx=topk if sparse else None,
+                                  scale=self.softmax_scale, segment_ids=segment_ids,
+                                  compressed=entries, compressed_valid=valid, ratio=self.ratio,
+                                  topk_idx=picks if sparse else None,
                                   implementation=implementation or cfg.attention_impl,
                                   return_lse=True)
-        stats = {"indexer_kl": jnp.zeros((), jnp.float32), "indexer_recall": jnp.zeros((), jnp.float32)}
+        stats = _zero_stats()
+        sg = jax.lax.stop_gradient
         if scores is not None and scores.shape[-1] > 0 and sparse:
             # Sparse stage: KL over the selected set only (V3.2); recall on sampled queries.
-            sg = jax.lax.stop_gradient
-            mass = selected_attention_mass(sg(q), sg(entries), sg(lse), topk, self.softmax_scale)
-            stats = {"indexer_kl": indexer_objective_selected(scores, mass, topk),
-                     "indexer_recall": sparse_stage_recall(q, entries, lse, valid, topk,
+            mass = selected_attention_mass(sg(q), sg(entries), sg(lse), picks, self.softmax_scale)
+            stats = {"indexer_kl": indexer_objective_selected(scores, mass, picks),
+                     "indexer_recall": sparse_stage_recall(q, entries, lse, valid, picks,
                                                            ratio=self.ratio,
                                                            scale=self.softmax_scale,
                                                            segment_ids=segment_ids)}
         elif scores is not None and scores.shape[-1] > 0:
-            sg = jax.lax.stop_gradient
-            visible = entry_visibility(s, self.ratio, valid, segment_ids)
+            visible = masks.sequence_entry_visible(s, self.ratio, valid, segment_ids)
             mass = compressed_attention_mass(sg(q), sg(entries), sg(lse), visible,
                                              self.softmax_scale)
-            kl, recall = indexer_objective(scores, mass, visible, topk)
+            kl, recall = indexer_objective(scores, mass, visible, picks)
             stats = {"indexer_kl": kl, "indexer_recall": recall}
-        return self.project_output(o, positions), stats
+        if record:
+            recorded.update(self._record(q, kv, lse, entries, valid, picks if sparse else None,
+                                         segment_ids, implementation))
+        return o, stats, recorded
 
-    # ------------------------------------------------------------------ pieces (shared with decode)
+    def _attend_cached(self, cache, x, q, q_latent, kv, positions, lengths, n_new, *, sparse,
+                       topk):
+        """The chunk's compressed entries are stored before the attention, so a window
+        completed by token t is seen by t's own query (spec §13.1)."""
+        cfg = self.cfg
+        inv_freq = self.inv_freq
+        if isinstance(cache, kv_cache.FullKVCache):
+            return self._attend_full_kv(cache, q, kv, positions, lengths, n_new)
+        keys = jnp.concatenate([cache.window, kv.astype(cache.window.dtype)], axis=1)
+        key_pos = jnp.concatenate([kv_cache.ring_positions(lengths, cache.window.shape[1]),
+                                   positions], axis=1)
+        comp = idx_cache = entries = picks = None
+        if self.compressor is not None:
+            comp = self.compressor.step(cache.compressor, x, positions, lengths, n_new, inv_freq)
+            entries = comp.entries
+            if self.indexer is not None:
+                idx_cache, picks = self.indexer.cached(cache.indexer, x, q_latent, positions,
+                                                       inv_freq, lengths, n_new, select=sparse,
+                                                       k=topk)
+        o = cached_attention(q, positions, keys, key_pos, self.sink[...],
+                             window=cfg.sliding_window, scale=self.softmax_scale,
+                             entries=entries, ratio=self.ratio, topk_idx=picks)
+        new = kv_cache.LayerCache(window=kv_cache.ring_update(cache.window, kv, lengths, n_new),
+                                  compressor=comp, indexer=idx_cache)
+        return o, new
+
+    def _attend_full_kv(self, cache, q, kv, positions, lengths, n_new):
+        """A window-only layer over a plain full-context cache (`kv_cache.FullKVCache`): the
+        chunk's rows are written in place, then the queries attend every row their window
+        reaches (the dense decode baseline; a window >= max_len makes it full attention)."""
+        if self.compressor is not None:
+            raise ValueError(f"a {self.kind} layer has no full-KV cache form: FullKVCache "
+                             "serves window-only (swa) layers")
+        rows = kv_cache.write_rows(cache.kv, kv, lengths, n_new)
+        key_pos = jnp.broadcast_to(jnp.arange(rows.shape[1], dtype=jnp.int32),
+                                   rows.shape[:2])
+        o = cached_attention(q, positions, rows, key_pos, self.sink[...],
+                             window=self.cfg.sliding_window, scale=self.softmax_scale)
+        return o, kv_cache.FullKVCache(kv=rows)
+
+    def _record(self, q, kv, lse, entries, valid, picks, segment_ids, implementation):
+        """What analysis reads of this layer: the attention mass of the window, the compressed
+        entries and the sink [B, S, H] (`{part}_mass`); for compressed layers the visibility
+        [B, S, N] and the dense attention mass per entry [B, S, N] (every visible entry
+        attended: the indexer's KL target before normalising)."""
+        cfg = self.cfg
+        s = q.shape[1]
+        out, attended = {}, None
+        has_entries = entries is not None and entries.shape[1] > 0
+        if self.compressor is not None:
+            out["visible"] = masks.sequence_entry_visible(s, self.ratio, valid, segment_ids)
+            if has_entries:
+                attended = (out["visible"] if picks is None else jnp.sum(
+                    jax.nn.one_hot(picks, entries.shape[1], dtype=jnp.float32), axis=-2))
+        split = attention_mass_split(q, kv, self.sink[...], lse, window=cfg.sliding_window,
+                                     scale=self.softmax_scale, segment_ids=segment_ids,
+                                     entries=entries if attended is not None else None,
+                                     attended=attended)
+        out.update({f"{k}_mass": v for k, v in split.items()})
+        if has_entries:
+            dense_lse = lse
+            if picks is not None:      # the dense softmax's lse: every visible entry attended
+                _, dense_lse = sparse_attention(
+                    q, kv, self.sink[...], window=cfg.sliding_window, scale=self.softmax_scale,
+                    segment_ids=segment_ids, compressed=entries, compressed_valid=valid,
+                    ratio=self.ratio, implementation=implementation or cfg.attention_impl,
+                    return_lse=True)
+            out["dense_mass"] = compressed_attention_mass(q, entries, dense_lse, out["visible"],
+                                                          self.softmax_scale)
+        return out
+
+    # ------------------------------------------------------------------ pieces
     @property
     def inv_freq(self) -> np.ndarray:
         """[rope_head_dim // 2] inverse frequencies of this layer kind's RoPE table."""

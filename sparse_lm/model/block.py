@@ -21,28 +21,22 @@ class Block(nnx.Module):
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed")
         self.moe = MoE(cfg, routing, rngs=rngs, hash_seed=hash_seed)
 
-    def __call__(self, x, token_ids, positions, segment_ids=None, *, sparse: bool = True,
-                 implementation: str | None = None):
-        """x [B, S, n, d] streams -> (streams [B, S, n, d], MoE and indexer stats)."""
-        x, attn_stats = self.attention_residual(
-            x, lambda h: self.attn(h, positions, segment_ids, sparse=sparse,
-                                   implementation=implementation))
-        x, stats = self.ffn_residual(x, token_ids)
-        return x, {**stats, **attn_stats}
+    def __call__(self, x, token_ids, positions, segment_ids=None, *, cache=None, lengths=None,
+                 n_new=None, sparse: bool = True, implementation: str | None = None,
+                 topk: int | None = None, topk_limit=None, record: bool = False):
+        """x [B, S, n, d] streams -> (streams [B, S, n, d], MoE and indexer stats, the
+        attention's updated cache (None without one), recorded internals).
 
-    def attention_residual(self, x, attend):
-        """The attention sublayer on the streams x [B, S, n, d].
-
-        `attend(h)` maps the normed collapsed input h [B, S, d] to (out [B, S, d], aux): the
-        full forward calls `self.attn`, decoding calls the cached attention. Returns
-        (streams [B, S, n, d], aux).
+        Arguments after token_ids and positions are those of `Attention.__call__`; with a
+        cache the layer runs on a chunk appended to it (decode, chunked prefill).
         """
         pre, post, comb = self.attn_hc.weights(x)
-        a, aux = attend(self.attn_norm(mhc.hc_collapse(x, pre)))
-        return mhc.hc_expand(a, x, post, comb), aux
-
-    def ffn_residual(self, x, token_ids):
-        """The MoE sublayer: streams [B, S, n, d], token_ids [B, S] -> (streams, MoE stats)."""
+        a, attn_stats, cache, recorded = self.attn(
+            self.attn_norm(mhc.hc_collapse(x, pre)), positions, segment_ids, cache=cache,
+            lengths=lengths, n_new=n_new, sparse=sparse, implementation=implementation,
+            topk=topk, topk_limit=topk_limit, record=record)
+        x = mhc.hc_expand(a, x, post, comb)
         pre, post, comb = self.ffn_hc.weights(x)
-        f, stats = self.moe(self.ffn_norm(mhc.hc_collapse(x, pre)), token_ids)
-        return mhc.hc_expand(f, x, post, comb), stats
+        f, stats, routing = self.moe(self.ffn_norm(mhc.hc_collapse(x, pre)), token_ids,
+                                     record=record)
+        return mhc.hc_expand(f, x, post, comb), {**stats, **attn_stats}, cache, {**recorded, **routing}

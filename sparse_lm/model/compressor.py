@@ -5,6 +5,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparse_lm.model.layers import RMSNorm, constant, param
+from sparse_lm.ops import kv_cache
 from sparse_lm.ops.compress import add_position_bias, compress, entry_positions
 from sparse_lm.ops.rope import apply_rope
 
@@ -44,3 +45,17 @@ class Compressor(nnx.Module):
         pooled, valid = compress(kv, gate, None, ratio=self.ratio, overlap=self.overlap,
                                  segment_ids=segment_ids)
         return self.finish(pooled, entry_positions(positions, self.ratio), inv_freq, x.dtype), valid
+
+    def step(self, cache: kv_cache.CompressorCache, x, positions, lengths, n_new,
+             inv_freq) -> kv_cache.CompressorCache:
+        """The cached form of `__call__` for a chunk x [B, T, d] at positions [B, T]: project
+        it, pool the windows it completes, store them in the entries cache, roll the
+        uncompressed tail forward (`ops.kv_cache.tail_step`)."""
+        kv, gate = self.project(x, jnp.mod(positions, self.ratio))
+        pooled, idx, complete, tail_kv, tail_gate = kv_cache.tail_step(
+            cache.kv, cache.gate, kv, gate, lengths, n_new, ratio=self.ratio,
+            overlap=self.overlap)
+        new = self.finish(pooled, idx * self.ratio, inv_freq, cache.entries.dtype)
+        return kv_cache.CompressorCache(
+            kv=tail_kv, gate=tail_gate,
+            entries=kv_cache.write_entries(cache.entries, new, idx, complete))

@@ -1,16 +1,32 @@
-"""Lightning indexer module (CSA layers): picks the top-k compressed entries per query."""
+"""Lightning indexer module (CSA layers): picks the top-k compressed entries per query.
+
+The indexer learns only through its KL objective, never from the language-model loss: its
+inputs are detached and top-k has no gradient anyway. One selection rule for every path: the
+full forward scores a packed row against its own compressed keys, the cached path scores a
+chunk against the cached keys; both use `ops.indexer.indexer_scores` over `ops.masks`.
+"""
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from sparse_lm.config import ModelConfig
 from sparse_lm.model.compressor import Compressor
 from sparse_lm.model.layers import param
-from sparse_lm.ops.compress import entry_visibility
-from sparse_lm.ops.indexer import (indexer_scores, indexer_scores_selected, select_topk,
-                                   select_topk_fused)
+from sparse_lm.ops import masks
+from sparse_lm.ops.implementations import indexer_topk
+from sparse_lm.ops.indexer import (indexer_head_scores, indexer_scores, indexer_scores_selected,
+                                   select_topk)
 from sparse_lm.ops.rope import apply_rope
+
+
+def limit_picks(topk: jax.Array, limit) -> jax.Array:
+    """Keep the first `limit` (a traced int or None) of each query's picks, best first; the rest
+    become -1. One compiled forward then serves every k <= the k it selected."""
+    if limit is None:
+        return topk
+    return jnp.where(jnp.arange(topk.shape[-1]) < limit, topk, -1)
 
 
 class Indexer(nnx.Module):
@@ -25,53 +41,63 @@ class Indexer(nnx.Module):
 
     def project_queries(self, x, q_latent, positions, inv_freq):
         """x [B, S, d], q_latent [B, S, q_lora] -> q [B, S, Hi, Di] (RoPE'd), head weights
-        [B, S, Hi] (scaled by 1/sqrt(Di * Hi))."""
+        [B, S, Hi] (scaled by 1/sqrt(Di * Hi)). Inputs are detached (see the module doc)."""
+        sg = jax.lax.stop_gradient
+        x, q_latent = sg(x), sg(q_latent)
         b, s, _ = x.shape
         q = (q_latent @ self.wq_b[...].astype(x.dtype)).reshape(b, s, self.n_heads, self.head_dim)
         q = apply_rope(q, positions, inv_freq)
         w = (x @ self.weights_proj[...].astype(x.dtype)) * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
         return q, w
 
-    def scores(self, x, q_latent, positions, inv_freq, segment_ids=None):
-        """Indexer scores [B, S, N] fp32 (-inf where not visible)."""
-        s = x.shape[1]
-        q, w = self.project_queries(x, q_latent, positions, inv_freq)
-        keys, valid = self.compressor(x, positions, inv_freq, segment_ids)
-        visible = entry_visibility(s, self.ratio, valid, segment_ids)
-        return indexer_scores(q, w, keys, visible)
+    def keys(self, x, positions, inv_freq, segment_ids=None):
+        """The compressed indexer keys of a packed row: [B, N, Di], valid [B, N]."""
+        return self.compressor(jax.lax.stop_gradient(x), positions, inv_freq, segment_ids)
 
-    def select(self, x, q_latent, positions, inv_freq, segment_ids=None, *,
-               implementation: str | None = None):
-        """Top-k indices only [B, S, min(k, N)] (the second output of `__call__`) through the
-        fused score + top-k kernels (`ops.indexer.select_topk_fused`): the [B, S, N] scores are
-        never formed. For inference and the sparse stage when the KL objective is not needed."""
-        sg = jax.lax.stop_gradient
-        x, q_latent = sg(x), sg(q_latent)
-        q, w = self.project_queries(x, q_latent, positions, inv_freq)
-        keys, valid = self.compressor(x, positions, inv_freq, segment_ids)
-        return select_topk_fused(q, w, keys, valid, self.topk, ratio=self.ratio,
-                                 segment_ids=segment_ids, implementation=implementation)
+    def __call__(self, x, q_latent, positions, inv_freq, segment_ids=None, *, stage: str = "dense",
+                 k: int | None = None, limit=None, implementation: str | None = None,
+                 record: bool = False):
+        """The selection of a packed row x [B, S, d] -> (scores, topk [B, S, min(k, N)] int32
+        (-1 where fewer are visible), recorded).
 
-    def __call__(self, x, q_latent, positions, inv_freq, segment_ids=None):
-        """(scores [B, S, N], top-k indices [B, S, min(k, N)] int32, -1 where fewer are visible).
-
-        The inputs are detached: the indexer learns only through its KL objective, never from the
-        language-model loss (top-k has no gradient anyway).
+        stage "dense" (the warm-up): scores [B, S, N] (-inf where not visible), the KL over all
+        visible entries needs them. stage "sparse": scores at the selected entries only [B, S, K]
+        (-inf at -1 picks): the top-k comes from the full scores without gradient, so the
+        backward never touches the [B, S, Hi, N] products (V3.2, spec §6). stage "select": no
+        scores (None); the fused score + top-k op (`implementations.indexer_topk`) never forms
+        the [B, S, N] matrix. k: overrides index_topk; limit: `limit_picks`; record: also
+        return the full scores and per-head scores for analysis.
         """
-        scores = self.scores(jax.lax.stop_gradient(x), jax.lax.stop_gradient(q_latent), positions,
-                             inv_freq, segment_ids)
-        return scores, select_topk(jax.lax.stop_gradient(scores), self.topk)
-
-    def sparse_stage(self, x, q_latent, positions, inv_freq, segment_ids=None):
-        """Sparse-stage form of `__call__`: (scores at the selected entries [B, S, K] (-inf where
-        the pick is -1), top-k indices [B, S, K]). The top-k comes from the full scores without
-        gradient; only the K selected scores carry one (the V3.2 sparse stage restricts the KL to
-        the selected set, spec §6), so the backward pass never touches the [B, S, Hi, N] scores."""
-        sg = jax.lax.stop_gradient
-        x, q_latent = sg(x), sg(q_latent)
+        k = self.topk if k is None else k
         s = x.shape[1]
         q, w = self.project_queries(x, q_latent, positions, inv_freq)
-        keys, valid = self.compressor(x, positions, inv_freq, segment_ids)
-        visible = entry_visibility(s, self.ratio, valid, segment_ids)
-        topk = select_topk(sg(indexer_scores(q, w, keys, visible)), self.topk)
-        return indexer_scores_selected(q, w, keys, topk), topk
+        keys, valid = self.keys(x, positions, inv_freq, segment_ids)
+        recorded = {}
+        if stage == "select" and not record:
+            topk = indexer_topk(q, w, keys, valid, k, ratio=self.ratio, segment_ids=segment_ids,
+                                implementation=implementation)
+            return None, limit_picks(topk, limit), recorded
+        visible = masks.sequence_entry_visible(s, self.ratio, valid, segment_ids)
+        full = indexer_scores(q, w, keys, visible)
+        topk = limit_picks(select_topk(jax.lax.stop_gradient(full), k), limit)
+        if record:
+            recorded = {"scores": full, "topk": topk,
+                        "head_scores": indexer_head_scores(q, w, keys, visible)}
+        if stage == "sparse":
+            return indexer_scores_selected(q, w, keys, topk), topk, recorded
+        return full, topk, recorded
+
+    def cached(self, cache, x, q_latent, positions, inv_freq, lengths, n_new, *, select: bool,
+               k: int | None = None):
+        """The cached path for a chunk x [B, T, d] at positions [B, T]: store the chunk's
+        compressed keys in the indexer cache (`CompressorCache`), then (select=True) score the
+        chunk's queries against every cached key they can see -> (new cache, topk [B, T, k] or
+        None)."""
+        cache = self.compressor.step(cache, jax.lax.stop_gradient(x), positions, lengths, n_new,
+                                     inv_freq)
+        if not select:
+            return cache, None
+        q, w = self.project_queries(x, q_latent, positions, inv_freq)
+        visible = masks.entry_visible(positions, cache.entries.shape[1], self.ratio)
+        scores = indexer_scores(q, w, cache.entries, visible, flat=True)
+        return cache, select_topk(scores, self.topk if k is None else k)

@@ -32,10 +32,12 @@ class MoE(nnx.Module):
         self.routing = routing
         self.cfg = cfg
 
-    def __call__(self, u, token_ids):
-        """u [B, S, d] (normed), token_ids [B, S] -> (y [B, S, d], stats).
+    def __call__(self, u, token_ids, *, record: bool = False):
+        """u [B, S, d] (normed), token_ids [B, S] -> (y [B, S, d], stats, recorded).
 
         stats: expert_counts [E] (assignments), balance_loss (scalar, 0 for hash layers).
+        recorded (record=True, else empty): the router's affinities [B, S, E], chosen experts
+        [B, S, k], combine weights [B, S, k] and, for score routing, its bias [E].
         """
         cfg = self.cfg
         b, s, d = u.shape
@@ -66,4 +68,10 @@ class MoE(nnx.Module):
                    if self.routing == "score" else jnp.zeros((), jnp.float32))
         stats = {"expert_counts": moe_ops.expert_counts(idx, cfg.n_routed_experts),
                  "balance_loss": balance}
-        return y.reshape(b, s, d), stats
+        recorded = {}
+        if record:
+            recorded = {"affinities": scores.reshape(b, s, -1), "experts": idx.reshape(b, s, -1),
+                        "weights": weights.reshape(b, s, -1)}
+            if self.routing == "score":
+                recorded["bias"] = self.bias[...]
+        return y.reshape(b, s, d), stats, recorded

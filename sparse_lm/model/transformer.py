@@ -36,6 +36,9 @@ class ModelOutput:
     indexer_kl, indexer_recall [L(+1)] (0 for non-CSA layers).
     With logits=False the two logits are None and hidden / mtp_hidden [B, S, d] (the inputs of
     the output head) and head [d, V] are set instead, for a loss that never holds [B, S, V].
+    recorded (model call with record=True): one dict per layer in order, then the MTP block's,
+    of what its attention and router computed (`Attention._record`, `MoE`; read by
+    `sparse_lm.analysis.internals`); None otherwise.
     """
     logits: jax.Array | None
     mtp_logits: jax.Array | None
@@ -46,6 +49,7 @@ class ModelOutput:
     hidden: jax.Array | None = None
     mtp_hidden: jax.Array | None = None
     head: jax.Array | None = None
+    recorded: tuple | None = None
 
 
 jax.tree_util.register_dataclass(ModelOutput, data_fields=[f.name for f in dataclasses.fields(ModelOutput)],
@@ -58,13 +62,14 @@ class Cycle(nnx.Module):
     def __init__(self, cfg: ModelConfig, kinds: tuple[str, ...], *, rngs: nnx.Rngs):
         self.blocks = nnx.List([Block(cfg, k, "score", rngs=rngs) for k in kinds])
 
-    def __call__(self, x, token_ids, positions, segment_ids, *, sparse, implementation):
-        stats = []
+    def __call__(self, x, token_ids, positions, segment_ids, **static):
+        """-> (streams, stats stacked over the cycle's blocks, a tuple of their recordings)."""
+        stats, recorded = [], []
         for block in self.blocks:
-            x, st = block(x, token_ids, positions, segment_ids, sparse=sparse,
-                          implementation=implementation)
+            x, st, _, rec = block(x, token_ids, positions, segment_ids, **static)
             stats.append(st)
-        return x, jax.tree.map(lambda *a: jnp.stack(a), *stats)
+            recorded.append(rec)
+        return x, jax.tree.map(lambda *a: jnp.stack(a), *stats), tuple(recorded)
 
 
 class MTP(nnx.Module):
@@ -80,14 +85,17 @@ class MTP(nnx.Module):
         self.hc_head = HcHead(cfg, rngs=rngs)
         self.norm = RMSNorm(d, cfg.rms_norm_eps, "embed")
 
-    def __call__(self, streams, next_embed, next_ids, positions, segment_ids, *, implementation):
-        """streams [B, S, n, d] (main model, before hc_head); next_embed [B, S, d] -> [B, S, d]."""
+    def __call__(self, streams, next_embed, next_ids, positions, segment_ids, *, implementation,
+                 record: bool = False):
+        """streams [B, S, n, d] (main model, before hc_head); next_embed [B, S, d] ->
+        ([B, S, d], stats, recorded)."""
         dt = streams.dtype
         e = self.enorm(next_embed) @ self.w_e[...].astype(dt)
         h = self.hnorm(streams) @ self.w_h[...].astype(dt)
         x = e[:, :, None, :] + h
-        x, stats = self.block(x, next_ids, positions, segment_ids, implementation=implementation)
-        return self.norm(self.hc_head(x)), stats
+        x, stats, _, recorded = self.block(x, next_ids, positions, segment_ids,
+                                           implementation=implementation, record=record)
+        return self.norm(self.hc_head(x)), stats, recorded
 
 
 def _stack_cycles(cfg: ModelConfig, kinds, n: int, rngs: nnx.Rngs) -> Cycle:
@@ -153,9 +161,9 @@ class DeepseekV4(nnx.Module):
         def body(x, layer_state):
             # each layer's weights (and so their gradients) in the per-layer layout
             layer_state = constrain_slice(layer_state, names)
-            x, st = nnx.merge(graphdef, layer_state)(_streams(x), token_ids, positions, segment_ids,
-                                                     **static)
-            return _streams(x), st
+            x, st, rec = nnx.merge(graphdef, layer_state)(_streams(x), token_ids, positions,
+                                                          segment_ids, **static)
+            return _streams(x), (st, rec)
         if policy is not None:
             body = jax.checkpoint(body, policy=policy)
         return jax.lax.scan(body, x, state)   # stats: [num_cycles, len(cycle), ...]
@@ -187,36 +195,59 @@ class DeepseekV4(nnx.Module):
         """Last streams [B, S, n, d] -> logits [B, S, V] (hc_head collapse, final norm, head)."""
         return self.logits_from_hidden(self.final_hidden(x))
 
+    def layer_blocks(self) -> list[Block]:
+        """Every Block in layer order (`cfg.layer_kinds`): head layers, the scanned cycle's
+        blocks with their stacked parameters sliced per cycle, tail layers. Call it outside
+        jit (as the Decoder does) so that the slices are made once, not on every step."""
+        blocks = list(self.head_layers)
+        if self.cycles is not None:
+            graphdef, params = nnx.split(self.cycles)
+            for i in range(self.cfg.layer_groups.num_cycles):
+                blocks += list(nnx.merge(graphdef, jax.tree.map(lambda a: a[i], params)).blocks)
+        return blocks + list(self.tail_layers)
+
     # ------------------------------------------------------------------ forward
     def __call__(self, input_ids, positions=None, segment_ids=None, *, sparse: bool = True,
                  implementation: str | None = None, return_aux: bool = False,
-                 logits: bool = True) -> Any:
+                 logits: bool = True, topk: int | None = None, topk_limit=None,
+                 record: bool = False) -> Any:
         """input_ids [B, S] int -> logits [B, S, V] (or a ModelOutput with return_aux=True;
         with logits=False too, it carries the head's inputs instead of logits).
 
         positions default to 0..S-1, or to the position inside each document when segment_ids
         (packed documents, [B, S]) are given. sparse=False: CSA attends every visible entry.
+        topk: the k of every CSA layer's indexer (default index_topk); topk_limit (a traced
+        int): keep only each query's best `topk_limit` picks, so one compiled forward serves
+        every k; record=True: ModelOutput.recorded holds every layer's internals (analysis).
         """
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [B, S], got shape {input_ids.shape}")
+        if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
+            raise ValueError(f"topk={topk!r} is invalid: must be None or an integer >= 1")
         b, s = input_ids.shape
         if positions is None:
             positions = (segment_positions(segment_ids) if segment_ids is not None
                          else jnp.broadcast_to(jnp.arange(s), (b, s)))
-        static = dict(sparse=sparse, implementation=implementation)
+        static = dict(sparse=sparse, implementation=implementation, topk=topk,
+                      topk_limit=topk_limit, record=record)
         x = self.embed_streams(input_ids)
-        stats = []
+        stats, recorded = [], []
+
+        def unrolled(block, x):
+            x, st, _, rec = self._checkpointed(block, _streams(x), input_ids, positions,
+                                               segment_ids, **static)
+            stats.append(jax.tree.map(lambda a: a[None], st))
+            recorded.append(rec)
+            return _streams(x)
         for block in self.head_layers:
-            x, st = self._checkpointed(block, _streams(x), input_ids, positions, segment_ids, **static)
-            x = _streams(x)
-            stats.append(jax.tree.map(lambda a: a[None], st))
+            x = unrolled(block, x)
         if self.cycles is not None:
-            x, st = self._run_cycles(x, input_ids, positions, segment_ids, static)
+            x, (st, rec) = self._run_cycles(x, input_ids, positions, segment_ids, static)
             stats.append(jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), st))
+            for r in range(self.cfg.layer_groups.num_cycles):   # rec: per block, [cycles, ...]
+                recorded += [jax.tree.map(lambda a: a[r], blk) for blk in rec]
         for block in self.tail_layers:
-            x, st = self._checkpointed(block, _streams(x), input_ids, positions, segment_ids, **static)
-            x = _streams(x)
-            stats.append(jax.tree.map(lambda a: a[None], st))
+            x = unrolled(block, x)
         if not return_aux:
             if not logits:
                 raise ValueError("logits=False needs return_aux=True (the output carries the "
@@ -227,16 +258,18 @@ class DeepseekV4(nnx.Module):
         if self.mtp is not None:
             next_ids = jnp.pad(input_ids[:, 1:], ((0, 0), (0, 1)))
             next_embed = self.embed_rows(next_ids)
-            mtp_hidden, st = self.mtp(x, next_embed, next_ids, positions, segment_ids,
-                                      implementation=implementation)
+            mtp_hidden, st, rec = self.mtp(x, next_embed, next_ids, positions, segment_ids,
+                                           implementation=implementation, record=record)
             stats.append(jax.tree.map(lambda a: a[None], st))
+            recorded.append(rec)
         stats = jax.tree.map(lambda *a: jnp.concatenate(a), *stats)
+        recorded = tuple(recorded) if record else None
         if logits:
             return ModelOutput(self.logits_from_hidden(hidden),
                                None if mtp_hidden is None else self.logits_from_hidden(mtp_hidden),
-                               **stats)
+                               **stats, recorded=recorded)
         return ModelOutput(None, None, **stats, hidden=hidden, mtp_hidden=mtp_hidden,
-                           head=self.lm_head[...])
+                           head=self.lm_head[...], recorded=recorded)
 
 
 def build_model(cfg: ModelConfig, seed: int = 0) -> DeepseekV4:

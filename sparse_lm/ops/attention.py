@@ -1,145 +1,36 @@
-"""Joint window + compressed attention with a per-head sink (spec §4.4-4.5), one entry point.
+"""Joint window + compressed attention with a per-head sink (spec §4.4-4.5): the one math.
 
 Query t attends, in one softmax:
   * window: raw keys t-W+1 .. t of its own document (W = sliding window, t itself included);
-  * compressed entries: either the entries listed in `topk_idx` (CSA; -1 = no entry; duplicates
-    count once per listing, as in a gather kernel; the list is trusted, the indexer only lists
-    visible entries) or, without `topk_idx`, every visible entry (HCA, and CSA's dense warm-up);
+  * compressed entries: either the entries listed in `topk_idx` (CSA; -1 = no entry; a duplicate
+    listing counts once per listing, as in a gather kernel; the list is trusted: the selector
+    only lists visible entries) or, without `topk_idx`, every visible entry (HCA, and CSA's
+    dense warm-up);
   * the sink: a per-head logit in the denominator with no value.
-KV is a single shared head (MQA) and doubles as the value (V = K).
+KV is a single shared head (MQA) and doubles as the value (V = K). Who sees what is decided by
+`sparse_lm.ops.masks` from positions.
 
-Implementations (same function, same results):
-  "reference": dense masked attention over all S window keys and all N entries; obviously correct.
-  "xla":       window as a blocked band (cost S*2W), top-k entries gathered per query (S*k), HCA
-               dense over the S/m' entries; nothing is S x S.
-  "pallas":    the kernels of `kernels_pallas`: the token-sparse CSA kernel when entries are
-               listed, the block-sparse kernel otherwise (HCA, SWA, dense CSA). Compiled on TPU
-               (Mosaic) and GPU (Triton); interpreted on CPU (slow: for tests).
-None picks "pallas" on TPU and GPU and "xla" on CPU (logged once per platform).
+Three forms of the same math, each returning (out, lse), lse fp32 with the sink included:
+  attention_reference  dense masked over all S window keys and all N entries, fp32; obviously
+                       correct (the kernels' references are this function).
+  attention_xla        window as a blocked band (S*2W), listed entries gathered per query in
+                       query chunks (S*k), all visible entries dense (HCA: N = S/m' is small);
+                       operands stay in the compute dtype, products and softmax in fp32.
+  cached_attention     chunk queries at positions q_pos against cached keys at key_pos (the
+                       ring buffer + the chunk's rows; decode and chunked prefill).
+Each is a sum of softmax *parts* (window, entries) merged exactly by their lse with the sink
+(`_part`, `_merge`). This module imports no kernel: the implementation switch that also reaches
+the Pallas kernels is `sparse_lm.ops.implementations.sparse_attention`.
 """
 from __future__ import annotations
 
 import functools
-import logging
 
 import jax
 import jax.numpy as jnp
 
+from sparse_lm.ops import masks
 from sparse_lm.ops.chunking import map_sequence_chunks
-from sparse_lm.ops.compress import entry_visibility
-
-IMPLEMENTATIONS = ("reference", "xla", "pallas")
-_log = logging.getLogger(__name__)
-
-
-def default_implementation(platform: str, num_heads: int, head_dim: int, dtype) -> str:
-    """Best available implementation: the Pallas kernels on TPU/GPU where their tiles accept the
-    shapes, else "xla" (logged once per reason)."""
-    if platform not in ("tpu", "gpu"):
-        return _chosen(platform, "xla", "no compiled kernels on this platform", fallback=False)
-    from kernels_pallas.sparse_attention.api import check_kernel_shapes
-    try:
-        check_kernel_shapes(f"pallas_{platform}", jax.ShapeDtypeStruct((1, 1, num_heads, head_dim),
-                                                                       dtype), compiled=True)
-    except ValueError as e:
-        return _chosen(platform, "xla", str(e))
-    return _chosen(platform, "pallas", "compiled kernels", fallback=False)
-
-
-@functools.cache
-def _chosen(platform: str, impl: str, why: str, fallback: bool = True) -> str:
-    (_log.warning if fallback else _log.info)(
-        "sparse_attention on %s: implementation %r (%s)", platform, impl, why)
-    return impl
-
-
-def sparse_attention(q: jax.Array, kv: jax.Array, sink: jax.Array, *, window: int, scale: float,
-                     segment_ids: jax.Array | None = None, compressed: jax.Array | None = None,
-                     compressed_valid: jax.Array | None = None, ratio: int = 0,
-                     topk_idx: jax.Array | None = None, implementation: str | None = None,
-                     return_lse: bool = False):
-    """q [B, S, H, D]; kv [B, S, D]; sink [H]; compressed [B, N, D] with compressed_valid [B, N]
-    (entries of windows of `ratio` tokens); topk_idx [B, S, K] int32 or None.
-
-    Returns out [B, S, H, D] in q's dtype (and lse [B, S, H] fp32, sink included, if asked).
-    """
-    if implementation is None:
-        implementation = default_implementation(jax.default_backend(), q.shape[2], q.shape[3],
-                                                q.dtype)
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation={implementation!r} is invalid: allowed values "
-                         f"{IMPLEMENTATIONS + (None,)}")
-    b, s, h, d = q.shape
-    if kv.shape != (b, s, d):
-        raise ValueError(f"kv has shape {kv.shape}, expected {(b, s, d)} (one shared head)")
-    if compressed is not None:
-        if ratio < 1 or compressed_valid is None:
-            raise ValueError("compressed entries need `ratio` >= 1 and `compressed_valid`")
-        if topk_idx is not None and (topk_idx.ndim != 3 or topk_idx.shape[:2] != (b, s)):
-            raise ValueError(f"topk_idx has shape {topk_idx.shape}, expected [B={b}, S={s}, K]")
-    elif topk_idx is not None:
-        raise ValueError("topk_idx given without compressed entries")
-    if compressed is not None and (compressed.shape[1] == 0
-                                   or (topk_idx is not None and topk_idx.shape[-1] == 0)):
-        compressed = compressed_valid = topk_idx = None   # too short for one entry: window only
-    fn = {"reference": _reference, "xla": _xla, "pallas": _pallas}[implementation]
-    out, lse = fn(q, kv, sink, window=window, scale=scale, segment_ids=segment_ids,
-                  compressed=compressed, compressed_valid=compressed_valid, ratio=ratio,
-                  topk_idx=topk_idx)
-    return (out, lse) if return_lse else out
-
-
-def _joint_softmax(logit_parts, sink_logits):
-    """Softmax over the concatenation of logit_parts [..., n_i] plus one sink column [...].
-
-    Returns the probability parts and lse. Every row has at least its own token, so it is finite.
-    """
-    m = jnp.maximum(functools.reduce(jnp.maximum, [jnp.max(l, axis=-1) for l in logit_parts]),
-                    sink_logits)
-    exps = [jnp.exp(l - m[..., None]) for l in logit_parts]
-    denom = sum(jnp.sum(e, axis=-1) for e in exps) + jnp.exp(sink_logits - m)
-    return [e / denom[..., None] for e in exps], m + jnp.log(denom)
-
-
-def _selection_counts(topk_idx: jax.Array, n: int) -> jax.Array:
-    """[B, S, K] indices (-1 = none) -> [B, S, N] how often each entry is listed."""
-    return jnp.sum(jax.nn.one_hot(topk_idx, n, dtype=jnp.float32), axis=-2)
-
-
-def _reference(q, kv, sink, *, window, scale, segment_ids, compressed, compressed_valid, ratio,
-               topk_idx):
-    b, s, h, d = q.shape
-    qf, kvf = q.astype(jnp.float32), kv.astype(jnp.float32)
-    t = jnp.arange(s)
-    band = (t[None, :] <= t[:, None]) & (t[:, None] - t[None, :] < window)     # [S(q), S(k)]
-    mask_w = jnp.broadcast_to(band, (b, s, s))
-    if segment_ids is not None:
-        mask_w = mask_w & (segment_ids[:, :, None] == segment_ids[:, None, :])
-    lw = jnp.einsum("bshd,btd->bsht", qf, kvf) * scale
-    parts = [jnp.where(mask_w[:, :, None, :], lw, -jnp.inf)]
-    values = [kvf]
-    if compressed is not None:
-        n = compressed.shape[1]
-        cf = compressed.astype(jnp.float32)
-        lc = jnp.einsum("bshd,bnd->bshn", qf, cf) * scale
-        if topk_idx is None:
-            vis = entry_visibility(s, ratio, compressed_valid, segment_ids)
-            lc = jnp.where(vis[:, :, None, :], lc, -jnp.inf)
-        else:  # a listed entry counts once per listing: add log(count) to its logit
-            counts = _selection_counts(topk_idx, n)[:, :, None, :]
-            lc = jnp.where(counts > 0, lc + jnp.log(jnp.maximum(counts, 1.0)), -jnp.inf)
-        parts.append(lc)
-        values.append(cf)
-    sink_l = jnp.broadcast_to(sink.astype(jnp.float32), (b, s, h))
-    probs, lse = _joint_softmax(parts, sink_l)
-    out = sum(jnp.einsum("bshk,bkd->bshd", p, v) for p, v in zip(probs, values))
-    return out.astype(q.dtype), lse
-
-
-def _mm(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
-    """einsum accumulated and returned in fp32 (operands in their own dtype)."""
-    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
-
 
 # Queries per step of the top-k part: bounds its largest temporaries (the gathered rows and
 # their gradient, [B, chunk, K, D]) instead of holding them for all S queries (V4-Flash at
@@ -147,102 +38,227 @@ def _mm(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
 TOPK_QUERY_CHUNK = 512
 
 
-def _piece(logits: jax.Array, values: jax.Array, spec: str, dtype):
-    """Softmax over one part of the key set: logits [..., n] (masked = -inf), values -> (the
-    part's normalized output in `dtype`, its lse fp32 [...]; -inf where all n are masked).
-    Parts merge exactly with their lse (`_merge`); holding each in the compute dtype keeps no
-    fp32 [B, S, H, D] copy per part."""
+def _mm(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """einsum accumulated and returned in fp32 (operands in their own dtype)."""
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+def flat_scores(q: jax.Array, keys: jax.Array) -> jax.Array:
+    """q [B, T, H, D], keys [B, N, D] -> [B, T, H, N] fp32 dot products, the chunk and head axes
+    flattened into one matmul per row: on XLA:CPU the four-axis einsum ("bthd,bnd->bthn") made a
+    transposed copy of the whole key array on every call (O(N) extra work per decode step)."""
+    b, t, h, d = q.shape
+    return _mm("bxd,bnd->bxn", q.reshape(b, t * h, d), keys).reshape(b, t, h, -1)
+
+
+def flat_values(probs: jax.Array, values: jax.Array) -> jax.Array:
+    """probs [B, T, H, N], values [B, N, D] -> [B, T, H, D] fp32 (flattened like `flat_scores`)."""
+    b, t, h, n = probs.shape
+    return _mm("bxn,bnd->bxd", probs.reshape(b, t * h, n), values).reshape(b, t, h, -1)
+
+
+def _part(logits: jax.Array, weigh, dtype):
+    """Softmax over one part of the key set: logits [..., n] fp32 (masked = -inf); weigh(p) maps
+    the unnormalized probabilities [..., n] to their weighted values [..., D] -> (the part's
+    normalized output in `dtype`, its lse fp32 [...]; -inf where all n are masked)."""
     m = jnp.max(logits, axis=-1)
     m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
     e = jnp.exp(logits - m[..., None])
     l = jnp.sum(e, axis=-1)
     l_safe = jnp.maximum(l, 1e-30)
-    o = _mm(spec, e.astype(values.dtype), values) / l_safe[..., None]
+    o = weigh(e) / l_safe[..., None]
     return o.astype(dtype), jnp.where(l > 0, m + jnp.log(l_safe), -jnp.inf)
 
 
-def _merge(pieces, sink_logits, dtype):
-    """[(out_i, lse_i)] + the sink logit [...] -> (out in `dtype`, lse fp32): one softmax over
-    the union of the parts' keys and the sink. The window part always has the query's own token,
-    so the total lse is finite."""
-    lse = functools.reduce(jnp.logaddexp, [p[1] for p in pieces] + [sink_logits])
-    out = sum(jnp.exp(p[1] - lse)[..., None] * p[0].astype(jnp.float32) for p in pieces)
+def _merge(parts, sink: jax.Array, dtype):
+    """[(out_i, lse_i)] + the sink logit per head -> (out in `dtype`, lse fp32): one softmax over
+    the union of the parts' keys and the sink. The window part always has the query's own
+    token, so the total lse is finite."""
+    lse0 = parts[0][1]
+    sink_l = jnp.broadcast_to(sink.astype(jnp.float32), lse0.shape)
+    lse = functools.reduce(jnp.logaddexp, [p[1] for p in parts] + [sink_l])
+    out = sum(jnp.exp(p[1] - lse)[..., None] * p[0].astype(jnp.float32) for p in parts)
     return out.astype(dtype), lse
 
 
-def _topk_part(q, compressed, topk_idx, scale):
-    """The listed entries' part (`_piece`): q [B, S, H, D], compressed [B, N, D], topk_idx
-    [B, S, K] -> (out [B, S, H, D] in q's dtype, lse [B, S, H] fp32).
-
-    Queries go TOPK_QUERY_CHUNK at a time through a rematerialized scan (`map_sequence_chunks`),
-    so only one chunk's gathered rows are live, forward and backward. Rows are gathered from an
-    fp32 copy of the entries (their gradient accumulates in fp32) and multiplied in q's dtype.
-    """
-    n = compressed.shape[1]
-    entries = compressed.astype(jnp.float32)
-
-    def part(qc, tc):
-        safe = jnp.clip(tc, 0, n - 1)               # address only; -1 is masked below
-        rows = jnp.take_along_axis(entries[:, None], safe[..., None], axis=2).astype(q.dtype)
-        logits = _mm("bshd,bskd->bshk", qc, rows) * scale
-        return _piece(jnp.where((tc >= 0)[:, :, None, :], logits, -jnp.inf), rows,
-                      "bshk,bskd->bshd", q.dtype)
-    return map_sequence_chunks(part, (q, topk_idx), chunk=TOPK_QUERY_CHUNK, pad_values=(0, -1))
+def _masked(mask: jax.Array, logits: jax.Array) -> jax.Array:
+    """mask [B, T, K] over logits [B, T, H, K]."""
+    return jnp.where(mask[:, :, None, :], logits, -jnp.inf)
 
 
-def _xla(q, kv, sink, *, window, scale, segment_ids, compressed, compressed_valid, ratio,
-         topk_idx):
-    """Window, compressed entries and sink as separate softmax parts merged by their lse;
-    operands and each part's output stay in the compute dtype (bf16 runs hold half the bytes),
-    products and the softmax are fp32, as in the kernels."""
+def _gathered_part(q, entries, topk_idx, scale, dtype):
+    """The listed entries' part: q [B, T, H, D], entries [B, N, D], topk_idx [B, T, K] (-1 =
+    none) -> (out [B, T, H, D], lse [B, T, H]). Rows are gathered from the entries in their own
+    dtype (an fp32 copy, so that their gradient accumulates in fp32) and multiplied in q's."""
+    n = entries.shape[1]
+    safe = jnp.clip(topk_idx, 0, max(n - 1, 0))                 # address only; -1 is masked
+    rows = jnp.take_along_axis(entries[:, None], safe[..., None], axis=2).astype(q.dtype)
+    logits = _mm("bthd,btkd->bthk", q, rows) * scale
+    return _part(_masked(topk_idx >= 0, logits),
+                 lambda p: _mm("bthk,btkd->bthd", p.astype(rows.dtype), rows), dtype)
+
+
+def _dense_part(q, keys, mask, scale, dtype, log_weight=None, flat=False):
+    """Every key of `keys` [B, K, D] under mask [B, T, K] (log_weight [B, T, K] is added to
+    the logits: log(count) for keys listed several times) -> (out, lse). flat: the flattened
+    matmuls of the cached path (`flat_scores`); the full forward keeps the head axis apart, so
+    that a sequence or head axis split over devices stays split."""
+    if flat:
+        logits = flat_scores(q, keys) * scale
+        weigh = lambda p: flat_values(p.astype(keys.dtype), keys)        # noqa: E731
+    else:
+        logits = _mm("bthd,bkd->bthk", q, keys) * scale
+        weigh = lambda p: _mm("bthk,bkd->bthd", p.astype(keys.dtype), keys)  # noqa: E731
+    if log_weight is not None:
+        logits = logits + log_weight[:, :, None, :]
+    return _part(_masked(mask, logits), weigh, dtype)
+
+
+def _selection_counts(topk_idx: jax.Array, n: int) -> jax.Array:
+    """[B, S, K] indices (-1 = none) -> [B, S, N] how often each entry is listed."""
+    return jnp.sum(jax.nn.one_hot(topk_idx, n, dtype=jnp.float32), axis=-2)
+
+
+def _entries_part_dense(q, compressed, vis_or_topk, scale, dtype):
+    """All visible entries (a [B, S, N] mask) or the listed ones counted densely (topk [B, S, K]
+    int) as one dense part over the N entries."""
+    if jnp.issubdtype(vis_or_topk.dtype, jnp.integer):
+        counts = _selection_counts(vis_or_topk, compressed.shape[1])
+        return _dense_part(q, compressed, counts > 0, scale, dtype,
+                           jnp.log(jnp.maximum(counts, 1.0)))
+    return _dense_part(q, compressed, vis_or_topk, scale, dtype)
+
+
+# ------------------------------------------------------------------------- the three forms
+def attention_reference(q: jax.Array, kv: jax.Array, sink: jax.Array, *, window: int,
+                        scale: float, segment_ids: jax.Array | None = None,
+                        compressed: jax.Array | None = None,
+                        compressed_valid: jax.Array | None = None, ratio: int = 0,
+                        topk_idx: jax.Array | None = None):
+    """Dense masked attention of a packed row, fp32. q [B, S, H, D]; kv [B, S, D]; sink [H];
+    compressed [B, N, D] with compressed_valid [B, N] (None = all valid) and `ratio`;
+    topk_idx [B, S, K] int32 or None -> (out [B, S, H, D] in q's dtype, lse [B, S, H] fp32)."""
+    b, s = q.shape[:2]
+    qf = q.astype(jnp.float32)
+    rows = masks.row_positions(b, s)
+    mask_w = masks.window_visible(rows, rows, window, segment_ids, segment_ids)
+    parts = [_dense_part(qf, kv.astype(jnp.float32), mask_w, scale, jnp.float32)]
+    if compressed is not None and compressed.shape[1]:
+        if topk_idx is None:
+            valid = (jnp.ones(compressed.shape[:2], bool) if compressed_valid is None
+                     else compressed_valid)
+            sel = masks.sequence_entry_visible(s, ratio, valid, segment_ids)
+        else:
+            sel = topk_idx
+        parts.append(_entries_part_dense(qf, compressed.astype(jnp.float32), sel, scale,
+                                         jnp.float32))
+    return _merge(parts, sink, q.dtype)
+
+
+def _window_band(q, kv, segment_ids, window, scale, dtype):
+    """The window part as a blocked band: query block j (W queries) sees key blocks j-1 and j,
+    since the band [t-W+1, t] never reaches further. Cost S*2W. -> (out, lse) [B, S, ...]."""
     b, s, h, d = q.shape
     w = window
     nb = -(-s // w)
     pad = nb * w - s
     qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, nb, w, h, d)
     kvp = jnp.pad(kv, ((0, 0), (0, pad), (0, 0))).reshape(b, nb, w, d)
-    # Block j of queries sees key blocks j-1 and j: the band [t-W+1, t] never reaches further.
     keys = jnp.concatenate([jnp.pad(kvp[:, :-1], ((0, 0), (1, 0), (0, 0), (0, 0))), kvp], axis=2)
     qpos = jnp.arange(nb)[:, None] * w + jnp.arange(w)[None, :]                 # [nb, W]
     kpos = (jnp.arange(nb)[:, None] - 1) * w + jnp.arange(2 * w)[None, :]       # [nb, 2W]
-    band = ((kpos[:, None, :] <= qpos[:, :, None]) & (qpos[:, :, None] - kpos[:, None, :] < w)
-            & (kpos[:, None, :] >= 0))                                          # [nb, W, 2W]
-    mask_w = jnp.broadcast_to(band, (b, nb, w, 2 * w))
+    qseg = kseg = None
     if segment_ids is not None:
         segp = jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1).reshape(b, nb, w)
-        seg_k = jnp.concatenate(
+        qseg = segp
+        kseg = jnp.concatenate(
             [jnp.pad(segp[:, :-1], ((0, 0), (1, 0), (0, 0)), constant_values=-1), segp], axis=2)
-        mask_w = mask_w & (segp[:, :, :, None] == seg_k[:, :, None, :])
-    lw = _mm("bnqhd,bnkd->bnqhk", qp, keys) * scale
-    o_w, lse_w = _piece(jnp.where(mask_w[:, :, :, None, :], lw, -jnp.inf), keys,
-                        "bnqhk,bnkd->bnqhd", q.dtype)
-    pieces = [(o_w.reshape(b, nb * w, h, d)[:, :s], lse_w.reshape(b, nb * w, h)[:, :s])]
-    if compressed is not None:
-        if topk_idx is None:  # all visible entries (HCA: N = S/m' is small)
-            vis = entry_visibility(s, ratio, compressed_valid, segment_ids)
-            lc = _mm("bshd,bnd->bshn", q, compressed) * scale
-            pieces.append(_piece(jnp.where(vis[:, :, None, :], lc, -jnp.inf), compressed,
-                                 "bshn,bnd->bshd", q.dtype))
-        elif compressed.shape[1]:
-            pieces.append(_topk_part(q, compressed, topk_idx, scale))
-    return _merge(pieces, jnp.broadcast_to(sink.astype(jnp.float32), (b, s, h)), q.dtype)
+    mask = jnp.broadcast_to(masks.window_visible(qpos, kpos, w, qseg, kseg), (b, nb, w, 2 * w))
+    logits = _mm("bnqhd,bnkd->bnqhk", qp, keys) * scale
+    o, lse = _part(jnp.where(mask[:, :, :, None, :], logits, -jnp.inf),
+                   lambda p: _mm("bnqhk,bnkd->bnqhd", p.astype(keys.dtype), keys), dtype)
+    return o.reshape(b, nb * w, h, d)[:, :s], lse.reshape(b, nb * w, h)[:, :s]
 
 
-def _pallas(q, kv, sink, *, window, scale, segment_ids, compressed, compressed_valid, ratio,
-            topk_idx):
-    # Imported here so that the model core does not depend on the kernels package at import time.
-    platform = jax.default_backend()
-    if topk_idx is not None:
-        from kernels_pallas.sparse_attention import api as csa
-        impl = "pallas_gpu" if platform == "gpu" else "pallas_tpu"
-        return csa.csa_attention(q, kv, compressed, topk_idx, sink, window=window, scale=scale,
-                                 segment_ids=segment_ids, implementation=impl)
-    from kernels_pallas.block_sparse_attention import api as bsa
-    impl = "gpu" if platform == "gpu" else "tpu"
-    return bsa.block_sparse_attention(q, kv, sink, window=window, scale=scale,
-                                      compressed=compressed,
-                                      # all entries are valid without documents: the kernel then
-                                      # skips masking positionally full blocks
-                                      compressed_valid=None if segment_ids is None else compressed_valid,
-                                      ratio=ratio if compressed is not None else 0,
-                                      segment_ids=segment_ids, implementation=impl)
+def attention_xla(q: jax.Array, kv: jax.Array, sink: jax.Array, *, window: int, scale: float,
+                  segment_ids: jax.Array | None = None, compressed: jax.Array | None = None,
+                  compressed_valid: jax.Array | None = None, ratio: int = 0,
+                  topk_idx: jax.Array | None = None):
+    """`attention_reference` without anything S x S: the window as a band, the listed entries
+    gathered TOPK_QUERY_CHUNK queries at a time under a rematerialized scan
+    (`map_sequence_chunks`, so one chunk's gathered rows are live, forward and backward), all
+    visible entries dense. Operands and each part's output stay in the compute dtype (bf16
+    runs hold half the bytes); products and the softmax are fp32, as in the kernels."""
+    b, s = q.shape[:2]
+    parts = [_window_band(q, kv, segment_ids, window, scale, q.dtype)]
+    if compressed is not None and compressed.shape[1]:
+        if topk_idx is None:
+            valid = (jnp.ones(compressed.shape[:2], bool) if compressed_valid is None
+                     else compressed_valid)
+            vis = masks.sequence_entry_visible(s, ratio, valid, segment_ids)
+            parts.append(_dense_part(q, compressed.astype(q.dtype), vis, scale, q.dtype))
+        else:
+            entries = compressed.astype(jnp.float32)
+            parts.append(map_sequence_chunks(
+                lambda qc, tc: _gathered_part(qc, entries, tc, scale, q.dtype), (q, topk_idx),
+                chunk=TOPK_QUERY_CHUNK, pad_values=(0, -1)))
+    return _merge(parts, sink, q.dtype)
+
+
+def cached_attention(q: jax.Array, q_pos: jax.Array, keys: jax.Array, key_pos: jax.Array,
+                     sink: jax.Array, *, window: int, scale: float,
+                     entries: jax.Array | None = None, ratio: int = 0,
+                     topk_idx: jax.Array | None = None, return_lse: bool = False):
+    """The same math for chunk queries against a cache (one document per row).
+
+    q [B, T, H, D] at positions q_pos [B, T]; keys [B, K, D] (the ring buffer followed by the
+    chunk's rows) at key_pos [B, K] (negative = empty slot); sink [H]; entries [B, N, D] (the
+    whole preallocated entries cache: only entries visible by `masks.entry_visible` take
+    part), either all visible ones (topk_idx None: HCA, dense CSA) or the listed ones (topk_idx
+    [B, T, k], -1 = none). Returns out [B, T, H, D] in q's dtype (and lse [B, T, H] fp32)."""
+    qf = q.astype(jnp.float32)
+    mask_w = masks.window_visible(q_pos, key_pos, window)
+    parts = [_dense_part(qf, keys.astype(jnp.float32), mask_w, scale, jnp.float32, flat=True)]
+    if entries is not None and entries.shape[1] > 0:   # max_len < m leaves no room for entries
+        ef = entries.astype(jnp.float32)
+        if topk_idx is None:
+            vis = masks.entry_visible(q_pos, ef.shape[1], ratio)
+            parts.append(_dense_part(qf, ef, vis, scale, jnp.float32, flat=True))
+        elif topk_idx.shape[-1]:
+            parts.append(_gathered_part(qf, ef, topk_idx, scale, jnp.float32))
+    out, lse = _merge(parts, sink, q.dtype)
+    return (out, lse) if return_lse else out
+
+
+MASS_PARTS = ("window", "compressed", "sink")
+
+
+def attention_mass_split(q: jax.Array, kv: jax.Array, sink: jax.Array, lse: jax.Array, *,
+                         window: int, scale: float, segment_ids: jax.Array | None = None,
+                         entries: jax.Array | None = None, attended: jax.Array | None = None):
+    """How a packed row's softmax splits between the window, the compressed entries and the sink.
+
+    q [B, S, H, D]; kv [B, S, D]; sink [H]; lse [B, S, H] of the joint softmax (any of the three
+    forms); entries [B, N, D] with attended [B, S, N] (bool, or how often each entry is listed:
+    a listed entry counts once per listing) or None (no compressed part).
+    Returns {"window", "compressed", "sink"} -> [B, S, H] fp32; they sum to 1 when `lse` is the
+    lse of exactly this attention. Dense over S x S and S x N: for analysis batches.
+    """
+    qf = q.astype(jnp.float32)
+    b, s = qf.shape[:2]
+    lse = lse.astype(jnp.float32)
+    rows = masks.row_positions(b, s)
+    mask = masks.window_visible(rows, rows, window, segment_ids, segment_ids)
+    lw = _mm("bshd,btd->bsht", qf, kv.astype(jnp.float32)) * scale
+    out = {"window": jnp.sum(jnp.where(mask[:, :, None, :], jnp.exp(lw - lse[..., None]), 0.0), -1)}
+    if entries is not None and entries.shape[1] > 0:
+        if attended is None:
+            raise ValueError("entries given without `attended` [B, S, N]")
+        lc = _mm("bshd,bnd->bshn", qf, entries.astype(jnp.float32)) * scale
+        count = attended.astype(jnp.float32)[:, :, None, :]
+        out["compressed"] = jnp.sum(jnp.where(count > 0, count * jnp.exp(lc - lse[..., None]),
+                                              0.0), -1)
+    else:
+        out["compressed"] = jnp.zeros(lse.shape, jnp.float32)
+    out["sink"] = jnp.exp(sink.astype(jnp.float32)[None, None, :] - lse)
+    return out

@@ -9,22 +9,7 @@ the same document) and the second channel half of window i.
 import jax
 import jax.numpy as jnp
 
-
-def window_validity(segment_ids: jax.Array | None, batch: int, seq: int, ratio: int) -> jax.Array:
-    """[B, N] bool, N = seq // ratio: window i lies inside one document."""
-    n = seq // ratio
-    if segment_ids is None:
-        return jnp.ones((batch, n), bool)
-    seg = segment_ids[:, : n * ratio].reshape(batch, n, ratio)
-    return jnp.all(seg == seg[:, :, :1], axis=-1)
-
-
-def window_segments(segment_ids: jax.Array | None, batch: int, seq: int, ratio: int) -> jax.Array:
-    """[B, N] segment id of each window's first token (zeros without segment ids)."""
-    n = seq // ratio
-    if segment_ids is None:
-        return jnp.zeros((batch, n), jnp.int32)
-    return segment_ids[:, : n * ratio : ratio]
+from sparse_lm.ops.masks import entry_segments, window_validity
 
 
 def add_position_bias(gate: jax.Array, ape: jax.Array, slots: jax.Array) -> jax.Array:
@@ -46,11 +31,13 @@ def compress(kv: jax.Array, gate: jax.Array, ape: jax.Array | None, *, ratio: in
     b, s, w = kv.shape
     m = ratio
     n = s // m
+    valid = window_validity(segment_ids, b, s, m)
+    if n == 0:      # shorter than one window: no entry (the tokens are seen through the window)
+        return jnp.zeros((b, 0, w // 2 if overlap else w), jnp.float32), valid
     kv = kv[:, : n * m].astype(jnp.float32).reshape(b, n, m, w)
     g = gate[:, : n * m].astype(jnp.float32).reshape(b, n, m, w)
     if ape is not None:
         g = g + ape.astype(jnp.float32)
-    valid = window_validity(segment_ids, b, s, m)
     if not overlap:
         p = jax.nn.softmax(g, axis=2)
         return jnp.sum(p * kv, axis=2), valid
@@ -58,7 +45,8 @@ def compress(kv: jax.Array, gate: jax.Array, ape: jax.Array | None, *, ratio: in
     # Slots 0..m-1: first channel half of the previous window; slots m..2m-1: second half of this one.
     prev_kv = jnp.pad(kv[:, :-1, :, :c], ((0, 0), (1, 0), (0, 0), (0, 0)))
     prev_g = jnp.pad(g[:, :-1, :, :c], ((0, 0), (1, 0), (0, 0), (0, 0)), constant_values=-jnp.inf)
-    seg = window_segments(segment_ids, b, s, m)
+    seg = (jnp.zeros((b, n), jnp.int32) if segment_ids is None
+           else entry_segments(segment_ids, n, m))
     prev_ok = jnp.concatenate([jnp.zeros((b, 1), bool), valid[:, :-1] & (seg[:, :-1] == seg[:, 1:])],
                               axis=1)
     prev_g = jnp.where(prev_ok[:, :, None, None], prev_g, -jnp.inf)
@@ -72,19 +60,3 @@ def entry_positions(positions: jax.Array, ratio: int) -> jax.Array:
     """[B, S] token positions -> [B, S // ratio] RoPE position of each entry (its window's first token)."""
     n = positions.shape[1] // ratio
     return positions[:, : n * ratio : ratio]
-
-
-def entry_visibility(seq: int, ratio: int, valid: jax.Array,
-                     segment_ids: jax.Array | None = None) -> jax.Array:
-    """[B, S, N] bool: entry s is visible to query t iff s < (t+1)//m, valid, and same document.
-
-    Uses the reference code's rule (a window is visible at its own last token; spec §14.1).
-    """
-    b, n = valid.shape
-    t = jnp.arange(seq)[:, None]
-    e = jnp.arange(n)[None, :]
-    vis = (e < (t + 1) // ratio)[None] & valid[:, None, :]
-    if segment_ids is not None:
-        seg_e = window_segments(segment_ids, b, seq, ratio)
-        vis = vis & (segment_ids[:, :, None] == seg_e[:, None, :])
-    return vis

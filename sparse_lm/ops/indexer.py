@@ -6,17 +6,37 @@ entry 0 is a real entry). `lax.top_k` breaks ties by the lower index.
 import jax
 import jax.numpy as jnp
 
+from sparse_lm.ops import masks
+from sparse_lm.ops.attention import flat_scores
 
-def indexer_scores(q: jax.Array, weights: jax.Array, keys: jax.Array,
-                   visible: jax.Array) -> jax.Array:
+
+def indexer_scores(q: jax.Array, weights: jax.Array, keys: jax.Array, visible: jax.Array, *,
+                   precision=None, flat: bool = False) -> jax.Array:
     """I[b,t,s] = sum_h w[b,t,h] * relu(q[b,t,h] . k[b,s]); invisible entries get -inf.
 
     q [B, S, Hi, Di], weights [B, S, Hi] (already scaled), keys [B, N, Di], visible [B, S, N].
-    Returns [B, S, N] fp32.
+    Returns [B, S, N] fp32. precision: of both products (the compiled kernels' tests ask for
+    HIGHEST). flat: the dot products as one matmul per row with the query and head axes
+    flattened (`ops.attention.flat_scores`: no transposed copy of cached keys on XLA:CPU).
     """
-    dots = jnp.einsum("bthd,bsd->bths", q.astype(jnp.float32), keys.astype(jnp.float32))
-    scores = jnp.einsum("bths,bth->bts", jax.nn.relu(dots), weights.astype(jnp.float32))
+    qf, kf = q.astype(jnp.float32), keys.astype(jnp.float32)
+    if flat:
+        dots = flat_scores(qf, kf)
+    else:
+        dots = jnp.einsum("bthd,bsd->bths", qf, kf, precision=precision)
+    scores = jnp.einsum("bths,bth->bts", jax.nn.relu(dots), weights.astype(jnp.float32),
+                        precision=precision)
     return jnp.where(visible, scores, -jnp.inf)
+
+
+def indexer_head_scores(q: jax.Array, weights: jax.Array, keys: jax.Array,
+                        visible: jax.Array) -> jax.Array:
+    """The per-head terms of `indexer_scores`: [B, S, Hi, N] fp32 = weights[b,t,h] *
+    relu(q[b,t,h] . keys[b,n]), 0 where not visible (for analysis: which heads pick what).
+    q [B, S, Hi, Di], weights [B, S, Hi], keys [B, N, Di], visible [B, S, N]."""
+    dots = jnp.einsum("bthd,bnd->bthn", q.astype(jnp.float32), keys.astype(jnp.float32))
+    s = jax.nn.relu(dots) * weights.astype(jnp.float32)[..., None]
+    return jnp.where(visible[:, :, None, :], s, 0.0)
 
 
 def select_topk(scores: jax.Array, k: int) -> jax.Array:
@@ -27,26 +47,6 @@ def select_topk(scores: jax.Array, k: int) -> jax.Array:
         return jnp.zeros(scores.shape[:-1] + (0,), jnp.int32)
     vals, idx = jax.lax.top_k(scores, k_eff)
     return jnp.where(jnp.isfinite(vals), idx, -1).astype(jnp.int32)
-
-
-def select_topk_fused(q: jax.Array, weights: jax.Array, keys: jax.Array, valid: jax.Array,
-                      k: int, *, ratio: int, segment_ids: jax.Array | None = None,
-                      implementation: str | None = None) -> jax.Array:
-    """`select_topk(indexer_scores(q, weights, keys, entry_visibility(S, ratio, valid,
-    segment_ids)), k)` without the [B, S, N] score matrix: the fused score + streaming top-k
-    kernels of `kernels_pallas.indexer_topk` (implementation None = Pallas on TPU/GPU, the
-    query-chunked XLA form on CPU; or "reference" / "xla" / "pallas_tpu" / "pallas_gpu").
-
-    q [B, S, Hi, Di], weights [B, S, Hi], keys [B, N, Di], valid [B, N] -> [B, S, min(k, N)]
-    int32, -1 where fewer entries are visible; same indices, same order (ties to the lower index).
-    """
-    from kernels_pallas.indexer_topk import indexer_topk
-    n = keys.shape[1]
-    k_eff = min(k, n)
-    if k_eff == 0:
-        return jnp.zeros(q.shape[:2] + (0,), jnp.int32)
-    return indexer_topk(q, weights, keys.astype(q.dtype), k=k_eff, ratio=ratio, key_valid=valid,
-                        segment_ids=segment_ids, implementation=implementation)
 
 
 def compressed_attention_mass(q: jax.Array, entries: jax.Array, lse: jax.Array,
@@ -107,7 +107,6 @@ def indexer_objective_chunked(q: jax.Array, weights: jax.Array, keys: jax.Array,
     them), q_attn [B, S, H, D], entries [B, N, D], lse [B, S, H] (the main attention's; no
     gradient), valid [B, N], selected [B, S, K] -> (kl, recall) as `indexer_objective`.
     """
-    from sparse_lm.ops.compress import window_segments
     b, s = q.shape[:2]
     n = keys.shape[1]
     chunk = max(1, min(int(chunk), s))
@@ -121,7 +120,7 @@ def indexer_objective_chunked(q: jax.Array, weights: jax.Array, keys: jax.Array,
     qp, wp, sel = padded(q), padded(weights), padded(selected, -1)
     qa, lsep = padded(sg(q_attn)), padded(sg(lse))
     seg_q = None if segment_ids is None else padded(segment_ids)
-    seg_e = None if segment_ids is None else window_segments(segment_ids, b, s, ratio)
+    seg_e = None if segment_ids is None else masks.entry_segments(segment_ids, n, ratio)
     entries = sg(entries)
 
     @jax.checkpoint
@@ -129,10 +128,8 @@ def indexer_objective_chunked(q: jax.Array, weights: jax.Array, keys: jax.Array,
         kl_sum, recall_sum, count = carry
         rows = c * chunk + jnp.arange(chunk)
         take = lambda x: jax.lax.dynamic_slice_in_dim(x, c * chunk, chunk, axis=1)  # noqa: E731
-        vis = ((jnp.arange(n)[None, :] < (rows[:, None] + 1) // ratio)
-               & (rows[:, None] < s))[None] & valid[:, None, :]
-        if seg_q is not None:
-            vis = vis & (take(seg_q)[:, :, None] == seg_e[:, None, :])
+        vis = masks.entry_visible(rows, n, ratio, valid, None if seg_q is None else take(seg_q),
+                                  seg_e) & (rows < s)[:, None]
         scores = indexer_scores(take(qp), take(wp), keys, vis)
         mass = compressed_attention_mass(take(qa), entries, take(lsep), vis, scale)
         kl, recall = indexer_objective(scores, mass, vis, take(sel))
@@ -205,7 +202,6 @@ def sparse_stage_recall(q: jax.Array, entries: jax.Array, lse_sparse: jax.Array,
     visible unselected entry: lse_dense = logaddexp(lse_sparse, logsumexp(unselected logits)).
     q [B, S, H, D], entries [B, N, D], lse_sparse [B, S, H], valid [B, N], selected [B, S, K].
     """
-    from sparse_lm.ops.compress import window_segments
     sg = jax.lax.stop_gradient
     b, s = q.shape[:2]
     n = entries.shape[1]
@@ -213,10 +209,10 @@ def sparse_stage_recall(q: jax.Array, entries: jax.Array, lse_sparse: jax.Array,
     qs = sg(q)[:, rows].astype(jnp.float32)
     lse = sg(lse_sparse)[:, rows]
     sel = selected[:, rows]
-    vis = (jnp.arange(n)[None, :] < (rows[:, None] + 1) // ratio)[None] & valid[:, None, :]
-    if segment_ids is not None:
-        seg_e = window_segments(segment_ids, b, s, ratio)
-        vis = vis & (segment_ids[:, rows][:, :, None] == seg_e[:, None, :])
+    vis = masks.entry_visible(rows, n, ratio, valid,
+                              None if segment_ids is None else segment_ids[:, rows],
+                              None if segment_ids is None else masks.entry_segments(
+                                  segment_ids, n, ratio))
     logits = jnp.einsum("bshd,bnd->bshn", qs, sg(entries).astype(jnp.float32)) * scale
     picked = jnp.any(sel[..., None] == jnp.arange(n), axis=-2) & vis          # [B, R, N]
     rest = jnp.where((vis & ~picked)[:, :, None, :], logits, -jnp.inf)

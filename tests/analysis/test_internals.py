@@ -23,7 +23,7 @@ def setup():
     model = build_model(cfg, seed=0)
     rng = np.random.default_rng(0)
     # Non-zero router biases so that score routing differs from plain top-k of the affinities.
-    for blk in internals.iter_blocks(model):
+    for blk in model.layer_blocks():
         if blk.moe.routing == "score":
             blk.moe.bias[...] = jnp.asarray(rng.normal(size=blk.moe.bias[...].shape) * 0.05,
                                             jnp.float32)

@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from sparse_lm.inference import ops
+from sparse_lm.ops import kv_cache as ops
+from sparse_lm.ops import masks
 from sparse_lm.inference.decode import sample_tokens
 from sparse_lm.ops.compress import add_position_bias, compress
 from sparse_lm.ops.indexer import indexer_scores
@@ -97,7 +98,7 @@ def test_tail_pooling_chunk_by_chunk_equals_whole_sequence(overlap, ratio, chunk
 
 
 def test_entry_visibility_rule():
-    vis = np.asarray(ops.entry_visible(jnp.asarray([[0, 2, 3, 4, 7, 8]]), 3, 4))
+    vis = np.asarray(masks.entry_visible(jnp.asarray([[0, 2, 3, 4, 7, 8]]), 3, 4))
     # query t sees entry s iff s < (t + 1) // 4: entry 0 from t = 3, entry 1 from t = 7.
     assert vis[0].tolist() == [[False] * 3, [False] * 3, [True, False, False],
                                [True, False, False], [True, True, False], [True, True, False]]
@@ -129,8 +130,8 @@ def test_cached_indexer_scores_equal_the_model_indexer_scores(t):
     q = jnp.asarray(rng.normal(size=(b, t, h, d)).astype(np.float32))
     w = jnp.asarray(rng.normal(size=(b, t, h)).astype(np.float32))
     keys = jnp.asarray(rng.normal(size=(b, n, d)).astype(np.float32))
-    visible = ops.entry_visible(jnp.asarray([[20 + j for j in range(t)], [7] * t]), n, 4)
-    got = ops.cached_indexer_scores(q, w, keys, visible)
+    visible = masks.entry_visible(jnp.asarray([[20 + j for j in range(t)], [7] * t]), n, 4)
+    got = indexer_scores(q, w, keys, visible, flat=True)
     want = indexer_scores(q, w, keys, visible)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     assert np.isneginf(np.asarray(got)[1, :, 2:]).all()        # position 7: entries 0, 1 only

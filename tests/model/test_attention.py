@@ -5,15 +5,15 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from sparse_lm.ops.attention import sparse_attention
-from sparse_lm.ops.compress import entry_visibility
+from sparse_lm.ops.implementations import sparse_attention
+from sparse_lm.ops.masks import sequence_entry_visible
 
 
 def naive_attention(q, kv, sink, comp, valid, ratio, topk, window, scale, seg):
     """Per query and head: gather the key set of spec §4.4, one softmax with the sink."""
     b, s, h, d = q.shape
     out = np.zeros_like(q)
-    vis = None if comp is None else np.asarray(entry_visibility(s, ratio, jnp.asarray(valid),
+    vis = None if comp is None else np.asarray(sequence_entry_visible(s, ratio, jnp.asarray(valid),
                                                                 None if seg is None else jnp.asarray(seg)))
     for bi in range(b):
         for t in range(s):
@@ -46,7 +46,7 @@ def make_inputs(seed, b=2, s=19, h=3, d=8, ratio=4, k=3, with_seg=False):
         seg = np.zeros((b, s), np.int32); seg[:, 8:] = 1; seg[1, 14:] = 2
         valid = np.asarray(jax.numpy.asarray(seg[:, : n * ratio].reshape(b, n, ratio)).min(-1)
                            == seg[:, : n * ratio].reshape(b, n, ratio).max(-1))
-    vis = np.asarray(entry_visibility(s, ratio, jnp.asarray(valid), None if seg is None else jnp.asarray(seg)))
+    vis = np.asarray(sequence_entry_visible(s, ratio, jnp.asarray(valid), None if seg is None else jnp.asarray(seg)))
     topk = np.full((b, s, k), -1, np.int32)
     for bi in range(b):
         for t in range(s):

@@ -3,7 +3,8 @@ import numpy as np
 import jax.numpy as jnp
 import pytest
 
-from sparse_lm.ops.compress import compress, entry_visibility
+from sparse_lm.ops.compress import compress
+from sparse_lm.ops.masks import sequence_entry_visible
 
 
 def naive_compress(kv, gate, ape, m, overlap):
@@ -75,9 +76,9 @@ def test_windows_straddling_documents_are_invalid_and_do_not_pool_across():
 
 def test_entry_visible_at_its_last_token_and_only_in_its_document():
     valid = jnp.ones((1, 4), bool)
-    vis = np.asarray(entry_visibility(16, 4, valid))[0]
+    vis = np.asarray(sequence_entry_visible(16, 4, valid))[0]
     for t in range(16):
         assert vis[t].tolist() == [s < (t + 1) // 4 for s in range(4)]
     seg = jnp.asarray([[0] * 8 + [1] * 8])
-    vis = np.asarray(entry_visibility(16, 4, valid, seg))[0]
+    vis = np.asarray(sequence_entry_visible(16, 4, valid, seg))[0]
     assert not vis[8:, :2].any() and vis[15, 2:].all()

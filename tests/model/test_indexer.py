@@ -2,7 +2,7 @@
 import numpy as np
 import jax.numpy as jnp
 
-from sparse_lm.ops.compress import entry_visibility
+from sparse_lm.ops.masks import sequence_entry_visible
 from sparse_lm.ops.indexer import indexer_objective, indexer_scores, select_topk
 
 
@@ -23,7 +23,7 @@ def test_scores_equal_weighted_relu_sum_over_heads():
 def test_topk_selects_only_visible_entries_and_pads_with_minus_one():
     rng = np.random.default_rng(1)
     s, m = 24, 4
-    vis = entry_visibility(s, m, jnp.ones((2, s // m), bool))
+    vis = sequence_entry_visible(s, m, jnp.ones((2, s // m), bool))
     scores = jnp.where(vis, jnp.asarray(rng.normal(size=(2, s, s // m)), jnp.float32), -jnp.inf)
     idx = np.asarray(select_topk(scores, 3))
     assert idx.shape == (2, s, 3)

@@ -1,17 +1,54 @@
-"""Pure functions of the cached (chunked prefill / decode) path, shapes in docstrings.
+"""The cache state of one attention layer and the pure functions that keep it (spec §13).
 
 A *chunk* is T new tokens per row, appended after the `lengths` [B] tokens the cache already
 holds; row b uses only its first `n_new[b]` (0..T) tokens, the rest is padding that changes
 nothing. Token j of row b has position lengths[b] + j. Chunk boundaries may fall anywhere,
 inside compression windows too: the compressor tails carry the incomplete window across chunks.
+
+Per attention layer (`LayerCache`):
+  * ``window`` [B, W, D]: ring buffer of the last W raw K=V rows; token p sits in slot p mod W
+    (the current token's row is part of the window, spec §4.4).
+  * ``compressor`` (CSA/HCA) and ``indexer`` (CSA), each a `CompressorCache`:
+      - ``kv``, ``gate`` [B, (1+ov)*m, (1+ov)*c] fp32: the uncompressed tail. Gates include the
+        position bias ``ape``; an empty slot has gate -inf and value 0. With overlap (CSA, ov=1)
+        slots 0..m-1 hold the previous complete window and slots m..2m-1 the current one; HCA
+        (ov=0) keeps only the current window. Slot k of the current window holds the token at
+        position m*floor(length/m) + k for k < length mod m (the official reference's layout).
+      - ``entries`` [B, max_len // m, c]: compressed entries in order (entry i = window i, normed
+        and RoPE'd at position m*i); for the indexer these are its compressed keys.
+SWA-only layers have only the window. The model's `Attention` runs with or without such a
+cache; this module is the bookkeeping that differs.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 
-from sparse_lm.ops.attention import _joint_softmax
 from sparse_lm.ops.compress import compress
+
+
+def dataclass_pytree(cls=None, *, meta=()):
+    def wrap(c):
+        c = dataclasses.dataclass(c)
+        data = [f.name for f in dataclasses.fields(c) if f.name not in meta]
+        return jax.tree_util.register_dataclass(c, data_fields=data, meta_fields=list(meta))
+    return wrap if cls is None else wrap(cls)
+
+
+@dataclass_pytree
+class CompressorCache:
+    kv: jax.Array        # [B, slots, w] fp32 (state)
+    gate: jax.Array      # [B, slots, w] fp32, ape included, -inf = empty (state)
+    entries: jax.Array   # [B, max_len // m, c] (grows with context)
+
+
+@dataclass_pytree
+class LayerCache:
+    window: jax.Array                      # [B, W, D] ring buffer (state)
+    compressor: CompressorCache | None     # CSA / HCA
+    indexer: CompressorCache | None        # CSA
 
 
 def chunk_positions(lengths: jax.Array, t: int) -> jax.Array:
@@ -109,84 +146,16 @@ def write_entries(entries: jax.Array, new: jax.Array, idx: jax.Array,
     return jax.lax.optimization_barrier(out)
 
 
-# ---------------------------------------------------------------------- attention
-def _scores(q: jax.Array, keys: jax.Array) -> jax.Array:
-    """q [B, T, H, D], keys [B, N, D] -> [B, T, H, N] fp32 dot products.
-
-    One matmul per row with the chunk and head axes flattened: on XLA:CPU the four-axis einsum
-    ("bthd,bnd->bthn") made a transposed copy of the whole key array on every call, O(N) extra
-    work per decode step for the cached entries and indexer keys.
-    """
-    b, t, h, d = q.shape
-    flat = q.reshape(b, t * h, d).astype(jnp.float32)
-    return jnp.einsum("bxd,bnd->bxn", flat, keys.astype(jnp.float32)).reshape(b, t, h, -1)
+@dataclass_pytree
+class FullKVCache:
+    """A plain full-context K=V cache of one window-only layer: kv [B, max_len, D], token p in
+    row p (the dense baseline of the decode benchmark; no ring, no compression)."""
+    kv: jax.Array
 
 
-def _weighted_values(probs: jax.Array, values: jax.Array) -> jax.Array:
-    """probs [B, T, H, N], values [B, N, D] -> [B, T, H, D] fp32 (flattened like `_scores`)."""
-    b, t, h, n = probs.shape
-    out = jnp.einsum("bxn,bnd->bxd", probs.reshape(b, t * h, n), values.astype(jnp.float32))
-    return out.reshape(b, t, h, -1)
-
-
-def cached_indexer_scores(q: jax.Array, weights: jax.Array, keys: jax.Array,
-                          visible: jax.Array) -> jax.Array:
-    """`sparse_lm.ops.indexer.indexer_scores` against the cached indexer keys, the same math
-    (I[b,t,s] = sum_h w[b,t,h] * relu(q[b,t,h] . k[b,s]), -inf where not visible) with the dot
-    products taken by `_scores` (no transposed copy of the keys).
-
-    q [B, T, Hi, Di], weights [B, T, Hi], keys [B, N, Di], visible [B, T, N] -> [B, T, N] fp32.
-    """
-    dots = jax.nn.relu(_scores(q, keys))
-    scores = jnp.einsum("bths,bth->bts", dots, weights.astype(jnp.float32))
-    return jnp.where(visible, scores, -jnp.inf)
-
-
-def entry_visible(positions: jax.Array, n: int, ratio: int) -> jax.Array:
-    """[B, T] query positions -> [B, T, N] bool: entry s visible iff s < (t+1)//m (spec §14.1)."""
-    return jnp.arange(n)[None, None, :] < ((positions + 1) // ratio)[..., None]
-
-
-def cached_attention(q: jax.Array, q_pos: jax.Array, keys: jax.Array, key_pos: jax.Array,
-                     sink: jax.Array, *, window: int, scale: float,
-                     entries: jax.Array | None = None, ratio: int = 0,
-                     topk_idx: jax.Array | None = None) -> jax.Array:
-    """Joint window + compressed attention with a sink for chunk queries against a cache.
-
-    q [B, T, H, D] at positions q_pos [B, T]; keys [B, K, D] (the ring buffer followed by the
-    chunk's rows) at key_pos [B, K] (negative = empty slot); sink [H]; entries [B, N, D] (the
-    whole preallocated entries cache: only visible entries, s < (t+1)//m, take part), either all
-    visible ones (topk_idx None: HCA, dense CSA) or the listed ones (topk_idx [B, T, k], -1 =
-    none). Query t sees keys at positions t-W+1..t. Returns [B, T, H, D] in q's dtype.
-    Same math as `ops.attention.sparse_attention`, one joint softmax.
-    """
-    b, t, h, d = q.shape
-    qf = q.astype(jnp.float32)
-    kp, qp = key_pos[:, None, :], q_pos[:, :, None]
-    band = (kp >= 0) & (kp <= qp) & (qp - kp < window)               # [B, T, K]
-    lw = _scores(qf, keys) * scale
-    parts = [jnp.where(band[:, :, None, :], lw, -jnp.inf)]
-    values = None
-    if entries is not None and entries.shape[1] > 0:   # max_len < m leaves no room for entries
-        ef = entries.astype(jnp.float32)
-        n = ef.shape[1]
-        if topk_idx is None:
-            vis = entry_visible(q_pos, n, ratio)
-            lc = _scores(qf, ef) * scale
-            lc = jnp.where(vis[:, :, None, :], lc, -jnp.inf)
-            values = ("dense", ef)
-        else:
-            safe = jnp.clip(topk_idx, 0, max(n - 1, 0))    # address only; -1 is masked below
-            rows = jnp.take_along_axis(ef[:, None], safe[..., None], axis=2)   # [B, T, k, D]
-            lc = jnp.einsum("bthd,btkd->bthk", qf, rows) * scale
-            lc = jnp.where((topk_idx >= 0)[:, :, None, :], lc, -jnp.inf)
-            values = ("rows", rows)
-        parts.append(lc)
-    sink_l = jnp.broadcast_to(sink.astype(jnp.float32), (b, t, h))
-    probs, _ = _joint_softmax(parts, sink_l)
-    out = _weighted_values(probs[0], keys)
-    if values is not None:
-        kind, v = values
-        out = out + (_weighted_values(probs[1], v) if kind == "dense"
-                     else jnp.einsum("bthk,btkd->bthd", probs[1], v))
-    return out.astype(q.dtype)
+def write_rows(cache: jax.Array, rows: jax.Array, lengths: jax.Array,
+               n_new: jax.Array) -> jax.Array:
+    """cache [B, L, D] <- the chunk's real rows [B, T, D] at their positions (in place)."""
+    t = rows.shape[1]
+    positions = chunk_positions(lengths, t)
+    return write_entries(cache, rows, positions, jnp.arange(t)[None, :] < n_new[:, None])
