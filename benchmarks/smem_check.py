@@ -130,7 +130,7 @@ def main(argv=None) -> int:
              ("csa_fwd_gpu", "csa_bwd_gpu")),
             ("hca", bsa_cfg, lambda q, kv, sink, c: block_sparse_attention(
                 q, kv, sink, window=WINDOW, scale=D ** -0.5, compressed=c, ratio=R_HCA,
-                implementation="gpu", interpret=False, config=bsa_cfg),
+                implementation="pallas_gpu", interpret=False, config=bsa_cfg),
              (q, kv, sink, A((1, s // R_HCA, D), bf)), 4,
              ("block_sparse_fwd", "block_sparse_dq", "block_sparse_dkv")),
         ]

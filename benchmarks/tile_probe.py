@@ -100,11 +100,11 @@ def main(argv=None):
             if geom == "hca":
                 fn = lambda q, kv, sink, c, cfg=cfg: block_sparse_attention(  # noqa: E731
                     q, kv, sink, window=W, scale=scale, compressed=c, ratio=R_HCA,
-                    implementation="gpu", interpret=False, config=cfg)
+                    implementation="pallas_gpu", interpret=False, config=cfg)
                 args = (q, kv, sink, c_hca)
             else:
                 fn = lambda q, kv, sink, cfg=cfg: block_sparse_attention(  # noqa: E731
-                    q, kv, sink, window=s, scale=scale, implementation="gpu", interpret=False,
+                    q, kv, sink, window=s, scale=scale, implementation="pallas_gpu", interpret=False,
                     config=cfg)
                 args = (q, kv, sink)
             print(f"{geom:5s} {name:14s}", *_both(fn, args, len(args), a.runs), flush=True)

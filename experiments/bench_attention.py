@@ -310,7 +310,7 @@ def cudnn_check(s: int, sh: Shapes, runs: int, warmup: int, dtype) -> dict:
     kv = jax.random.normal(ks[1], (sh.batch, s, d), jnp.float32).astype(dtype)
     no_sink = jnp.full((h,), -1e30, jnp.float32)          # exp(sink - m) = 0: plain softmax
     ours = lambda q, kv: block_sparse_attention(q, kv, no_sink, window=s, scale=d ** -0.5,  # noqa: E731
-                                                implementation="gpu")[0]
+                                                implementation="pallas_gpu")[0]
     cudnn = lambda q, kv: jax.nn.dot_product_attention(  # noqa: E731
         q, kv[:, :, None, :], kv[:, :, None, :], scale=d ** -0.5, is_causal=True,
         implementation="cudnn")
@@ -379,7 +379,7 @@ def run(args) -> dict:
     dev = jax.devices()[0]
     backend = jax.default_backend()
     interpret = backend == "cpu"
-    kernel_impl = "gpu" if backend == "gpu" else "tpu"
+    kernel_impl = "pallas_gpu" if backend == "gpu" else "pallas_tpu"
     csa_impl = "pallas_gpu" if backend == "gpu" else "pallas_tpu"
     meta = run_meta(preset="tiny" if args.tiny else args.preset, shapes=dataclasses.asdict(sh),
                     dtype=str(dtype), seq=args.seq, arms=args.arms, runs=args.runs,

@@ -2,7 +2,7 @@
 FLOPs, side by side in one process on one device.
 
     python -m experiments.bench_moe [--preset flash|pro] [--tokens-per-expert 128,512,2048]
-        [--experts E] [--distribution balanced|skewed] [--impls ragged_dot,pallas,tokamax,dense]
+        [--experts E] [--distribution balanced|skewed] [--impls reference,pallas,tokamax,dense]
         [--runs 20] [--warmup 3] [--no-backward] [--json benchmarks/moe_<device>.json] [--tiny]
 
 Workload: the routed experts' first product (gate or up projection) of one MoE layer:
@@ -10,8 +10,8 @@ lhs [M, d] (tokens sorted by expert, M = E * tokens-per-expert), rhs [E, d, I], 
 from the distribution ("balanced": every expert the same; "skewed": Zipf-like sizes with the
 same total, several experts empty and one taking the most). d, I, E from the preset
 (V4-Flash: 4096, 2048, 256).
-Implementations: "ragged_dot" (`lax.ragged_dot`), "pallas" (the platform's Pallas kernel:
-pallas_tpu / pallas_gpu, interpreted on CPU), "tokamax" (only if importable; otherwise the row
+Implementations: "reference" (`lax.ragged_dot`; the old name "ragged_dot" is accepted), "pallas"
+(the arm of the platform's Pallas kernel: pallas_tpu / pallas_gpu, interpreted on CPU), "tokamax" (only if importable; otherwise the row
 says so), "dense" (one [M, d] x [d, I] matmul: the same FLOPs with no grouping, the
 denominator of "fraction of dense").
 Methodology (design.md §8): same inputs for every arm, compile time excluded, median of `--runs`
@@ -36,7 +36,7 @@ import numpy as np
 from experiments.benchlib import device_peak, device_tag, run_meta, time_compiled, write_result
 from kernels_pallas.grouped_matmul import grouped_matmul, tokamax_available
 
-IMPLS = ("ragged_dot", "pallas", "tokamax", "dense")
+IMPLS = ("reference", "pallas", "tokamax", "dense")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +101,7 @@ def parse_args(argv):
     if a.tiny and a.tokens_per_expert == p.get_default("tokens_per_expert"):
         a.tokens_per_expert = "16,64"
     a.tokens_per_expert = [int(x) for x in a.tokens_per_expert.split(",") if x]
-    a.impls = [x for x in a.impls.split(",") if x]
+    a.impls = [{"ragged_dot": "reference"}.get(x, x) for x in a.impls.split(",") if x]
     bad = [x for x in a.impls if x not in IMPLS]
     if bad:
         p.error(f"--impls has unknown values {bad}: allowed {IMPLS}")
