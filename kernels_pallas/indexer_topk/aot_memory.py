@@ -22,10 +22,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from kernels_pallas.indexer_topk.api import indexer_topk
+from kernels_pallas.indexer_topk.reference import indexer_topk_reference
+from kernels_pallas.testing import tpu_aot
 
 _UNITS = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
 
@@ -80,16 +86,12 @@ def naive_topk(q, w, keys, *, k: int, ratio: int):
 
 
 def einsum_topk(q, w, keys, *, k: int, ratio: int):
-    from kernels_pallas.indexer_topk.reference import indexer_topk_reference
     return indexer_topk_reference(q, w, keys, k=k, ratio=ratio)[0]
 
 
 def indexer_footprints(seq: int = 65536, topology: str = "v5p:2x2x1", *, heads: int = 64,
                        head_dim: int = 128, topk: int = 512, ratio: int = 4,
                        dtype=jnp.bfloat16, arms=("fused", "naive", "einsum")):
-    from kernels_pallas.indexer_topk import indexer_topk
-    from kernels_pallas.testing import tpu_aot
-
     b, s, n = 1, seq, seq // ratio
 
     def fused(q, w, keys):
@@ -132,8 +134,6 @@ def measure_on_device(seq: int = 65536, topk: int = 512) -> dict:
     """Measured peak device memory (`memory_stats()["peak_bytes_in_use"]`, one fresh process per
     arm) of the fused kernel (the platform default) and the naive form on the local GPU/TPU:
     {arm: (peak before the call = inputs, peak after)} in bytes, or an error string."""
-    import subprocess
-    import sys
     out = {}
     for arm in ("fused", "naive"):
         code = _MEASURE.format(fn="naive_topk", seq=seq, topk=topk, arm=arm)

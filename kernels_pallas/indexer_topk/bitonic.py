@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental.pallas import tpu as pltpu
 
 NEG_INF = float("-inf")
 SENTINEL_BASE = 2 ** 30          # empty slot l holds (-inf, SENTINEL_BASE + l): worse than any
@@ -41,7 +42,6 @@ def empty_state(rows: int, width: int):
 # --------------------------------------------------------------------------- "roll" exchange
 
 def _roll(x, shift: int):
-    from jax.experimental.pallas import tpu as pltpu
     return pltpu.roll(x, shift, 1)        # same direction as jnp.roll (checked in the tests)
 
 

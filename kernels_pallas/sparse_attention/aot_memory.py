@@ -19,6 +19,10 @@ import re
 import jax
 import jax.numpy as jnp
 
+from kernels_pallas.sparse_attention.api import csa_attention
+from kernels_pallas.sparse_attention.reference import csa_reference
+from kernels_pallas.testing import tpu_aot
+
 _UNITS = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
 
 
@@ -62,8 +66,6 @@ def csa_layer_footprints(seq: int = 65536, topology: str = "v5p:2x2x1", *, heads
                          head_dim: int = 512, topk: int = 512, window: int = 128, ratio: int = 4,
                          backward: bool = False, dtype=jnp.bfloat16):
     """(ours, dense) Footprints of one CSA attention call (forward, or forward+backward)."""
-    from kernels_pallas.sparse_attention import csa_attention, csa_reference
-    from kernels_pallas.testing import tpu_aot
 
     b, s, h, d, k, n = 1, seq, heads, head_dim, topk, seq // ratio
     scale = d ** -0.5
