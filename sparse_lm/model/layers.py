@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sparse_lm.ops.norms import rms_norm
+
 
 class RouterBias(nnx.Variable):
     """Aux-loss-free balancing bias: updated outside the optimizer (never by gradients)."""
@@ -47,5 +49,4 @@ class RMSNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x):
-        from sparse_lm.ops.norms import rms_norm
         return rms_norm(x, self.weight[...], self.eps)

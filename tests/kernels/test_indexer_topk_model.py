@@ -1,5 +1,5 @@
-"""Wiring of the fused indexer into the model (additive; defaults unchanged): `Indexer.select`
-(`ops.indexer.select_topk_fused`) returns exactly the top-k indices of the model's own
+"""Wiring of the fused indexer into the model (additive; defaults unchanged): the indexer's
+"select" stage (`ops.implementations.indexer_topk`) returns exactly the top-k indices of the model's own
 `Indexer.__call__` (dense scores, then `select_topk`) on the tiny config, for a packed row of
 documents and for a row shorter than k windows, through every implementation (the Pallas ones
 interpreted). About 25 s."""
@@ -36,8 +36,8 @@ def test_select_equals_model_topk(indexer_and_inputs, impl, packed):
     positions = (segment_positions(seg) if seg is not None
                  else jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2]))
     inv_freq = rope_table(cfg, "csa")
-    _, want = ind(x, q_latent, positions, inv_freq, seg)
-    got = ind.select(x, q_latent, positions, inv_freq, seg, implementation=impl)
+    _, want, _ = ind(x, q_latent, positions, inv_freq, seg)
+    _, got, _ = ind(x, q_latent, positions, inv_freq, seg, stage="select", implementation=impl)
     assert got.shape == want.shape and got.dtype == jnp.int32
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     assert np.any(np.asarray(want) == -1) and np.any(np.asarray(want) >= 0)
