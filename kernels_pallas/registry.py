@@ -41,6 +41,7 @@ import logging
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
+import numpy as np
 
 PLATFORMS = ("cpu", "gpu", "tpu")
 VOCABULARY = ("reference", "xla", "pallas_tpu", "pallas_gpu")
@@ -267,3 +268,36 @@ def problem_of(fn: Callable[..., Any], *args, **kw) -> str | None:
     except ValueError as e:
         return str(e)
     return None
+
+
+# The usual shape of a kernel op: an XLA form everywhere, the platform's Pallas kernel first
+# where there is one, and the old per-family names as aliases.
+KERNEL_PREFERENCE = {"cpu": ("xla",), "tpu": ("pallas_tpu", "xla"), "gpu": ("pallas_gpu", "xla")}
+KERNEL_ALIASES: Mapping[str, Alias] = {"tpu": "pallas_tpu", "gpu": "pallas_gpu",
+                                        "pallas": pallas_for}
+
+
+# ------------------------------------------------------------------ shared input checks
+def check_query(q, layout: str = "[B, S, H, D]") -> tuple[int, ...]:
+    """q must be a 4-D floating array; returns its shape."""
+    if q.ndim != 4:
+        raise ValueError(f"q has shape {q.shape}: expected {layout}")
+    if not jax.numpy.issubdtype(q.dtype, jax.numpy.floating):
+        raise TypeError(f"q has dtype {q.dtype}: expected a floating dtype")
+    return tuple(q.shape)
+
+
+def check_positive_int(name: str, value) -> None:
+    """value must be a Python or NumPy int >= 1 (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name}={value!r} is invalid: expected an int >= 1")
+
+
+def check_segment_ids(segment_ids, b: int, s: int) -> None:
+    """segment_ids None or an integer [B, S] array."""
+    if segment_ids is None:
+        return
+    if segment_ids.shape != (b, s):
+        raise ValueError(f"segment_ids has shape {segment_ids.shape}: expected [B, S] = {(b, s)}")
+    if not jax.numpy.issubdtype(segment_ids.dtype, jax.numpy.integer):
+        raise TypeError(f"segment_ids has dtype {segment_ids.dtype}: expected an integer dtype")

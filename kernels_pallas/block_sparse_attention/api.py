@@ -98,7 +98,7 @@ OP = registry.Op(
     # interpret.
     preference={"cpu": ("pallas_tpu", "reference"), "tpu": ("pallas_tpu", "reference"),
                 "gpu": ("pallas_gpu", "reference")},
-    aliases={"tpu": "pallas_tpu", "gpu": "pallas_gpu", "pallas": registry.pallas_for})
+    aliases=registry.KERNEL_ALIASES)
 IMPLEMENTATIONS = OP.names
 default_implementation = OP.default_implementation
 
@@ -154,19 +154,14 @@ def _operands(plan: Plan, q, kv, compressed, compressed_valid, segment_ids):
 
 
 def _validate(q, kv, sink, window, scale, compressed, compressed_valid, ratio, segment_ids):
-    if q.ndim != 4:
-        raise ValueError(f"q has shape {q.shape}, expected [B, S, H, D]")
-    b, s, h, d = q.shape
-    if not jnp.issubdtype(q.dtype, jnp.floating):
-        raise TypeError(f"q has dtype {q.dtype}, expected a floating dtype")
+    b, s, h, d = registry.check_query(q)
     if kv.shape != (b, s, d):
         raise ValueError(f"kv has shape {kv.shape}, expected {(b, s, d)} (one shared K = V head)")
     if kv.dtype != q.dtype:
         raise TypeError(f"kv has dtype {kv.dtype}, expected q's dtype {q.dtype}")
     if sink.shape != (h,):
         raise ValueError(f"sink has shape {sink.shape}, expected ({h},) (one logit per head)")
-    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
-        raise ValueError(f"window={window!r} is invalid: must be an int >= 1")
+    registry.check_positive_int("window", window)
     if not isinstance(scale, (float, int, np.floating)) or isinstance(scale, bool) or scale <= 0:
         raise ValueError(f"scale={scale!r} is invalid: must be a positive Python float")
     if compressed is not None:
@@ -174,9 +169,7 @@ def _validate(q, kv, sink, window, scale, compressed, compressed_valid, ratio, s
             raise ValueError(f"compressed has shape {compressed.shape}, expected [B={b}, N, D={d}]")
         if not jnp.issubdtype(compressed.dtype, jnp.floating):
             raise TypeError(f"compressed has dtype {compressed.dtype}, expected a floating dtype")
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, np.integer)) or ratio < 1:
-            raise ValueError(f"ratio={ratio!r} is invalid with compressed entries: must be an "
-                             "int >= 1")
+        registry.check_positive_int("ratio", ratio)
         if compressed_valid is not None:
             n = compressed.shape[1]
             if compressed_valid.shape != (b, n) or compressed_valid.dtype != jnp.bool_:
@@ -184,7 +177,4 @@ def _validate(q, kv, sink, window, scale, compressed, compressed_valid, ratio, s
                                  f"{compressed_valid.dtype}, expected bool [B={b}, N={n}]")
     elif compressed_valid is not None:
         raise ValueError("compressed_valid given without compressed entries")
-    if segment_ids is not None:
-        if segment_ids.shape != (b, s) or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
-            raise ValueError(f"segment_ids has shape {segment_ids.shape} and dtype "
-                             f"{segment_ids.dtype}, expected integer [B={b}, S={s}]")
+    registry.check_segment_ids(segment_ids, b, s)

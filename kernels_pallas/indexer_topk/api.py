@@ -22,7 +22,6 @@ from __future__ import annotations
 
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from kernels_pallas import compat, registry
@@ -35,11 +34,7 @@ from kernels_pallas.indexer_topk.tpu import indexer_topk_tpu
 
 def validate_inputs(q, weights, keys, *, k, ratio, key_valid=None, segment_ids=None):
     """Raises ValueError/TypeError naming the offending argument."""
-    if q.ndim != 4:
-        raise ValueError(f"q has shape {q.shape}: expected [B, S, Hi, Di]")
-    b, s, h, d = q.shape
-    if not jnp.issubdtype(q.dtype, jnp.floating):
-        raise TypeError(f"q has dtype {q.dtype}: expected a floating dtype")
+    b, s, h, d = registry.check_query(q, "[B, S, Hi, Di]")
     if weights.shape != (b, s, h):
         raise ValueError(f"weights has shape {weights.shape}: expected [B, S, Hi] = {(b, s, h)}")
     if keys.ndim != 3 or keys.shape[0] != b or keys.shape[2] != d:
@@ -49,10 +44,8 @@ def validate_inputs(q, weights, keys, *, k, ratio, key_valid=None, segment_ids=N
         raise ValueError("keys has N = 0 entries: expected N >= 1 (nothing to select from)")
     if keys.dtype != q.dtype:
         raise TypeError(f"keys has dtype {keys.dtype}: expected q's dtype {q.dtype}")
-    if not isinstance(ratio, (int, np.integer)) or isinstance(ratio, bool) or ratio < 1:
-        raise ValueError(f"ratio={ratio!r} is invalid: expected an int >= 1")
-    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"k={k!r} is invalid: expected an int >= 1")
+    registry.check_positive_int("ratio", ratio)
+    registry.check_positive_int("k", k)
     if k > n:
         raise ValueError(f"k={k} is larger than the number of keys N={n}: expected 1 <= k <= N "
                          "(the model passes min(index_topk, N))")
@@ -62,12 +55,8 @@ def validate_inputs(q, weights, keys, *, k, ratio, key_valid=None, segment_ids=N
         raise ValueError(f"N={n} keys is too many: expected N < 2**30")
     if key_valid is not None and key_valid.shape != (b, n):
         raise ValueError(f"key_valid has shape {key_valid.shape}: expected [B, N] = {(b, n)}")
+    registry.check_segment_ids(segment_ids, b, s)
     if segment_ids is not None:
-        if segment_ids.shape != (b, s):
-            raise ValueError(f"segment_ids has shape {segment_ids.shape}: expected [B, S] = "
-                             f"{(b, s)}")
-        if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
-            raise TypeError(f"segment_ids has dtype {segment_ids.dtype}: expected an integer dtype")
         if n * ratio > s:
             raise ValueError(f"keys has N={n} entries but S={s} // ratio={ratio} = {s // ratio}: "
                              "with segment_ids every entry must have its window in the sequence")
@@ -124,8 +113,7 @@ OP = registry.Op(
     [registry.Implementation("reference", _jnp(reference.indexer_topk_reference)),
      registry.Implementation("xla", _jnp(reference.indexer_topk_xla)),
      _pallas("pallas_tpu"), _pallas("pallas_gpu")],
-    preference={"cpu": ("xla",), "tpu": ("pallas_tpu", "xla"), "gpu": ("pallas_gpu", "xla")},
-    aliases={"tpu": "pallas_tpu", "gpu": "pallas_gpu", "pallas": registry.pallas_for})
+    preference=registry.KERNEL_PREFERENCE, aliases=registry.KERNEL_ALIASES)
 IMPLEMENTATIONS = OP.names
 default_implementation = OP.default_implementation
 

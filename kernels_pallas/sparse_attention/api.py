@@ -32,11 +32,7 @@ from kernels_pallas.sparse_attention.vjp import Static, csa_pallas
 def validate_inputs(q, kv, compressed, topk_idx, sink, *, window, scale, segment_ids=None):
     """Raises ValueError/TypeError naming the offending argument. Index values are checked
     (-1 <= idx < N) when topk_idx is concrete; under `jit` only shapes and dtypes can be."""
-    if q.ndim != 4:
-        raise ValueError(f"q has shape {q.shape}: expected [B, S, H, D]")
-    b, s, h, d = q.shape
-    if not jnp.issubdtype(q.dtype, jnp.floating):
-        raise TypeError(f"q has dtype {q.dtype}: expected a floating dtype")
+    b, s, h, d = registry.check_query(q)
     if kv.shape != (b, s, d):
         raise ValueError(f"kv has shape {kv.shape}: expected [B, S, D] = {(b, s, d)} "
                          "(one shared KV head)")
@@ -53,16 +49,10 @@ def validate_inputs(q, kv, compressed, topk_idx, sink, *, window, scale, segment
         raise ValueError(f"topk_idx has shape {topk_idx.shape}: expected [B={b}, S={s}, K>=1]")
     if sink.shape != (h,):
         raise ValueError(f"sink has shape {sink.shape}: expected [H] = {(h,)}")
-    if not isinstance(window, (int, np.integer)) or isinstance(window, bool) or window < 1:
-        raise ValueError(f"window={window!r} is invalid: expected an int >= 1")
+    registry.check_positive_int("window", window)
     if not np.isfinite(float(scale)) or float(scale) <= 0:
         raise ValueError(f"scale={scale!r} is invalid: expected a finite float > 0")
-    if segment_ids is not None:
-        if segment_ids.shape != (b, s):
-            raise ValueError(f"segment_ids has shape {segment_ids.shape}: expected [B, S] = "
-                             f"{(b, s)}")
-        if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
-            raise TypeError(f"segment_ids has dtype {segment_ids.dtype}: expected an integer dtype")
+    registry.check_segment_ids(segment_ids, b, s)
     if compat.is_concrete(topk_idx):
         idx = np.asarray(topk_idx)
         n = compressed.shape[1]
@@ -132,8 +122,7 @@ OP = registry.Op(
     [registry.Implementation("reference", _jnp(reference.csa_reference)),
      registry.Implementation("xla", _jnp(reference.csa_xla)),
      _pallas("pallas_tpu"), _pallas("pallas_gpu")],
-    preference={"cpu": ("xla",), "tpu": ("pallas_tpu", "xla"), "gpu": ("pallas_gpu", "xla")},
-    aliases={"tpu": "pallas_tpu", "gpu": "pallas_gpu", "pallas": registry.pallas_for})
+    preference=registry.KERNEL_PREFERENCE, aliases=registry.KERNEL_ALIASES)
 IMPLEMENTATIONS = OP.names
 default_implementation = OP.default_implementation
 

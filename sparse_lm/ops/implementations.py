@@ -8,7 +8,7 @@ with an `implementation=` switch in the one vocabulary.
                      the platform's kernel on TPU / GPU where its tiles take the shapes, else
                      "xla" (logged once); "xla" on CPU.
   indexer_topk       the fused lightning-indexer score + top-k (`kernels_pallas.indexer_topk`).
-  moe_experts        the routed-expert product (`sparse_lm.ops.moe.EXPERTS`).
+The routed-expert product has its registry beside its math: `sparse_lm.ops.moe.EXPERTS`.
 
 The old name "pallas" is an alias of "pallas_<target>" ("pallas_tpu" on CPU, interpreted),
 with one deprecation note. The target platform and `interpret=None` follow
@@ -25,7 +25,6 @@ from kernels_pallas.block_sparse_attention import api as block_sparse
 from kernels_pallas.indexer_topk import api as indexer_kernels
 from kernels_pallas.sparse_attention import api as csa
 from sparse_lm.ops.attention import attention_reference, attention_xla
-from sparse_lm.ops.moe import EXPERT_IMPLEMENTATIONS, EXPERTS as moe_experts  # noqa: F401
 
 
 # ------------------------------------------------------------------------ sparse attention
