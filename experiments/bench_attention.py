@@ -36,7 +36,6 @@ benchmarks/README.md. `--tiny` runs CPU-sized shapes with interpreted kernels (t
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -47,7 +46,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.benchlib import device_peak, device_tag, run_meta, time_compiled, write_result
+from absl import flags
+
+from experiments import benchlib
+from experiments.benchlib import device_peak, run_meta, time_compiled
 from kernels_pallas.block_sparse_attention import block_sparse_attention
 from sparse_lm.config import ModelConfig
 from sparse_lm.ops.compress import compress, entry_positions
@@ -331,45 +333,38 @@ def cudnn_check(s: int, sh: Shapes, runs: int, warmup: int, dtype) -> dict:
 
 # --------------------------------------------------------------------------------- driver
 
+def _define(fv):
+    flags.DEFINE_enum("preset", "flash", ["flash", "pro"], "Model shapes.", flag_values=fv)
+    flags.DEFINE_string("seq", None, "Comma-separated sequence lengths (default "
+                        "8192,...,131072; --tiny: 64,128).", flag_values=fv)
+    flags.DEFINE_integer("batch", 1, "Batch rows.", flag_values=fv)
+    flags.DEFINE_string("arms", ",".join(ARMS), f"Comma-separated subset of {ARMS}.",
+                        flag_values=fv)
+    flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype.",
+                      flag_values=fv)
+    flags.DEFINE_integer("runs", 20, "Timed calls per arm.", flag_values=fv)
+    flags.DEFINE_integer("warmup", 3, "Untimed calls after compilation.", flag_values=fv)
+    flags.DEFINE_boolean("no-backward", False, "Forward only.", flag_values=fv)
+    flags.DEFINE_boolean("cudnn-check", False, "GPU: time/compare the dense kernel against "
+                         "cuDNN at head dim 256.", flag_values=fv)
+    flags.DEFINE_string("json", None, "Output path (default benchmarks/attention_<device>_"
+                        "<preset>.json, none with --tiny; '-' = none).", flag_values=fv)
+    flags.DEFINE_boolean("tiny", False, "Tiny preset shapes, S=64,128, interpreted kernels on "
+                         "CPU (for tests).", flag_values=fv)
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--preset", choices=("flash", "pro"), default="flash")
-    p.add_argument("--seq", default="8192,16384,32768,65536,131072",
-                   help="comma-separated sequence lengths")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {ARMS}")
-    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
-    p.add_argument("--runs", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--no-backward", action="store_true", help="forward only")
-    p.add_argument("--cudnn-check", action="store_true",
-                   help="GPU: time/compare the dense kernel against cuDNN at head dim 256")
-    p.add_argument("--json", default=None, help="output path (default benchmarks/"
-                   "attention_<device>_<preset>.json, none with --tiny; '-' = none)")
-    p.add_argument("--tiny", action="store_true",
-                   help="tiny preset shapes, S=64,128, interpreted kernels on CPU (for tests)")
-    args = p.parse_args(argv)
-    if args.tiny and args.seq == p.get_default("seq"):
-        args.seq = "64,128"
-    args.seq = [int(x) for x in args.seq.split(",") if x]
-    args.arms = [a for a in args.arms.split(",") if a]
-    bad = [a for a in args.arms if a not in ARMS]
-    if bad:
-        p.error(f"--arms has unknown values {bad}: allowed {ARMS}")
-    if args.runs < 1 or args.warmup < 0:
-        p.error("--runs must be >= 1 and --warmup >= 0")
+    args = benchlib.parse_flags(argv, _define)
+    args.seq = benchlib.int_list(args.seq or ("64,128" if args.tiny else
+                                              "8192,16384,32768,65536,131072"), "--seq")
+    args.arms = benchlib.name_list(args.arms, "--arms", ARMS)
+    benchlib.check_runs(args.runs, args.warmup)
     return args
 
 
 def preset_config(name: str) -> ModelConfig:
-    """The model preset's ModelConfig (configs/model_presets.py needs ml_collections)."""
-    try:
-        from configs import model_presets
-    except ImportError as e:
-        raise SystemExit(f"the presets need configs.model_presets, which failed to import ({e}); "
-                         "install the ml-collections pin of requirements.txt") from e
-    return ModelConfig.from_dict({"tiny": model_presets.tiny, "pro": model_presets.v4_pro,
-                                  "flash": model_presets.v4_flash}[name]())
+    """The model preset's ModelConfig."""
+    return benchlib.preset_model(name)
 
 
 def run(args) -> dict:
@@ -453,22 +448,19 @@ def crossover(rows) -> dict:
 
 def format_table(result: dict) -> str:
     m = result["meta"]
-    lines = [f"device: {m['device_kind']} ({m['platform']}), jax {m['jax']}, commit "
-             f"{(m['git_commit'] or '?')[:10]}{'+dirty' if m['git_dirty'] else ''}, preset "
-             f"{m['preset']}, {m['dtype']}, B={m['shapes']['batch']} H={m['shapes']['heads']} "
-             f"D={m['shapes']['head_dim']}, median of {m['runs']} runs"
-             + (" (interpreted kernels: timings are not performance)" if m["interpret"] else ""),
+    lines = [benchlib.header(m, f"B={m['shapes']['batch']} H={m['shapes']['heads']} "
+                                f"D={m['shapes']['head_dim']}"),
              f"{'S':>7} {'arm':<11} {'pass':<8} {'median ms':>10} {'TFLOP/s':>9} {'% peak':>7} "
              f"{'vs dense':>9} {'FLOP ratio':>10}"]
     for r in result["rows"]:
         if "error" in r:
             lines.append(f"{r['seq']:>7} {r['arm']:<11} {r['pass']:<8} ERROR {r['error']}")
             continue
-        pct = "" if r.get("frac_peak") is None else f"{100 * r['frac_peak']:.1f}"
         sp = r.get("speedup_vs_dense")
         fr = r.get("flop_ratio_vs_dense")
         lines.append(f"{r['seq']:>7} {r['arm']:<11} {r['pass']:<8} {r['median_ms']:>10.3f} "
-                     f"{r['tflops']:>9.3f} {pct:>7} {'' if sp is None else f'{sp:.2f}x':>9} "
+                     f"{r['tflops']:>9.3f} {benchlib.percent_of_peak(r):>7} "
+                     f"{'' if sp is None else f'{sp:.2f}x':>9} "
                      f"{'' if fr is None else f'{fr:.1f}x':>10}")
     for c in result.get("cudnn_check", []):
         lines.append(f"cuDNN check: {json.dumps(c)}")
@@ -476,13 +468,7 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> dict:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    result = run(args)
-    print(format_table(result))
-    write_result(result, "-" if args.json is None and args.tiny else args.json,
-                 default_name=f"attention_{device_tag(result)}_{result['meta']['preset']}.json")
-    return result
+main = benchlib.main_of(parse_args, run, format_table, "attention")
 
 
 if __name__ == "__main__":

@@ -68,7 +68,6 @@ runs a toy model at two short lengths (seconds of compute).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import json
@@ -76,7 +75,6 @@ import os
 import platform as platform_lib
 import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -86,8 +84,9 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 import numpy as np
-from flax import nnx
+from absl import flags
 
+from experiments import benchlib
 from sparse_lm.analysis import accounting as acc
 from sparse_lm.config import ModelConfig
 from sparse_lm.inference.cache import Cache, CompressorCache, LayerCache, cache_bytes, init_cache
@@ -107,8 +106,7 @@ DEFAULT_LENGTHS = tuple(1024 << i for i in range(7))           # 1K .. 64K
 TINY_LENGTHS = (64, 128)
 
 
-class BenchError(ValueError):
-    """Bad benchmark arguments; the message names the flag."""
+BenchError = benchlib.FlagError     # bad benchmark arguments; the message names the flag
 
 
 # ------------------------------------------------------------------------------ models
@@ -475,15 +473,7 @@ def attention_part_ms(parts: dict[str, float], cfg: ModelConfig, arm: str) -> fl
 # ------------------------------------------------------------------------------ reporting
 
 def _git() -> dict:
-    here = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                    cwd=here, capture_output=True, text=True,
-                                    check=True).stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        return {"git_commit": None, "git_dirty": None}
+    commit, dirty = benchlib.git_state()
     return {"git_commit": commit, "git_dirty": dirty}
 
 
@@ -629,55 +619,43 @@ def plot(result: dict, path: str) -> None:
 
 # ------------------------------------------------------------------------------ driver
 
-def _int_list(text: str, flag: str) -> list[int]:
-    try:
-        vals = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise BenchError(f"{flag}={text!r} is invalid: a comma-separated list of integers")
-    if not vals:
-        raise BenchError(f"{flag}={text!r} is invalid: empty")
-    return vals
+def _define(fv):
+    flags.DEFINE_string("lengths", None, "Comma list of context lengths (default 1K..64K; "
+                        "--tiny: 64,128).", flag_values=fv)
+    flags.DEFINE_string("arms", "sparse,dense", f"Comma list from {ARMS}.", flag_values=fv)
+    flags.DEFINE_integer("runs", None, "Timed steps per arm (default 20; --tiny 3).",
+                         flag_values=fv)
+    flags.DEFINE_integer("warmup", None, "Untimed steps after the first call (default 3; "
+                         "--tiny 1).", flag_values=fv)
+    flags.DEFINE_integer("batch", 1, "Rows decoded per step.", flag_values=fv)
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute and cache dtype of "
+                      "both arms.", flag_values=fv)
+    flags.DEFINE_boolean("no-parts", False, "Skip the per-part timings.", flag_values=fv)
+    flags.DEFINE_boolean("hlo", False, "At the largest length, count the cache-sized copy "
+                         "instructions in each arm's compiled step (compiles twice).",
+                         flag_values=fv)
+    flags.DEFINE_string("json", None, "Output JSON (default benchmarks/decode_<platform>.json; "
+                        "'-' = none).", flag_values=fv)
+    flags.DEFINE_string("plot", None, "Output PNG (default: the JSON path with .png; '-' = "
+                        "none).", flag_values=fv)
+    flags.DEFINE_boolean("tiny", False, "Toy model and lengths (seconds; tests).", flag_values=fv)
+    flags.DEFINE_boolean("markdown", False, "Also print the table in Markdown.", flag_values=fv)
+    flags.DEFINE_string("from-json", None, "Measure nothing: print the table of an earlier run's "
+                        "JSON and redraw its plot (to --plot, default beside it).",
+                        flag_values=fv)
+    flags.DEFINE_boolean("no-progress", False, "No progress bar.", flag_values=fv)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lengths", default=None,
-                   help="comma list of context lengths (default 1K..64K; --tiny: 64,128)")
-    p.add_argument("--arms", default="sparse,dense", help=f"comma list from {ARMS}")
-    p.add_argument("--runs", type=int, default=None, help="timed steps per arm (default 20)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps after the first call "
-                   "(default 3)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                   help="compute and cache dtype of both arms")
-    p.add_argument("--no-parts", action="store_true", help="skip the per-part timings")
-    p.add_argument("--hlo", action="store_true", help="at the largest length, count the "
-                   "cache-sized copy instructions in each arm's compiled step (compiles twice)")
-    p.add_argument("--json", default=None, help="output JSON (default "
-                   "benchmarks/decode_<platform>.json; '-' = none)")
-    p.add_argument("--plot", default=None, help="output PNG (default: the JSON path with .png; "
-                   "'-' = none)")
-    p.add_argument("--tiny", action="store_true", help="toy model and lengths (seconds; tests)")
-    p.add_argument("--markdown", action="store_true", help="also print the table in Markdown")
-    p.add_argument("--from-json", default=None, help="measure nothing: print the table of an "
-                   "earlier run's JSON and redraw its plot (to --plot, default beside it)")
-    p.add_argument("--no-progress", action="store_true")
-    a = p.parse_args(argv)
-    a.lengths = _int_list(a.lengths, "--lengths") if a.lengths else list(
-        TINY_LENGTHS if a.tiny else DEFAULT_LENGTHS)
-    a.arms = [x.strip() for x in a.arms.split(",") if x.strip()]
-    bad = [x for x in a.arms if x not in ARMS]
-    if bad or not a.arms:
-        raise BenchError(f"--arms={','.join(a.arms)!r} is invalid: allowed values {ARMS}")
+def parse_args(argv=None):
+    a = benchlib.parse_flags(sys.argv[1:] if argv is None else argv, _define)
+    a.lengths = (benchlib.int_list(a.lengths, "--lengths") if a.lengths
+                 else list(TINY_LENGTHS if a.tiny else DEFAULT_LENGTHS))
+    a.arms = benchlib.name_list(a.arms, "--arms", ARMS)
     if a.runs is None:
         a.runs = 3 if a.tiny else 20
     if a.warmup is None:
         a.warmup = 1 if a.tiny else 3
-    if a.runs < 1:
-        raise BenchError(f"--runs={a.runs} is invalid: must be >= 1")
-    if a.warmup < 0:
-        raise BenchError(f"--warmup={a.warmup} is invalid: must be >= 0")
+    benchlib.check_runs(a.runs, a.warmup)
     if a.batch < 1:
         raise BenchError(f"--batch={a.batch} is invalid: must be >= 1")
     cfg = bench_config(tiny=a.tiny, dtype=a.dtype)
@@ -692,7 +670,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return a
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args) -> dict:
     """Run every (length, arm) and every (length, part); returns the result dict."""
     cfg = bench_config(tiny=args.tiny, dtype=args.dtype)
     dev = jax.devices()[0]

@@ -30,7 +30,6 @@ Output: a table on stdout and a JSON file (device, JAX version, git commit, ever
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import statistics
 import sys
@@ -39,7 +38,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.benchlib import device_peak, device_tag, run_meta, time_compiled, write_result
+from absl import flags
+
+from experiments import benchlib
+from experiments.benchlib import device_peak, run_meta, time_compiled
 from kernels_pallas.indexer_topk import indexer_max_score, indexer_topk
 
 ARMS = ("naive", "xla", "fused", "scores_only", "csa_core")
@@ -131,41 +133,34 @@ def csa_data(s: int, sh: Shapes, dtype, seed: int = 1):
             "sink": jnp.zeros((sh.heads,), jnp.float32)}
 
 
+def _define(fv):
+    flags.DEFINE_enum("preset", "flash", ["flash", "pro"], "Model shapes.", flag_values=fv)
+    flags.DEFINE_string("seq", None, "Comma-separated sequence lengths (default "
+                        "8192,32768,65536,131072; --tiny: 64,128).", flag_values=fv)
+    flags.DEFINE_integer("batch", 1, "Batch rows.", flag_values=fv)
+    flags.DEFINE_string("arms", ",".join(ARMS), f"Comma-separated subset of {ARMS}.",
+                        flag_values=fv)
+    flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype.",
+                      flag_values=fv)
+    flags.DEFINE_integer("runs", 20, "Timed calls per arm.", flag_values=fv)
+    flags.DEFINE_integer("warmup", 3, "Untimed calls after compilation.", flag_values=fv)
+    flags.DEFINE_string("json", None, "Output path (default benchmarks/indexer_<device>_"
+                        "<preset>.json; none with --tiny; '-' = none).", flag_values=fv)
+    flags.DEFINE_boolean("tiny", False, "Tiny preset, S=64,128, interpreted kernels on CPU "
+                         "(for tests).", flag_values=fv)
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--preset", choices=("flash", "pro"), default="flash")
-    p.add_argument("--seq", default="8192,32768,65536,131072")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--arms", default=",".join(ARMS))
-    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
-    p.add_argument("--runs", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--json", default=None, help="output path (default benchmarks/indexer_"
-                   "<device>_<preset>.json; none with --tiny; '-' = none)")
-    p.add_argument("--tiny", action="store_true", help="tiny preset, S=64,128, interpreted "
-                   "kernels on CPU (for tests)")
-    a = p.parse_args(argv)
-    if a.tiny and a.seq == p.get_default("seq"):
-        a.seq = "64,128"
-    a.seq = [int(x) for x in a.seq.split(",") if x]
-    a.arms = [x for x in a.arms.split(",") if x]
-    bad = [x for x in a.arms if x not in ARMS]
-    if bad:
-        p.error(f"--arms has unknown values {bad}: allowed {ARMS}")
-    if a.runs < 1 or a.warmup < 0:
-        p.error("--runs must be >= 1 and --warmup >= 0")
+    a = benchlib.parse_flags(argv, _define)
+    a.seq = benchlib.int_list(a.seq or ("64,128" if a.tiny else "8192,32768,65536,131072"),
+                              "--seq")
+    a.arms = benchlib.name_list(a.arms, "--arms", ARMS)
+    benchlib.check_runs(a.runs, a.warmup)
     return a
 
 
 def preset_shapes(name: str, batch: int) -> Shapes:
-    try:
-        from configs import model_presets
-    except ImportError as e:
-        raise SystemExit(f"the presets need configs.model_presets ({e}); install the "
-                         "ml-collections pin of requirements.txt") from e
-    from sparse_lm.config import ModelConfig
-    cfg = ModelConfig.from_dict({"tiny": model_presets.tiny, "flash": model_presets.v4_flash,
-                                 "pro": model_presets.v4_pro}[name]())
+    cfg = benchlib.preset_model(name)
     return Shapes(batch=batch, index_heads=cfg.index_n_heads, index_dim=cfg.index_head_dim,
                   ratio=cfg.compress_ratio_csa, topk=cfg.index_topk, heads=cfg.num_heads,
                   head_dim=cfg.head_dim, window=cfg.sliding_window)
@@ -236,33 +231,22 @@ def run(a) -> dict:
 def format_table(result: dict) -> str:
     m = result["meta"]
     sh = m["shapes"]
-    lines = [f"device: {m['device_kind']} ({m['platform']}), jax {m['jax']}, commit "
-             f"{(m['git_commit'] or '?')[:10]}{'+dirty' if m['git_dirty'] else ''}, preset "
-             f"{m['preset']}, {m['dtype']}, B={sh['batch']} Hi={sh['index_heads']} "
-             f"Di={sh['index_dim']} ratio={sh['ratio']} k={sh['topk']}, median of {m['runs']} "
-             "runs" + (" (interpreted kernels: timings are not performance)"
-                       if m["interpret"] else ""),
+    lines = [benchlib.header(m, f"B={sh['batch']} Hi={sh['index_heads']} Di={sh['index_dim']} "
+                                f"ratio={sh['ratio']} k={sh['topk']}"),
              f"{'S':>7} {'arm':<12} {'median ms':>10} {'TFLOP/s':>9} {'% peak':>7}"]
     for r in result["rows"]:
         if "error" in r:
             lines.append(f"{r['seq']:>7} {r['arm']:<12} ERROR {r['error']}")
             continue
-        pct = "" if r.get("frac_peak") is None else f"{100 * r['frac_peak']:.1f}"
         lines.append(f"{r['seq']:>7} {r['arm']:<12} {r['median_ms']:>10.3f} {r['tflops']:>9.3f} "
-                     f"{pct:>7}")
+                     f"{benchlib.percent_of_peak(r):>7}")
     for item in result["summary"]:
         lines.append("S={seq}: ".format(**item) + ", ".join(
             f"{k} {v:.3f}" for k, v in item.items() if k != "seq"))
     return "\n".join(lines)
 
 
-def main(argv=None) -> dict:
-    a = parse_args(sys.argv[1:] if argv is None else argv)
-    result = run(a)
-    print(format_table(result))
-    write_result(result, "-" if a.json is None and a.tiny else a.json,
-                 default_name=f"indexer_{device_tag(result)}_{result['meta']['preset']}.json")
-    return result
+main = benchlib.main_of(parse_args, run, format_table, "indexer")
 
 
 if __name__ == "__main__":

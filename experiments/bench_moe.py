@@ -24,7 +24,6 @@ Output: a table on stdout and a JSON file. `--tiny`: the tiny preset with interp
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import statistics
 import sys
@@ -33,7 +32,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.benchlib import device_peak, device_tag, run_meta, time_compiled, write_result
+from absl import flags
+
+from experiments import benchlib
+from experiments.benchlib import device_peak, run_meta, time_compiled
 from kernels_pallas.grouped_matmul import grouped_matmul, tokamax_available
 
 IMPLS = ("reference", "pallas", "tokamax", "dense")
@@ -82,39 +84,38 @@ def fwd_bwd(fn):
     return f
 
 
+def _define(fv):
+    flags.DEFINE_enum("preset", "flash", ["flash", "pro"], "Model shapes.", flag_values=fv)
+    flags.DEFINE_string("tokens-per-expert", None, "Comma-separated tokens per expert (default "
+                        "128,512,2048; --tiny: 16,64).", flag_values=fv)
+    flags.DEFINE_integer("experts", None, "Override the preset's E.", flag_values=fv)
+    flags.DEFINE_enum("distribution", "balanced", ["balanced", "skewed"], "Group sizes.",
+                      flag_values=fv)
+    flags.DEFINE_string("impls", ",".join(IMPLS), f"Comma-separated subset of {IMPLS}.",
+                        flag_values=fv)
+    flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype.",
+                      flag_values=fv)
+    flags.DEFINE_integer("runs", 20, "Timed calls per implementation.", flag_values=fv)
+    flags.DEFINE_integer("warmup", 3, "Untimed calls after compilation.", flag_values=fv)
+    flags.DEFINE_boolean("no-backward", False, "Forward only.", flag_values=fv)
+    flags.DEFINE_string("json", None, "Output path (default benchmarks/moe_<device>_"
+                        "<preset>.json; none with --tiny; '-' = none).", flag_values=fv)
+    flags.DEFINE_boolean("tiny", False, "Tiny preset, 16 and 64 tokens per expert, interpreted "
+                         "kernels on CPU (for tests).", flag_values=fv)
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--preset", choices=("flash", "pro"), default="flash")
-    p.add_argument("--tokens-per-expert", default="128,512,2048")
-    p.add_argument("--experts", type=int, default=None, help="override the preset's E")
-    p.add_argument("--distribution", choices=("balanced", "skewed"), default="balanced")
-    p.add_argument("--impls", default=",".join(IMPLS))
-    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
-    p.add_argument("--runs", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--no-backward", action="store_true")
-    p.add_argument("--json", default=None, help="output path (default benchmarks/moe_<device>_"
-                   "<preset>.json; none with --tiny; '-' = none)")
-    p.add_argument("--tiny", action="store_true", help="tiny preset, 16 and 64 tokens per "
-                   "expert, interpreted kernels on CPU (for tests)")
-    a = p.parse_args(argv)
-    if a.tiny and a.tokens_per_expert == p.get_default("tokens_per_expert"):
-        a.tokens_per_expert = "16,64"
-    a.tokens_per_expert = [int(x) for x in a.tokens_per_expert.split(",") if x]
-    a.impls = [{"ragged_dot": "reference"}.get(x, x) for x in a.impls.split(",") if x]
-    bad = [x for x in a.impls if x not in IMPLS]
-    if bad:
-        p.error(f"--impls has unknown values {bad}: allowed {IMPLS}")
-    if a.runs < 1 or a.warmup < 0:
-        p.error("--runs must be >= 1 and --warmup >= 0")
+    a = benchlib.parse_flags(argv, _define)
+    a.tokens_per_expert = benchlib.int_list(
+        a.tokens_per_expert or ("16,64" if a.tiny else "128,512,2048"), "--tokens-per-expert")
+    a.impls = benchlib.name_list(",".join({"ragged_dot": "reference"}.get(x, x)
+                                          for x in a.impls.split(",")), "--impls", IMPLS)
+    benchlib.check_runs(a.runs, a.warmup)
     return a
 
 
 def preset_shapes(name: str, experts: int | None) -> Shapes:
-    from configs import model_presets
-    from sparse_lm.config import ModelConfig
-    cfg = ModelConfig.from_dict({"tiny": model_presets.tiny, "flash": model_presets.v4_flash,
-                                 "pro": model_presets.v4_pro}[name]())
+    cfg = benchlib.preset_model(name)
     return Shapes(experts=experts or cfg.n_routed_experts, hidden=cfg.hidden_size,
                   inter=cfg.moe_intermediate_size)
 
@@ -184,11 +185,8 @@ def run(a) -> dict:
 def format_table(result: dict) -> str:
     m = result["meta"]
     sh = m["shapes"]
-    lines = [f"device: {m['device_kind']} ({m['platform']}), jax {m['jax']}, commit "
-             f"{(m['git_commit'] or '?')[:10]}{'+dirty' if m['git_dirty'] else ''}, preset "
-             f"{m['preset']}, {m['dtype']}, E={sh['experts']} d={sh['hidden']} I={sh['inter']}, "
-             f"{m['distribution']} routing, median of {m['runs']} runs"
-             + (" (interpreted kernels: timings are not performance)" if m["interpret"] else ""),
+    lines = [benchlib.header(m, f"E={sh['experts']} d={sh['hidden']} I={sh['inter']}, "
+                                f"{m['distribution']} routing"),
              f"{'tok/exp':>8} {'impl':<11} {'pass':<8} {'median ms':>10} {'TFLOP/s':>9} "
              f"{'% peak':>7} {'vs dense':>9}"]
     for r in result["rows"]:
@@ -196,20 +194,13 @@ def format_table(result: dict) -> str:
         if "error" in r:
             lines.append(f"{head} ERROR {r['error']}")
             continue
-        pct = "" if r.get("frac_peak") is None else f"{100 * r['frac_peak']:.1f}"
         vs = r.get("vs_dense")
-        lines.append(f"{head} {r['median_ms']:>10.3f} {r['tflops']:>9.3f} {pct:>7} "
-                     f"{'' if vs is None else f'{vs:.2f}':>9}")
+        lines.append(f"{head} {r['median_ms']:>10.3f} {r['tflops']:>9.3f} "
+                     f"{benchlib.percent_of_peak(r):>7} {'' if vs is None else f'{vs:.2f}':>9}")
     return "\n".join(lines)
 
 
-def main(argv=None) -> dict:
-    a = parse_args(sys.argv[1:] if argv is None else argv)
-    result = run(a)
-    print(format_table(result))
-    write_result(result, "-" if a.json is None and a.tiny else a.json,
-                 default_name=f"moe_{device_tag(result)}_{result['meta']['preset']}.json")
-    return result
+main = benchlib.main_of(parse_args, run, format_table, "moe")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
-"""What every benchmark in `experiments/bench_*.py` shares (design.md section 8): the device's
-dense bf16 peak, timing a compiled function, the run's provenance, and where the JSON goes.
+"""What every benchmark in `experiments/bench_*.py` shares (design.md section 8): the command
+line (absl flags, as every entry point), the device's dense bf16 peak, timing a compiled
+function, the run's provenance, the table header, and where the JSON goes.
 
+    args = parse_flags(argv, define)                        # absl flags -> a namespace
     times = time_compiled(fn, args, runs=20, warmup=3)      # seconds per call, compile excluded
     meta = run_meta(preset="v4_flash", dtype="bfloat16")    # device, versions, git, time, argv
     write_result(result, path=None, default_name="indexer_H100_v4_flash.json")
@@ -15,8 +17,15 @@ import subprocess
 import sys
 import time
 
+import types
+from typing import Callable
+
 import jax
 import jaxlib
+from absl import flags
+
+from sparse_lm import presets
+from sparse_lm.config import ModelConfig
 
 # Dense bf16 matmul peaks (FLOP/s) by device-kind substring, most specific first: "TPU v5 lite"
 # (v5e) must match before "TPU v5" (v5p).
@@ -94,3 +103,90 @@ def write_result(result: dict, path: str | None, *, default_name: str) -> str | 
 def device_tag(result: dict) -> str:
     """The device kind of a result's meta as a file-name part ("NVIDIA_H100_80GB_HBM3")."""
     return result["meta"]["device_kind"].replace(" ", "_").replace("/", "_")
+
+
+class FlagError(ValueError):
+    """A bad benchmark flag; the message names it (the entry point prints it in one line and
+    exits with status 2)."""
+
+
+def parse_flags(argv, define: Callable[[flags.FlagValues], None]) -> types.SimpleNamespace:
+    """Parse `argv` (without the program name) against the flags `define(fv)` declares on a
+    fresh `absl.flags.FlagValues` (so a benchmark can run twice in one process, and importing
+    several never clashes). Returns a namespace whose attributes are the flag names with '-'
+    replaced by '_'. absl's own errors (unknown flag, bad value) become FlagError."""
+    fv = flags.FlagValues()
+    define(fv)
+    try:
+        fv(["bench"] + list(argv))
+    except flags.Error as e:
+        raise FlagError(str(e)) from None
+    return types.SimpleNamespace(**{name.replace("-", "_"): fv[name].value for name in fv})
+
+
+def int_list(text: str, flag: str) -> list[int]:
+    """'64,128' -> [64, 128]; FlagError naming `flag` otherwise."""
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise FlagError(f"{flag}={text!r} is invalid: a comma-separated list of integers") from None
+    if not vals:
+        raise FlagError(f"{flag}={text!r} is invalid: empty")
+    return vals
+
+
+def name_list(text: str, flag: str, allowed) -> list[str]:
+    """'a,b' -> ['a', 'b'], each in `allowed`; FlagError naming `flag` otherwise."""
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in names if x not in allowed]
+    if bad or not names:
+        raise FlagError(f"{flag}={text!r} is invalid: allowed values {tuple(allowed)}")
+    return names
+
+
+def check_runs(runs: int, warmup: int) -> None:
+    if runs < 1:
+        raise FlagError(f"--runs={runs} is invalid: must be >= 1")
+    if warmup < 0:
+        raise FlagError(f"--warmup={warmup} is invalid: must be >= 0")
+
+
+def header(meta: dict, shapes: str) -> str:
+    """The first line of every kernel benchmark's table: device, JAX, commit, preset, dtype,
+    the shapes, how many runs, and a warning when the kernels were interpreted."""
+    return (f"device: {meta['device_kind']} ({meta['platform']}), jax {meta['jax']}, commit "
+            f"{(meta['git_commit'] or '?')[:10]}{'+dirty' if meta['git_dirty'] else ''}, preset "
+            f"{meta['preset']}, {meta['dtype']}, {shapes}, median of {meta['runs']} runs"
+            + (" (interpreted kernels: timings are not performance)" if meta["interpret"] else ""))
+
+
+def percent_of_peak(row: dict) -> str:
+    return "" if row.get("frac_peak") is None else f"{100 * row['frac_peak']:.1f}"
+
+
+def main_of(parse_args: Callable, run: Callable, format_table: Callable, prefix: str):
+    """The `main(argv)` of a kernel benchmark: parse, run, print the table, write the JSON
+    (benchmarks/<prefix>_<device>_<preset>.json; none with --tiny unless --json is given).
+    A bad flag prints one line and exits with status 2."""
+    def main(argv=None) -> dict:
+        try:
+            a = parse_args(sys.argv[1:] if argv is None else argv)
+        except FlagError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        result = run(a)
+        print(format_table(result))
+        write_result(result, "-" if a.json is None and a.tiny else a.json,
+                     default_name=f"{prefix}_{device_tag(result)}_{result['meta']['preset']}.json")
+        return result
+    return main
+
+
+BENCH_PRESETS = {"tiny": "tiny", "flash": "v4_flash", "pro": "v4_pro"}
+
+
+def preset_model(name: str) -> ModelConfig:
+    """The ModelConfig of a benchmark preset name ("tiny", "flash", "pro")."""
+    if name not in BENCH_PRESETS:
+        raise FlagError(f"--preset={name!r} is invalid: allowed values {tuple(BENCH_PRESETS)}")
+    return ModelConfig.from_dict(presets.model_preset(BENCH_PRESETS[name]))
