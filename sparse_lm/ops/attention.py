@@ -36,6 +36,9 @@ from sparse_lm.ops.chunking import map_sequence_chunks
 # their gradient, [B, chunk, K, D]) instead of holding them for all S queries (V4-Flash at
 # S=4096: 2 GB per copy in bf16).
 TOPK_QUERY_CHUNK = 512
+# Queries per step of the dense reference on long rows (its [B, chunk, H, keys] logits bound
+# its memory).
+REFERENCE_QUERY_CHUNK = 1024
 
 
 def _mm(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
@@ -137,22 +140,49 @@ def attention_reference(q: jax.Array, kv: jax.Array, sink: jax.Array, *, window:
                         topk_idx: jax.Array | None = None):
     """Dense masked attention of a packed row, fp32. q [B, S, H, D]; kv [B, S, D]; sink [H];
     compressed [B, N, D] with compressed_valid [B, N] (None = all valid) and `ratio`;
-    topk_idx [B, S, K] int32 or None -> (out [B, S, H, D] in q's dtype, lse [B, S, H] fp32)."""
+    topk_idx [B, S, K] int32 or None -> (out [B, S, H, D] in q's dtype, lse [B, S, H] fp32).
+
+    Every query is scored against every key its window can reach and every entry, under the
+    masks. Rows longer than REFERENCE_QUERY_CHUNK go in contiguous query chunks, each against
+    the keys from its first query's window start to its last query (no masked-out block is
+    computed: ~S^2/2 work at window >= S, as a causal flash kernel), each rematerialized in the
+    backward pass: the dense arm of the training benchmark runs this at S = 16K."""
     b, s = q.shape[:2]
-    qf = q.astype(jnp.float32)
-    rows = masks.row_positions(b, s)
-    mask_w = masks.window_visible(rows, rows, window, segment_ids, segment_ids)
-    parts = [_dense_part(qf, kv.astype(jnp.float32), mask_w, scale, jnp.float32)]
-    if compressed is not None and compressed.shape[1]:
-        if topk_idx is None:
-            valid = (jnp.ones(compressed.shape[:2], bool) if compressed_valid is None
-                     else compressed_valid)
-            sel = masks.sequence_entry_visible(s, ratio, valid, segment_ids)
-        else:
-            sel = topk_idx
-        parts.append(_entries_part_dense(qf, compressed.astype(jnp.float32), sel, scale,
-                                         jnp.float32))
-    return _merge(parts, sink, q.dtype)
+    has_entries = compressed is not None and compressed.shape[1] > 0
+    entries = seg_e = valid = None
+    if has_entries:
+        n = compressed.shape[1]
+        entries = compressed.astype(jnp.float32)
+        valid = jnp.ones((b, n), bool) if compressed_valid is None else compressed_valid
+        seg_e = None if segment_ids is None else masks.entry_segments(segment_ids, n, ratio)
+
+    def chunk(qc, kc, t0, k0, qseg, kseg, sel):
+        rows = t0 + masks.row_positions(b, qc.shape[1])
+        krows = k0 + masks.row_positions(b, kc.shape[1])
+        mask_w = masks.window_visible(rows, krows, window, qseg, kseg)
+        qf = qc.astype(jnp.float32)
+        parts = [_dense_part(qf, kc.astype(jnp.float32), mask_w, scale, jnp.float32)]
+        if has_entries:
+            if sel is None:
+                sel = masks.entry_visible(rows, entries.shape[1], ratio, valid, qseg, seg_e)
+            parts.append(_entries_part_dense(qf, entries, sel, scale, jnp.float32))
+        return _merge(parts, sink, q.dtype)
+
+    def piece(x, lo, hi):
+        return None if x is None else x[:, lo:hi]
+    sel_all = topk_idx if has_entries else None
+    if s <= REFERENCE_QUERY_CHUNK:
+        return chunk(q, kv, 0, 0, segment_ids, segment_ids, sel_all)
+    outs, lses = [], []
+    for t0 in range(0, s, REFERENCE_QUERY_CHUNK):
+        t1 = min(s, t0 + REFERENCE_QUERY_CHUNK)
+        k0 = max(0, t0 - window + 1)
+        step = jax.checkpoint(functools.partial(chunk, t0=t0, k0=k0))
+        o, l = step(q[:, t0:t1], kv[:, k0:t1], qseg=piece(segment_ids, t0, t1),
+                    kseg=piece(segment_ids, k0, t1), sel=piece(sel_all, t0, t1))
+        outs.append(o)
+        lses.append(l)
+    return jnp.concatenate(outs, axis=1), jnp.concatenate(lses, axis=1)
 
 
 def _window_band(q, kv, segment_ids, window, scale, dtype):
