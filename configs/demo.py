@@ -19,7 +19,7 @@ def demo_model() -> ml_collections.ConfigDict:
         compress_ratio_csa=4, compress_ratio_hca=32,
         index_n_heads=4, index_head_dim=32, index_topk=16,
         n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=256, num_hash_layers=1,
-        yarn_original_max_position=512, moe_impl="blocked"))
+        yarn_original_max_position=512, moe_impl="xla"))
     return m
 
 

@@ -2,7 +2,8 @@
 
     python -m experiments.compare_sharding --config=configs/v4_flash.py \
         --presets=dp,fsdp,fsdp_tp,fsdp_ep,ep_as_cp,cp --topology=v5p-128,v6e-256 \
-        [--seq_len=4096 --batch_per_device=1 --remat=full --out=runs/compare_sharding]
+        [--seq_len=4096 --batch_per_device=1 --out=runs/compare_sharding] \
+        [--config.model.remat=full --config.model.dtype=bfloat16 --config.model.moe_capacity_factor=1.25]
 
 For every preset x topology the full train step (forward, backward, optimizer update) is
 compiled ahead of time with libtpu on this CPU host (no TPU needed) for the topology's devices,
@@ -14,7 +15,9 @@ step_time_s}) merges step times measured on hardware into the table.
 
 Presets take overrides after a colon (`fsdp_ep:expert=16`); topologies are Cloud TPU names
 (`v5p-128`, `v6e-256`, `v5e-8`; `x2` for two slices) or topology strings (`v5e:2x2`).
-How to read the table: docs/sharding.md.
+The compute dtype, remat policy and expert-parallel capacity factor are the model config's fields
+(configs/v4_flash.py and v4_pro.py: bf16 compute, fp32 parameters, full remat); presets may
+override the capacity factor. How to read the table: docs/sharding.md.
 """
 from __future__ import annotations
 
@@ -47,14 +50,9 @@ _TOPOLOGY = flags.DEFINE_string("topology", "v5p-128,v6e-256", "Comma-separated 
 _SEQ = flags.DEFINE_integer("seq_len", 4096, "Training sequence length.")
 _BPD = flags.DEFINE_float("batch_per_device", 1.0, "Rows of seq_len per device (global batch = "
                           "this x devices).")
-_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype.")
-_REMAT = flags.DEFINE_enum("remat", "full", ["none", "full", "dots", "dots_no_batch", "config"],
-                           "Rematerialization policy (config = keep the model config's).")
 _OPT = flags.DEFINE_enum("optimizer", "report", ["report", "adamw"],
                          "report = Muon + AdamW of sparse_lm.train.optimizer; adamw = optax.adamw.")
 _DENSE = flags.DEFINE_bool("dense", False, "Compile the indexer warm-up stage (CSA dense).")
-_CAPACITY = flags.DEFINE_float("moe_capacity_factor", -1.0, "Expert-parallel capacity factor "
-                               "(0 = no drop; < 0 = the model config's). Presets may override it.")
 _OUT = flags.DEFINE_string("out", "runs/compare_sharding", "Output directory.")
 _MEASURED = flags.DEFINE_string("measured", "", "JSON file of measured step times to merge.")
 _KEEP_HLO = flags.DEFINE_bool("keep_hlo", False, "Also write each compiled HLO text to <out>/hlo/.")
@@ -76,14 +74,9 @@ def split_presets(text: str) -> list[str]:
 
 def main(argv):
     del argv
-    d = _CONFIG.value.model.to_dict()
-    d["dtype"] = _DTYPE.value
-    d["param_dtype"] = "float32"
-    if _REMAT.value != "config":
-        d["remat"] = _REMAT.value
-    if _CAPACITY.value >= 0:
-        d["moe_capacity_factor"] = _CAPACITY.value
-    cfg = ModelConfig.from_dict(d)
+    # Compute dtype, remat and the EP capacity factor are the model config's own fields
+    # (configs/v4_flash.py: bf16, full remat; override with --config.model.FIELD=VALUE).
+    cfg = ModelConfig.from_dict(_CONFIG.value.model.to_dict())
     presets = split_presets(_PRESETS.value)
     try:
         for p in presets:

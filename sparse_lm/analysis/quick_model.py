@@ -60,7 +60,7 @@ def quick_model_config() -> ml_collections.ConfigDict:
         compress_ratio_csa=4, compress_ratio_hca=16,
         index_n_heads=4, index_head_dim=16, index_topk=8,
         n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=128, num_hash_layers=1,
-        yarn_original_max_position=256, moe_impl="blocked"))
+        yarn_original_max_position=256, moe_impl="xla"))
     return m
 
 

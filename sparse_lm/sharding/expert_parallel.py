@@ -57,7 +57,7 @@ def buffer_rows(kind: str, routed_rows: int, n_ep: int, capacity_factor: float) 
 
 
 def dispatch(kind: str, u, idx, weights, w_gate, w_up, w_down, *, limit: float,
-             moe_impl: str = "ragged_dot", capacity_factor: float = 0.0, mesh=None,
+             moe_impl: str = "reference", capacity_factor: float = 0.0, mesh=None,
              emulate: bool = False):
     """Routed-expert output [T, d] (u's dtype) computed with expert parallelism.
 

@@ -27,7 +27,7 @@ def test_indexer_warmup_raises_recall_at_a_quarter_from_chance_to_0_8():
     cfg = tiny_config(num_layers=1, layer_prefix=(), layer_cycle=("csa",), layer_tail=(),
                       num_hash_layers=0, num_heads=1, head_dim=16, rope_head_dim=8, o_groups=1,
                       index_n_heads=8, index_head_dim=32, hidden_size=64, index_topk=4,
-                      sliding_window=16, mtp_depth=0, moe_impl="blocked")
+                      sliding_window=16, mtp_depth=0, moe_impl="xla")
     model = build_model(cfg, seed=0)
     comp = model.head_layers[0].attn.compressor
     comp.norm.weight[...] = comp.norm.weight[...] * 10.0          # peaked attention over entries
