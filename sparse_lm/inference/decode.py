@@ -22,7 +22,6 @@ of scope.
 """
 from __future__ import annotations
 
-import functools
 from typing import Callable, Sequence
 
 import jax

@@ -18,7 +18,7 @@ from configs import model_presets
 from sparse_lm.analysis import accounting as acc
 from sparse_lm.config import LayerSpec, ModelConfig
 from sparse_lm.model import build_model
-from sparse_lm.ops.compress import entry_visibility
+from sparse_lm.ops.masks import sequence_entry_visible
 from sparse_lm.ops.indexer import select_topk
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -212,7 +212,7 @@ def test_train_flops_count_the_entries_the_model_attends():
         comp = 0.0
         if spec.kind != "swa":
             m = cfg.ratio_of(spec.kind)
-            vis = entry_visibility(s, m, jnp.ones((1, s // m), bool))
+            vis = sequence_entry_visible(s, m, jnp.ones((1, s // m), bool))
             if spec.kind == "csa":
                 visible_csa = np.asarray(vis).sum(-1).mean()
                 scores = jnp.where(vis, jax.random.normal(jax.random.key(0), vis.shape), -jnp.inf)

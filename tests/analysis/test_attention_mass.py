@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from sparse_lm.analysis import attention_mass as am
-from sparse_lm.ops.attention import sparse_attention
-from sparse_lm.ops.compress import entry_visibility
+from sparse_lm.ops.implementations import sparse_attention
+from sparse_lm.ops.masks import sequence_entry_visible
 
 
 def test_uniform_logits_split_by_counting_keys():
@@ -16,7 +16,7 @@ def test_uniform_logits_split_by_counting_keys():
     q = jnp.zeros((b, s, h, d))
     kv = jnp.asarray(np.random.default_rng(0).normal(size=(b, s, d)), jnp.float32)
     entries = jnp.ones((b, n, d))
-    vis = entry_visibility(s, m, jnp.ones((b, n), bool))
+    vis = sequence_entry_visible(s, m, jnp.ones((b, n), bool))
     t = np.arange(s)
     nw = np.minimum(t + 1, w)
     nc = (t + 1) // m
@@ -40,7 +40,7 @@ def test_parts_sum_to_one_with_the_real_lse(case):
     n = s // m
     entries = f(b, n, d)
     valid = jnp.ones((b, n), bool)
-    vis = entry_visibility(s, m, valid, seg)
+    vis = sequence_entry_visible(s, m, valid, seg)
     kw = dict(window=w, scale=d ** -0.5, segment_ids=seg)
     if case == "window_only":
         _, lse = sparse_attention(q, kv, sink, **kw, implementation="reference", return_lse=True)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from sparse_lm.analysis import indexer_stats as ix
-from sparse_lm.ops.compress import entry_visibility
+from sparse_lm.ops.masks import sequence_entry_visible
 from sparse_lm.ops.indexer import indexer_objective, indexer_scores, select_topk
 
 
@@ -26,7 +26,7 @@ def test_recall_by_hand():
 def test_recall_is_one_when_k_covers_every_visible_entry():
     rng = np.random.default_rng(0)
     b, s, n = 2, 24, 6
-    visible = np.asarray(entry_visibility(s, 4, jnp.ones((b, n), bool)))
+    visible = np.asarray(sequence_entry_visible(s, 4, jnp.ones((b, n), bool)))
     scores = rng.normal(size=(b, s, n))
     mass = rng.uniform(size=(b, s, n))
     r = ix.recall_at_k(scores, mass, visible, [n, n + 3])
@@ -56,7 +56,7 @@ def test_selection_recall_matches_the_model_objective():
     recall_at_k at the same k."""
     rng = np.random.default_rng(1)
     b, s, n, k = 2, 32, 8, 3
-    visible = entry_visibility(s, 4, jnp.ones((b, n), bool))
+    visible = sequence_entry_visible(s, 4, jnp.ones((b, n), bool))
     scores = jnp.where(visible, jnp.asarray(rng.normal(size=(b, s, n)), jnp.float32), -jnp.inf)
     mass = jnp.where(visible, jnp.asarray(rng.uniform(size=(b, s, n)), jnp.float32), 0.0)
     sel = select_topk(scores, k)
@@ -71,7 +71,7 @@ def test_head_scores_sum_to_the_indexer_score():
     q = rng.normal(size=(b, s, hi, di)).astype(np.float32)
     w = rng.normal(size=(b, s, hi)).astype(np.float32)
     keys = rng.normal(size=(b, n, di)).astype(np.float32)
-    vis = entry_visibility(s, 4, jnp.ones((b, n), bool))
+    vis = sequence_entry_visible(s, 4, jnp.ones((b, n), bool))
     hs = ix.head_scores(q, w, keys, vis)
     total = jnp.where(vis, hs.sum(2), -jnp.inf)
     np.testing.assert_allclose(total, indexer_scores(jnp.asarray(q), jnp.asarray(w),
@@ -85,7 +85,7 @@ def test_counts_and_selection_matrix():
     m = ix.selection_matrix(topk, 4)
     np.testing.assert_array_equal(m[0, 0], [True, False, True, False])
     assert not m[0, 1].any()
-    vis = entry_visibility(12, 4, jnp.ones((1, 3), bool))
+    vis = sequence_entry_visible(12, 4, jnp.ones((1, 3), bool))
     np.testing.assert_array_equal(ix.visible_per_query(vis)[0], np.arange(1, 13) // 4)
 
 
@@ -99,7 +99,7 @@ def test_selection_distances():
     h = ix.distance_histogram(d, [0, 1, 5, 9])
     np.testing.assert_allclose(h, [1 / 3, 1 / 3, 1 / 3])
     # S=8: entry 0 (last token 3) is visible to queries 3..7, entry 1 (last token 7) to query 7
-    vis = entry_visibility(8, 4, jnp.ones((1, 2), bool))
+    vis = sequence_entry_visible(8, 4, jnp.ones((1, 2), bool))
     assert sorted(ix.visible_distances(vis, 4).tolist()) == [0, 0, 1, 2, 3, 4]
     with pytest.raises(ValueError, match="ratio"):
         ix.selection_distances(topk, 0)
@@ -108,7 +108,7 @@ def test_selection_distances():
 def test_head_agreement():
     """Identical heads agree fully; heads preferring different entries (k=1) do not at all."""
     b, s, n = 1, 16, 4
-    vis = np.asarray(entry_visibility(s, 4, jnp.ones((b, n), bool)))
+    vis = np.asarray(sequence_entry_visible(s, 4, jnp.ones((b, n), bool)))
     base = np.random.default_rng(3).uniform(size=(b, s, n))
     same = np.stack([base, base * 2.0], axis=2)              # same ranking
     np.testing.assert_allclose(ix.head_agreement(same, vis, 1), 1.0)

@@ -11,7 +11,7 @@ import pytest
 from configs import model_presets
 from experiments import bench_attention as bench
 from sparse_lm.config import ModelConfig
-from sparse_lm.ops.compress import entry_visibility
+from sparse_lm.ops.masks import sequence_entry_visible
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def test_flop_accounting_counts_attended_pairs(tiny_shapes, s):
     assert bench.attended(s, sh, "dense") == int((t[None, :] <= t[:, None]).sum())
     for arm, ratio in (("hca", sh.ratio_hca), ("csa", sh.ratio_csa)):
         n = s // ratio
-        vis = np.asarray(entry_visibility(s, ratio, jnp.ones((1, n), bool)))[0]
+        vis = np.asarray(sequence_entry_visible(s, ratio, jnp.ones((1, n), bool)))[0]
         per_query = vis.sum(axis=1)
         if arm == "csa":
             per_query = np.minimum(per_query, sh.topk)

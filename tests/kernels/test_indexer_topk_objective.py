@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparse_lm.ops.compress import entry_visibility
+from sparse_lm.ops.masks import sequence_entry_visible
 from sparse_lm.ops.indexer import (compressed_attention_mass, indexer_objective,
                                    indexer_objective_chunked, indexer_scores, select_topk)
 
@@ -28,7 +28,7 @@ def _inputs(b, s, hi, di, h, d, m, k, packed, seed=0):
         valid = jnp.asarray(np.all(win == win[:, :, :1], -1))
     else:
         valid = jnp.ones((b, n), bool)
-    vis = entry_visibility(s, m, valid, seg)
+    vis = sequence_entry_visible(s, m, valid, seg)
     sel = select_topk(indexer_scores(q, w, keys, vis), k)
     return q, w, keys, qa, ent, lse, valid, seg, vis, sel
 

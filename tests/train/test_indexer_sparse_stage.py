@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparse_lm.ops.attention import sparse_attention
-from sparse_lm.ops.compress import entry_visibility
+from sparse_lm.ops.implementations import sparse_attention
+from sparse_lm.ops.masks import sequence_entry_visible
 from sparse_lm.ops.indexer import (compressed_attention_mass, indexer_objective,
                                    indexer_objective_selected, indexer_scores,
                                    indexer_scores_selected, sampled_rows, select_topk,
@@ -31,7 +31,7 @@ def _inputs(s, packed, seed=0, b=2, hi=3, di=8, h=2, d=16):
         valid = jnp.asarray(np.all(win == win[:, :, :1], -1))
     else:
         seg, valid = None, jnp.ones((b, n), bool)
-    vis = entry_visibility(s, M, valid, seg)
+    vis = sequence_entry_visible(s, M, valid, seg)
     sel = select_topk(indexer_scores(q, w, keys, vis), K)
     return dict(q=q, w=w, keys=keys, qa=qa, ent=ent, kv=kv, sink=sink, seg=seg, valid=valid,
                 vis=vis, sel=sel)
