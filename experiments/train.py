@@ -6,7 +6,13 @@
 The same entry point runs on a laptop CPU, a GPU, and every host of a Cloud TPU slice: with
 several processes (detected from the environment, or --distributed=on) it first calls
 `jax.distributed.initialize()`. Re-running with the same workdir resumes from its latest
-checkpoint. The resolved config is written to <workdir>/config.json.
+checkpoint (the newest readable one; --config.train.restore_step=N picks one). Everything is
+validated (config, schedule, data sources, checkpoint compatibility) before anything is written;
+then the resolved config is written to <workdir>/config.json (and a copy per start to
+<workdir>/config_history/).
+
+Errors: a bad flag, config field, file or checkpoint is one line naming it, exit status 2; a run
+that diverges is one line, exit status 1; --verbose adds the traceback.
 """
 from __future__ import annotations
 
@@ -16,10 +22,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sparse_lm.train.config_check import main_guard
-
-if __name__ == "__main__":          # before the flags: config_flags applies overrides at definition
-    main_guard(default_config="configs/train_base.py")
+from sparse_lm.train.config_check import EXIT_FAILED, EXIT_USER, exit_with, run_main
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/train_base.py",
                                           "Experiment config file (a get_config() module).")
@@ -70,27 +73,26 @@ def maybe_initialize_distributed(mode: str) -> bool:
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}: flags are --name=value")
     logging.set_verbosity(logging.WARNING)   # orbax logs every save at INFO
     multi = maybe_initialize_distributed(_DISTRIBUTED.value)
     # after jax.distributed.initialize: it must run before anything touches a backend
     import jax
-    from sparse_lm.train.loop import KNOWN_ERRORS, train
+    from sparse_lm.train.loop import RUN_ERRORS, USER_ERRORS, train
     if jax.process_index() == 0:
         print(f"[launch] backend {jax.default_backend()}, {jax.device_count()} device(s), "
               f"{jax.process_count()} process(es){' (jax.distributed)' if multi else ''}; "
               f"workdir {_WORKDIR.value}", flush=True)
     try:
         summary = train(_CONFIG.value, _WORKDIR.value)
-    except KNOWN_ERRORS as e:            # a clear one-line error, no traceback
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(1)
+    except USER_ERRORS as e:             # a clear one-line error, no traceback
+        exit_with(e, EXIT_USER)
+    except RUN_ERRORS as e:
+        exit_with(e, EXIT_FAILED, with_type=True)
     if jax.process_index() == 0:
-        ev = summary.get("last_eval") or {}
-        if ev:
-            print(f"[done] step {summary['steps']}: validation {ev['bits_per_byte']:.3f} bits/byte; "
-                  f"workdir {summary['workdir']}", flush=True)
+        print(summary["line"], flush=True)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_main(main, default_config="configs/train_base.py")

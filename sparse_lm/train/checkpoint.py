@@ -10,11 +10,21 @@ writes into a temporary directory and renames it when complete, and only finaliz
 listed, so a crash mid-save never leaves a corrupt latest checkpoint. `keep` bounds how many
 are kept. Resuming from a workdir whose checkpoints belong to another model architecture is an
 error that names the differing fields.
+
+A checkpoint damaged afterwards (a truncated or deleted file) is found when it is read:
+`restore_newest_readable` names the step and the file in one line and falls back to the newest
+step that reads (or restores exactly the step asked for); the damaged step directories can be
+moved aside (`quarantine`, into <workdir>/checkpoints_unreadable/) so that the resumed run can
+save that step again. Nothing is created in the workdir until the first save.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +49,143 @@ class CheckpointError(RuntimeError):
     """A workdir's checkpoints cannot be used by this run; the message says why."""
 
 
+def _damaged_file(step_dir: Path, error: BaseException) -> Path:
+    """The file of a step directory that a read error points at: a path under `step_dir` named in
+    the error (or its causes), else the smallest-by-expectation guess: an empty file, else the
+    step directory itself."""
+    seen, e = set(), error
+    text = ""
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        text += " " + str(e)
+        e = e.__cause__ or e.__context__
+    best = None
+    root = str(step_dir)
+    for tok in text.replace("'", " ").replace('"', " ").replace(",", " ").split():
+        if root in tok:
+            cand = Path(tok[tok.index(root):].rstrip(".:;)]"))
+            if best is None or len(str(cand)) > len(str(best)):
+                best = cand
+    if best is not None and best != step_dir and best.exists():
+        return best
+    if step_dir.is_dir():
+        import json                        # only to find which JSON file of a step is damaged
+        for p in sorted(step_dir.rglob("*")):
+            if not p.is_file() or p.name.endswith(".txt") or "ocdbt" in str(p.relative_to(step_dir)) \
+                    or "/d/" in f"/{p.relative_to(step_dir).as_posix()}":
+                continue
+            try:
+                json.loads(p.read_text())
+            except (ValueError, OSError):
+                return p
+        for p in sorted(step_dir.rglob("*")):
+            if p.is_file() and p.stat().st_size == 0:
+                return p
+    return best or step_dir
+
+
+class UnreadableCheckpoint(CheckpointError):
+    """A checkpoint step that cannot be read (truncated, deleted or corrupt files)."""
+
+    def __init__(self, step: int, path: Path, error: BaseException):
+        self.step, self.error = step, error
+        path = Path(path)
+        self.path = _damaged_file(path, error) if path.is_dir() else path
+        reason = " ".join(f"{type(error).__name__}: {error}".split())
+        if len(reason) > 240:
+            reason = reason[:240] + "..."
+        super().__init__(f"checkpoint step {step} is unreadable ({self.path}): {reason}")
+
+
+@contextlib.contextmanager
+def _stderr_of_a_failed_read():
+    """While a checkpoint is read, hold what is written to file descriptor 2. A read that fails
+    mid-way leaves tensorstore callbacks firing into orbax's closed event loop, each printing a
+    'RuntimeError: Event loop is closed' traceback from a background thread: that noise is
+    dropped (the failure is reported in one line by the caller); anything else is passed on."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):          # no real fd 2 (e.g. captured by a test harness)
+        yield
+        return
+    buf = tempfile.TemporaryFile()
+    os.dup2(buf.fileno(), 2)
+    failed = False
+    try:
+        yield
+    except BaseException:
+        failed = True
+        time.sleep(0.3)                    # let the in-flight reads of the failed restore finish
+        raise
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        buf.seek(0)
+        text = buf.read().decode("utf-8", "replace")
+        buf.close()
+        if failed:
+            text = _drop_event_loop_noise(text)
+        if text:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+
+
+def _drop_event_loop_noise(text: str) -> str:
+    keep, block = [], []
+    for line in text.splitlines(keepends=True):
+        if line.startswith("Traceback (most recent call last)") or block:
+            block.append(line)
+            if line.startswith("RuntimeError") or not line.startswith((" ", "Traceback")):
+                if "Event loop is closed" not in "".join(block):
+                    keep.extend(block)
+                block = []
+            continue
+        if "Event loop is closed" in line or "_check_closed" in line or \
+                "call_soon_threadsafe" in line:
+            continue
+        keep.append(line)
+    return "".join(keep + [l for l in block if "Event loop" not in l])
+
+
+def restore_newest_readable(ckpt: "Checkpointer", abstract_state: Any, *, step: int | None = None,
+                            check=None, warn=print):
+    """(step, state, data_state, meta, unreadable_steps) of the requested `step` (exactly that
+    one: CheckpointError listing the steps there are when it does not exist, or naming the file
+    when it does not read) or, with step=None, of the newest readable checkpoint: each newer
+    unreadable one is named in a warning. `check(step, meta)` runs on the meta of the candidate
+    before its state is read (a refusal there, e.g. another model, is raised, not skipped)."""
+    steps = ckpt.all_steps()
+    if step is not None:
+        ckpt.check_step(step)
+        candidates = [step]
+    else:
+        candidates = sorted(steps, reverse=True)
+    if not candidates:
+        raise CheckpointError(f"no checkpoint in {ckpt.directory}")
+    bad = []
+    for s in candidates:
+        try:
+            meta = ckpt.read_meta(s)
+            if check is not None:
+                check(s, meta)
+            with _stderr_of_a_failed_read():
+                state, data, meta = ckpt.restore(s, abstract_state)
+        except UnreadableCheckpoint as e:
+            if step is not None:
+                raise
+            warn(f"[warning] {e}; trying the previous step")
+            bad.append(s)
+            continue
+        if bad:
+            warn(f"[warning] resuming from step {s}, the newest readable checkpoint (unreadable: "
+                 f"{bad})")
+        return s, state, data, meta, bad
+    raise CheckpointError(f"no readable checkpoint in {ckpt.directory}: steps {bad} are all "
+                          f"unreadable (see the warnings); use another --workdir")
+
+
 def model_config_diff(saved: dict, current: dict) -> list[str]:
     """Architecture fields that differ, as 'field: saved -> current' lines."""
     out = []
@@ -58,6 +205,25 @@ def model_config_diff(saved: dict, current: dict) -> list[str]:
     return out
 
 
+def list_steps(directory: Path) -> list[int]:
+    """Finalized step directories under `directory` (orbax names them by the step number)."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def check_model(saved_meta: dict, model_config: dict, workdir, step: int) -> None:
+    """CheckpointError naming the differing fields when the checkpoint's meta holds another
+    model architecture than `model_config`."""
+    diff = model_config_diff(saved_meta.get("model", {}), _json_ready(model_config))
+    if diff:
+        raise CheckpointError(
+            f"the workdir {workdir} holds checkpoints of a different model (step {step}); "
+            f"differing fields: " + "; ".join(diff)
+            + ". Use another --workdir, or the checkpoint's model config.")
+
+
 def _json_ready(x):
     if isinstance(x, dict):
         return {str(k): _json_ready(v) for k, v in x.items()}
@@ -71,23 +237,45 @@ class Checkpointer:
         if keep < 1:
             raise ValueError(f"train.keep_checkpoints={keep} is invalid: must be >= 1")
         self.directory = Path(workdir).absolute() / "checkpoints"
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                               enable_async_checkpointing=async_save)
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "data", "meta"))
+        self._keep, self._async = keep, async_save
+        self.manager = self._make_manager()
+
+    def _make_manager(self):
+        # create=False: reading a workdir (or validating a run that then fails) creates nothing;
+        # the directory is made by the first save.
+        options = ocp.CheckpointManagerOptions(max_to_keep=self._keep, create=False,
+                                               enable_async_checkpointing=self._async)
+        return ocp.CheckpointManager(self.directory, options=options,
+                                     item_names=("state", "data", "meta"))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def all_steps(self) -> list[int]:
-        return list(self.manager.all_steps())
+        return sorted(self.manager.all_steps())
+
+    def check_step(self, step: int) -> None:
+        """CheckpointError listing the steps there are when `step` is not one of them."""
+        steps = self.all_steps()
+        if step not in steps:
+            raise CheckpointError(f"step {step} has no checkpoint in {self.directory}; steps "
+                                  f"there: {steps or 'none'}")
 
     def read_meta(self, step: int | None = None) -> dict:
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no checkpoint in {self.directory}")
-        res = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        try:
+            res = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        except Exception as e:           # noqa: BLE001 - a damaged checkpoint, named below
+            raise UnreadableCheckpoint(step, self.step_dir(step), e) from e
+        if not isinstance(res.get("meta"), dict):
+            raise UnreadableCheckpoint(step, self.step_dir(step) / "meta",
+                                       ValueError("the meta item is missing or not a JSON object"))
         return res["meta"]
+
+    def step_dir(self, step: int) -> Path:
+        return self.directory / str(step)
 
     def check_compatible(self, model_config: dict, step: int | None = None) -> None:
         """Raise CheckpointError if the checkpoint holds a different model architecture."""
@@ -96,23 +284,58 @@ class Checkpointer:
         if diff:
             raise CheckpointError(
                 f"the workdir {self.directory.parent} holds checkpoints of a different model "
-                f"(step {self.latest_step() if step is None else step}); differing fields:\n  "
-                + "\n  ".join(diff)
-                + "\nUse another --workdir, or the checkpoint's model config.")
+                f"(step {self.latest_step() if step is None else step}); differing fields: "
+                + "; ".join(diff)
+                + ". Use another --workdir, or the checkpoint's model config.")
 
     def save(self, step: int, state: Any, data_state: Any, meta: dict, *, force: bool = False) -> bool:
         """Start an (async) save of `state` at `step`; returns whether a save was started."""
+        if not self.directory.exists():
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self.manager.close()
+            self.manager = self._make_manager()
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   data=ocp.args.JsonSave(_json_ready(data_state)),
                                   meta=ocp.args.JsonSave(_json_ready(meta)))
         return self.manager.save(step, args=args, force=force)
 
+    def quarantine(self, steps, into: str = "checkpoints_unreadable") -> list[Path]:
+        """Move the step directories `steps` (unreadable ones, or ones newer than the step a run
+        resumes from) to <workdir>/<into>/<step>[.<n>] (kept, not deleted), so that the resumed
+        run can save those steps again; returns the new paths."""
+        out = []
+        if not steps:
+            return out
+        self.manager.wait_until_finished()
+        dest_root = self.directory.parent / into
+        dest_root.mkdir(exist_ok=True)
+        for step in steps:
+            src = self.step_dir(step)
+            if not src.exists():
+                continue
+            dest, n = dest_root / str(step), 0
+            while dest.exists():
+                n += 1
+                dest = dest_root / f"{step}.{n}"
+            os.replace(src, dest)
+            out.append(dest)
+        self.manager.close()
+        self.manager = self._make_manager()
+        return out
+
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, Any, dict]:
         """(state, data_state, meta) of `step`; abstract_state gives structure, dtypes and
-        shardings (ShapeDtypeStructs with `.sharding` place the arrays)."""
-        res = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
-            meta=ocp.args.JsonRestore()))
+        shardings (ShapeDtypeStructs with `.sharding` place the arrays). UnreadableCheckpoint
+        (naming the step and the file) when it cannot be read."""
+        try:
+            res = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+                meta=ocp.args.JsonRestore()))
+        except Exception as e:          # noqa: BLE001 - truncated / missing files of a step
+            raise UnreadableCheckpoint(step, self.step_dir(step), e) from e
+        if res.get("data") is None:
+            raise UnreadableCheckpoint(step, self.step_dir(step) / "data",
+                                       ValueError("the data item is missing"))
         return res["state"], res["data"], res["meta"]
 
     def wait(self) -> None:

@@ -54,6 +54,8 @@ def base(model_preset: str = "tiny") -> ml_collections.ConfigDict:
         progress=True,
         tensorboard=True,
         inject_nan_at_step=-1,      # test hook: poison the parameters before this step
+        restore_step=-1,            # resume from this checkpoint step; -1 = the newest readable
+        allow_data_change=False,    # resume although batch size / seq_len / data source changed
     ))
 
     c.schedule = ml_collections.ConfigDict(dict(

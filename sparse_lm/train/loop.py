@@ -96,6 +96,15 @@ def resolve_model_config(config) -> ModelConfig:
 
 def make_schedule(config) -> Schedule:
     s = config.schedule
+    try:
+        return _make_schedule(config, s)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from None
+
+
+def _make_schedule(config, s) -> Schedule:
     return Schedule(peak_lr=float(s.peak_lr), total_steps=int(config.train.steps),
                     warmup_steps=int(s.warmup_steps), decay_steps=int(s.decay_steps),
                     final_lr=float(s.final_lr), mtp_weight=float(s.mtp_weight),
@@ -123,15 +132,15 @@ class Run:
 def setup(config, workdir) -> Run:
     t = config.train
     n_proc = jax.process_count()
-    if int(t.batch_size) % max(n_proc, jax.device_count()):
-        raise ValueError(f"train.batch_size={t.batch_size} must be a multiple of the number of "
+    if int(t.batch_size) < 1 or int(t.batch_size) % max(n_proc, jax.device_count()):
+        raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of the number of "
                          f"devices ({jax.device_count()}) and processes ({n_proc})")
     if int(t.seq_len) < 1:
-        raise ValueError(f"train.seq_len={t.seq_len} is invalid: must be >= 1")
+        raise ConfigError(f"train.seq_len={t.seq_len} is invalid: must be >= 1")
     model_cfg = resolve_model_config(config)
     align = pipeline.resolve_align(config.data, model_cfg)
     if int(t.seq_len) % align:
-        raise ValueError(f"train.seq_len={t.seq_len} must be a multiple of the document "
+        raise ConfigError(f"train.seq_len={t.seq_len} must be a multiple of the document "
                          f"alignment {align} (data.align, default the largest compress ratio)")
     if config.get("sharding"):     # a sharding preset: mesh, rules, sharded steps
         plan = make_plan(str(config.sharding), model_cfg, make_tx(config))
@@ -151,20 +160,62 @@ def make_tx(config):
                                   make_schedule(config))
 
 
+# Fields the data position (the iterator state a checkpoint stores) depends on: a resumed run
+# with other values would continue from a position computed for other shapes or other data.
+DATA_POSITION_FIELDS = ("train.batch_size", "train.seq_len", "data.source", "data.data_dir",
+                        "data.text_key", "data.train_split", "data.val_fraction",
+                        "data.stdlib_root", "data.align", "data.chunk_docs",
+                        "data.synthetic_docs", "data.synthetic_length", "data.seed")
+
+
+def data_position(run: Run, corpus: dict) -> dict:
+    """{field: value} of everything the data position depends on (DATA_POSITION_FIELDS, the
+    resolved document alignment, the process count and the corpus fingerprint)."""
+    c = run.config
+    out = {}
+    for name in DATA_POSITION_FIELDS:
+        sec, key = name.split(".")
+        v = c[sec].get(key)
+        out[name] = v if isinstance(v, (bool, int, float, str)) or v is None else str(v)
+    out["data.align"] = int(run.align)          # resolved (0 = the model's largest ratio)
+    out["processes"] = jax.process_count()
+    out["corpus.fingerprint"] = corpus.get("fingerprint")
+    return out
+
+
+def data_position_diff(saved_meta: dict, current: dict) -> list[str]:
+    """'field: saved (checkpoint) vs current (this run)' for every data-position field that
+    differs. Checkpoints written before the record existed are compared on what they hold."""
+    saved = dict(saved_meta.get("data_position") or {})
+    if not saved:        # older checkpoints: batch size, sequence length, corpus
+        corpus = saved_meta.get("corpus") or {}
+        saved = {"train.batch_size": saved_meta.get("batch_size"),
+                 "train.seq_len": saved_meta.get("seq_len"),
+                 "processes": saved_meta.get("processes"),
+                 "corpus.fingerprint": corpus.get("fingerprint")}
+    out = []
+    for k in sorted(saved):
+        if k not in current or saved[k] is None:
+            continue
+        if saved[k] != current[k]:
+            out.append(f"{k}: {saved[k]!r} (checkpoint) vs {current[k]!r} (this run)")
+    return out
+
+
 def run_meta(run: Run, corpus: dict) -> dict:
     meta = {"model": run.model_cfg.to_dict(), "corpus": corpus,
             "seq_len": int(run.config.train.seq_len), "batch_size": int(run.config.train.batch_size),
             "processes": jax.process_count(), "devices": jax.device_count()}
+    try:
+        meta["data_position"] = data_position(run, corpus)
+    except (KeyError, AttributeError):     # a config without a data section (tests)
+        pass
     if run.plan is not None:
         meta["sharding"] = run.plan.metadata()
     return meta
 
 
-def write_resolved_config(run: Run, corpus: dict) -> None:
-    """<workdir>/config.json: the resolved config, derived model facts and the corpus record."""
-    if jax.process_index() != 0:
-        return
-    run.workdir.mkdir(parents=True, exist_ok=True)
+def resolved_config_doc(run: Run, corpus: dict) -> dict:
     cfg = run.model_cfg
     doc = {"config": json.loads(run.config.to_json_best_effort()),
            "resolved_model": cfg.to_dict(),
@@ -176,10 +227,42 @@ def write_resolved_config(run: Run, corpus: dict) -> None:
                        "device_kind": jax.devices()[0].device_kind}}
     if run.plan is not None:
         doc["sharding"] = run.plan.metadata()
+    return doc
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_resolved_config(run: Run, corpus: dict, *, start_step: int | None = None) -> Path | None:
+    """<workdir>/config.json: the resolved config, derived model facts and the corpus record,
+    written atomically (temp file + rename). Every start also keeps a copy in
+    <workdir>/config_history/<UTC time>_step<start>.json, so the configs a workdir has seen stay
+    on record. Call it only once the run has been validated (it is what evaluate and generate
+    read)."""
+    if jax.process_index() != 0:
+        return None
+    run.workdir.mkdir(parents=True, exist_ok=True)
+    doc = resolved_config_doc(run, corpus)
+    if start_step is not None:
+        doc["started"] = {"step": int(start_step),
+                          "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    text = json.dumps(doc, indent=2, default=str)
+    hist = run.workdir / "config_history"
+    hist.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    name, n = f"{stamp}_step{start_step if start_step is not None else 0}", 0
+    while (hist / f"{name}{'.' + str(n) if n else ''}.json").exists():
+        n += 1
+    _atomic_write(hist / f"{name}{'.' + str(n) if n else ''}.json", text)
     p = run.workdir / "config.json"
-    tmp = p.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=2, default=str))
-    os.replace(tmp, p)
+    _atomic_write(p, text)
+    return p
 
 
 def _gather_data_states(state: dict) -> list[dict]:
@@ -229,68 +312,186 @@ def evaluate_bpb(eval_fn, params, buffers, batches, run: Run) -> dict:
     return out
 
 
+# ---------------------------------------------------------------------------- validation
+class EvaluationFailed(RuntimeError):
+    """An evaluation during training failed; the checkpoint of that step was saved first."""
+
+
+def _int_field(t, key: str, default, lo: int | None = None, what: str = "") -> int:
+    v = t.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        try:
+            if float(v) != int(v):
+                raise ValueError
+            v = int(v)
+        except (TypeError, ValueError):
+            raise ConfigError(f"train.{key}={v!r} is invalid: must be an integer{what}") from None
+    if lo is not None and int(v) < lo:
+        raise ConfigError(f"train.{key}={v} is invalid: must be >= {lo}{what}")
+    return int(v)
+
+
+def validate_train_config(config) -> None:
+    """Every `train` / `schedule` / `optimizer` field the loop reads, checked before anything is
+    built or written (ConfigError / OptimizerConfigError naming the field and what is allowed)."""
+    t = config.train
+    _int_field(t, "steps", 1, 1)
+    _int_field(t, "log_every", 10, 1)
+    _int_field(t, "eval_every", 0, 0, " (0 = no evaluation during training)")
+    _int_field(t, "eval_batches", 1, 0, " (0 = the whole validation split)")
+    _int_field(t, "checkpoint_every", 0, 0, " (0 = only at the end)")
+    _int_field(t, "keep_checkpoints", 3, 1)
+    sparse = _int_field(t, "sparse_start_step", 0, 0)
+    warm = _int_field(t, "indexer_warmup_steps", 0, 0)
+    if warm > sparse:
+        raise ConfigError(f"train.indexer_warmup_steps={warm} is invalid: must be in "
+                          f"[0, train.sparse_start_step={sparse}]")
+    _int_field(t, "restore_step", -1, -1, " (-1 = the newest readable checkpoint)")
+    _int_field(t, "inject_nan_at_step", -1, None)
+    if float(t.get("peak_flops", 0.0)) < 0:
+        raise ConfigError(f"train.peak_flops={t.peak_flops} is invalid: must be >= 0 (0 = auto)")
+    make_tx(config)                       # schedule and optimizer fields
+
+
+def _open_source(data_cfg, split: str, what: str):
+    src = str(data_cfg.source)
+    try:
+        source = pipeline.make_source(data_cfg, split)
+        n = len(source)
+    except DataError:
+        raise
+    except (OSError, ValueError, KeyError, IndexError) as e:
+        raise DataError(f"the {what} split {split!r} of data.source={src!r} cannot be read: "
+                        f"{type(e).__name__}: {e}") from None
+    if n == 0:
+        raise DataError(f"the {what} split {split!r} of data.source={src!r} is empty (0 documents)")
+    return source
+
+
 # ---------------------------------------------------------------------------- training
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
+    """Validate everything (config, schedule, data sources, checkpoint compatibility and
+    readability), then start: only then is anything written to the workdir."""
+    t_wall = time.perf_counter()
     t = config.train
+    validate_train_config(config)
     run = setup(config, workdir)
     cfg = run.model_cfg
     pidx, pcount = jax.process_index(), jax.process_count()
 
-    # Data.
-    train_src = pipeline.make_source(config.data, config.data.train_split)
+    # Data: every source is opened and checked before the first step.
+    train_src = _open_source(config.data, config.data.train_split, "train")
     corpus = pipeline.describe_source(train_src)
     it = pipeline.TrainIterator(train_src, seq_len=int(t.seq_len), local_batch=run.local_batch,
                                 align=run.align, seed=int(config.data.seed),
                                 chunk=bool(config.data.chunk_docs), process_index=pidx,
                                 process_count=pcount)
-    write_resolved_config(run, corpus)
-    _log(f"[data] {corpus.get('source')}: {len(train_src)} train documents, fingerprint "
-         f"{corpus.get('fingerprint')}; rows of {t.seq_len}+1 tokens, documents aligned to "
-         f"{run.align}; global batch {t.batch_size} ({run.local_batch} per process)")
+    eval_every = int(t.eval_every)
+    eval_batches = None
+    if eval_every > 0:
+        eval_src = _open_source(config.data, config.data.eval_split, "validation")
+        try:
+            eval_batches = pipeline.eval_batches(eval_src, seq_len=int(t.seq_len),
+                                                 local_batch=run.local_batch, align=run.align,
+                                                 num_batches=int(t.eval_batches),
+                                                 process_index=pidx, process_count=pcount)
+        except (OSError, ValueError) as e:
+            raise DataError(f"the validation split {config.data.eval_split!r} of data.source="
+                            f"{config.data.source!r} cannot be read: {type(e).__name__}: {e}") from None
+        if not eval_batches:
+            raise DataError(f"the validation split {config.data.eval_split!r} of data.source="
+                            f"{config.data.source!r} gives no batch of train.seq_len="
+                            f"{t.seq_len} tokens; use another data.eval_split, or "
+                            f"train.eval_every=0 to train without evaluation")
 
-    # Model, optimizer, state.
+    # Model, optimizer, state; the checkpoint to resume from.
     schedule = make_schedule(config)
     tx = run.plan.tx if run.plan is not None else make_tx(config)
     model_fn = lambda: build_model(cfg, seed=int(config.seed))
     ckpt = ckpt_lib.Checkpointer(run.workdir, keep=int(t.keep_checkpoints),
                                  async_save=bool(t.async_checkpoint))
-    writer = metrics_lib.MetricsWriter(run.workdir, enabled=pidx == 0,
-                                       tensorboard=bool(t.get("tensorboard", True)))
-    latest = ckpt.latest_step()
     meta = run_meta(run, corpus)
-    if latest is not None:
-        ckpt.check_compatible(meta["model"])
-        saved_corpus = ckpt.read_meta(latest).get("corpus", {})
-        if saved_corpus.get("fingerprint") != corpus.get("fingerprint"):
-            _log(f"[warning] the corpus fingerprint changed since the checkpoint "
-                 f"({saved_corpus.get('fingerprint')} -> {corpus.get('fingerprint')}): the resumed "
-                 f"run reads different data than the interrupted one would have")
+    total = int(t.steps)
+    requested = int(t.get("restore_step", -1))
+    allow_data = bool(t.get("allow_data_change", False))
+    existing = ckpt.all_steps()
+    if requested >= 0 and requested not in existing:
+        ckpt.check_step(requested)
+    unreadable, superseded, data_diff = [], [], []
+    latest = None
+
+    def check(step, saved_meta):
+        nonlocal data_diff
+        ckpt_lib.check_model(saved_meta, meta["model"], ckpt.directory.parent, step)
+        data_diff = data_position_diff(saved_meta, meta.get("data_position", {}))
+        if data_diff and not allow_data:
+            raise ckpt_lib.CheckpointError(
+                f"the checkpoint step {step} in {ckpt.directory} was saved with other data "
+                f"settings; its data position does not apply to this run: " + "; ".join(data_diff)
+                + ". Use the checkpoint's values, another --workdir, or "
+                "--config.train.allow_data_change=true to resume anyway")
+        if step > total:
+            raise ConfigError(f"train.steps={total} is below the checkpoint step {step} in "
+                              f"{ckpt.directory}: give train.steps > {step}, or "
+                              f"--config.train.restore_step with a step <= {total}")
+
+    if existing:
         graphdef, abstract = abstract_train_state(model_fn, tx)
         placed = (run.plan.abstract_state() if run.plan is not None
                   else ckpt_lib.with_sharding(abstract, run.replicated))
-        state, data_states, _ = ckpt.restore(latest, placed)
-        it.restore(data_states[pidx])
-        writer.truncate_after(latest)
-        _log(f"[resume] restored step {latest} from {ckpt.directory}")
+        latest, state, data_states, _, unreadable = ckpt_lib.restore_newest_readable(
+            ckpt, placed, step=requested if requested >= 0 else None, check=check, warn=_log)
+        superseded = [s_ for s_ in existing if s_ > latest and s_ not in unreadable]
+        if len(data_states) != pcount or pidx >= len(data_states):
+            raise ckpt_lib.CheckpointError(
+                f"the checkpoint step {latest} holds the data positions of {len(data_states)} "
+                f"process(es), this run has {pcount}")
+        if data_diff:
+            _log(f"[warning] train.allow_data_change: resuming step {latest} with other data "
+                 f"settings ({'; '.join(data_diff)})")
+        source_changed = any(not d.startswith(("train.batch_size", "train.seq_len"))
+                             for d in data_diff)
+        if not source_changed:
+            it.restore(data_states[pidx])
     elif run.plan is not None:       # created directly in the preset's layout
         graphdef, state = run.plan.graphdef, run.plan.init_state(seed=int(config.seed))
     else:
         graphdef, state = init_train_state(model_fn(), tx)
         state = jax.device_put(state, run.replicated)
-    split = opt_lib.split_summary(state.params)
-    _log("[optimizer] parameter split (Muon: matrices, each expert / layer / group separately; "
-         "AdamW: the rest)\n" + opt_lib.format_split(split))
-    if pidx == 0:
-        (run.workdir / "optimizer_split.json").write_text(json.dumps(split, indent=1))
     start = int(jax.device_get(state.step))
-    total = int(t.steps)
+    if start >= total:
+        ckpt.close()
+        line = (f"[done] nothing to train: the checkpoint is at step {start} = train.steps; "
+                f"workdir {run.workdir} unchanged")
+        return {"steps": total, "resumed_from": start, "compile_s": {}, "last_eval": {},
+                "history": [], "workdir": str(run.workdir), "corpus": corpus, "line": line,
+                "trained_steps": 0}
+
+    # ---- validated: the run starts; from here on the workdir is written.
+    if pidx == 0:
+        moved = ckpt.quarantine(unreadable, into="checkpoints_unreadable")
+        moved += ckpt.quarantine(superseded, into="checkpoints_superseded")
+        for m in moved:
+            _log(f"[checkpoint] moved {m.name} aside to {m}")
+    write_resolved_config(run, corpus, start_step=start)
+    writer = metrics_lib.MetricsWriter(run.workdir, enabled=pidx == 0,
+                                       tensorboard=bool(t.get("tensorboard", True)))
+    _log(f"[data] {corpus.get('source')}: {len(train_src)} train documents, fingerprint "
+         f"{corpus.get('fingerprint')}; rows of {t.seq_len}+1 tokens, documents aligned to "
+         f"{run.align}; global batch {t.batch_size} ({run.local_batch} per process)")
+    if latest is not None:
+        writer.truncate_after(latest)
+        _log(f"[resume] restored step {latest} from {ckpt.directory}")
+    split = opt_lib.split_summary(state.params)
+    if pidx == 0:
+        _atomic_write(run.workdir / "optimizer_split.json", json.dumps(split, indent=1))
+    _log("[optimizer] " + "; ".join(f"{lab}: {g['tensors']} tensors, {g['params']:,} parameters"
+                                    for lab, g in split.items())
+         + f" (per tensor: {run.workdir / 'optimizer_split.json'})")
     sparse_start = int(t.sparse_start_step)
     impl = cfg.attention_impl          # None = the platform's default
     lcfg = loss_config(config)
     warm = int(t.get("indexer_warmup_steps", 0))
-    if not 0 <= warm <= sparse_start:
-        raise ValueError(f"train.indexer_warmup_steps={warm} is invalid: must be in "
-                         f"[0, train.sparse_start_step={sparse_start}]")
 
     def stage(step):
         if step >= sparse_start:
@@ -311,17 +512,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     eval_fns = {s: (run.plan.eval_step(sparse=s, implementation=impl) if run.plan is not None
                     else make_eval_step(graphdef, sparse=s, implementation=impl))
                 for s in (False, True)}
-    eval_src = None
-    eval_batches = None
 
     def run_eval(step, sparse):
-        nonlocal eval_src, eval_batches
-        if eval_batches is None:
-            eval_src = pipeline.make_source(config.data, config.data.eval_split)
-            eval_batches = pipeline.eval_batches(eval_src, seq_len=int(t.seq_len),
-                                                 local_batch=run.local_batch, align=run.align,
-                                                 num_batches=int(t.eval_batches),
-                                                 process_index=pidx, process_count=pcount)
         res = evaluate_bpb(eval_fns[sparse], state.params, state.buffers, eval_batches, run)
         res["sparse"] = float(sparse)
         writer.write(step, res, kind="eval")
@@ -334,7 +526,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     _log(f"[mfu] model FLOPs per token: sparse {fpt[True]:.3g}, dense warm-up {fpt[False]:.3g}; "
          f"peak {peak:.3g} FLOP/s per device ({peak_src})")
 
-    log_every, eval_every, ckpt_every = int(t.log_every), int(t.eval_every), int(t.checkpoint_every)
+    log_every, ckpt_every = int(t.log_every), int(t.checkpoint_every)
     nan_step = int(t.get("inject_nan_at_step", -1))
     acc_counts = None
     acc = {}
@@ -398,13 +590,22 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
                                           "tok/s": f"{rate:.0f}", "lr": f"{rec['lr']:.2e}",
                                           "cv": f"{rec['moe/load_cv_mean']:.2f}",
                                           "stage": st_name}, refresh=False)
+            saved_now = (ckpt_every > 0 and done % ckpt_every == 0) or done == total
+            if saved_now:        # before the evaluation: an evaluation failure costs no checkpoint
+                ckpt.save(done, state, _gather_data_states(it.state()), meta, force=True)
             if eval_every > 0 and (done % eval_every == 0 or done == total):
-                last_eval = run_eval(done, done >= sparse_start)
+                try:
+                    last_eval = run_eval(done, done >= sparse_start)
+                except Exception as e:       # noqa: BLE001 - re-raised after saving this step
+                    if not saved_now:
+                        ckpt.save(done, state, _gather_data_states(it.state()), meta, force=True)
+                    raise EvaluationFailed(
+                        f"the evaluation at step {done} failed ({type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:300]}); checkpoint step {done} is saved: "
+                        f"re-run to resume (train.eval_every=0 trains without evaluation)") from e
                 if progress is not None:
                     progress.write(f"[eval] step {done}: validation {last_eval['bits_per_byte']:.3f} "
                                    f"bits/byte ({'sparse' if done >= sparse_start else 'dense'})")
-            if (ckpt_every > 0 and done % ckpt_every == 0) or done == total:
-                ckpt.save(done, state, _gather_data_states(it.state()), meta, force=True)
             if progress is not None:
                 progress.update(1)
     finally:
@@ -412,30 +613,49 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
             progress.close()
         ckpt.close()       # waits for in-flight async saves: the last good checkpoint is complete
         writer.close()
+    last = history[-1] if history else {}
+    parts = [f"[done] steps {start}->{total} in {time.perf_counter() - t_wall:.1f} s"
+             + (f" (resumed from step {start})" if start else "")]
+    if last:
+        parts.append(f"train {last.get('bits_per_byte', float('nan')):.3f} bits/byte")
+    if last_eval:
+        parts.append(f"validation {last_eval['bits_per_byte']:.3f} bits/byte")
+    parts.append(f"checkpoints {ckpt_lib.list_steps(ckpt.directory)}")
+    parts.append(f"workdir {run.workdir}")
     return {"steps": total, "resumed_from": start if start else None, "compile_s": compile_s,
             "last_eval": last_eval, "history": history, "workdir": str(run.workdir),
-            "corpus": corpus}
+            "corpus": corpus, "line": "; ".join(parts), "trained_steps": total - start}
 
 
 # ---------------------------------------------------------------------------- restore for eval
-def load_for_eval(config, workdir, step: int | None = None):
-    """(run, model, step) of the latest (or given) checkpoint in workdir, built on this host."""
+def load_for_eval(config, workdir, step: int | None = None, *, log=None):
+    """(run, model, step) of the latest readable (or the given) checkpoint in workdir, built on
+    this host. Reads only: nothing is created in the workdir."""
+    log = log or _log
+    if not Path(workdir).is_dir():
+        raise ckpt_lib.CheckpointError(f"the workdir {workdir} does not exist: give the --workdir "
+                                       f"of a training run (python -m experiments.train "
+                                       f"--workdir={workdir} ...)")
     run = setup(config, workdir)
     ckpt = ckpt_lib.Checkpointer(run.workdir, keep=1000, async_save=False)
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
+    if not ckpt.all_steps():
         raise ckpt_lib.CheckpointError(f"no checkpoint in {ckpt.directory}: train first "
                                        f"(python -m experiments.train --workdir={workdir} ...)")
-    ckpt.check_compatible(run.model_cfg.to_dict(), step)
+    model_dict = run.model_cfg.to_dict()
     tx = make_tx(config)
     graphdef, abstract = abstract_train_state(lambda: build_model(run.model_cfg), tx)
     placed = (run.plan.abstract_state() if run.plan is not None
               else ckpt_lib.with_sharding(abstract, run.replicated))
-    state, _, _ = ckpt.restore(step, placed)
+    step, state, _, _, _ = ckpt_lib.restore_newest_readable(
+        ckpt, placed, step=step,
+        check=lambda s, m: ckpt_lib.check_model(m, model_dict, run.workdir, s), warn=log)
     ckpt.close()
     return run, nnx.merge(graphdef, state.params, state.buffers), step
 
 
-# Errors a launcher reports as one line, without a traceback.
-KNOWN_ERRORS = (ConfigError, DataError, OptimizerConfigError, ckpt_lib.CheckpointError,
-                TrainingDiverged, FileNotFoundError)
+# Errors a launcher reports as one line, without a traceback: the user's input (exit status 2)
+# and a run that started and failed (exit status 1).
+USER_ERRORS = (ConfigError, DataError, OptimizerConfigError, ckpt_lib.CheckpointError,
+               FileNotFoundError)
+RUN_ERRORS = (TrainingDiverged, EvaluationFailed)
+KNOWN_ERRORS = USER_ERRORS + RUN_ERRORS

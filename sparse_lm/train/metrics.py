@@ -125,6 +125,13 @@ def peak_flops_per_device(configured: float = 0.0) -> tuple[float, str]:
     return float("nan"), f"unknown device kind {kind!r} (set train.peak_flops)"
 
 
+def _json_number(v):
+    if v is None:
+        return None
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
 class MetricsWriter:
     """Appends {"step": s, ...} lines to <workdir>/metrics.jsonl and scalars to TensorBoard
     (<workdir>/tensorboard). Only process 0 writes."""
@@ -138,22 +145,37 @@ class MetricsWriter:
             self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
 
     def truncate_after(self, step: int) -> None:
-        """Drop logged lines of steps > step (a resumed run rewrites them)."""
+        """Drop logged lines of steps > step (a resumed run rewrites them). The dropped lines
+        (and any line a killed run left half-written) are appended to metrics_dropped.jsonl,
+        not lost."""
         if not self.enabled or not self.path.exists():
             return
-        keep = [l for l in self.path.read_text().splitlines()
-                if l.strip() and json.loads(l).get("step", 0) <= step]
+        keep, dropped = [], []
+        for line in self.path.read_text().splitlines():
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                ok = isinstance(rec, dict) and rec.get("step", 0) <= step
+            except ValueError:
+                ok = False
+            (keep if ok else dropped).append(line)
+        if not dropped:
+            return
+        with open(self.path.with_name("metrics_dropped.jsonl"), "a") as f:
+            f.write("".join(l + "\n" for l in dropped))
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(l + "\n" for l in keep))
         os.replace(tmp, self.path)
 
     def write(self, step: int, scalars: dict, kind: str = "train") -> None:
+        """One JSON line; a non-finite value is written as null (strict JSON: no bare NaN)."""
         if not self.enabled:
             return
         rec = {"step": int(step), "kind": kind}
-        rec.update({k: (float(v) if v is not None else None) for k, v in scalars.items()})
+        rec.update({k: _json_number(v) for k, v in scalars.items()})
         with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+            f.write(json.dumps(rec, allow_nan=False) + "\n")
         if self._tb is not None:
             for k, v in scalars.items():
                 if v is not None and np.isfinite(v):
