@@ -16,6 +16,7 @@ written under a temporary sibling directory and renamed into place at the end.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -37,8 +38,8 @@ from sparse_lm.convert.hf_config import (ARCHITECTURAL_FIELDS, config_difference
                                          read_hf_config, to_hf_config)
 from sparse_lm.convert.mapping import (ExpertsGateUp, ExpertsDown, Group, HashIds, MappingError,
                                        build_groups, logical_to_official, official_expert_names)
-from sparse_lm.convert.safetensors_io import (CheckpointError, LogicalCheckpoint, SafetensorsDir,
-                                              ShardedWriter)
+from sparse_lm.convert.safetensors_io import (CheckpointError, InventoryFiles, LogicalCheckpoint,
+                                              SafetensorsDir, ShardedWriter)
 from sparse_lm.model.transformer import build_model
 
 log = logging.getLogger(__name__)
@@ -167,13 +168,20 @@ def _expected_hf_shapes(groups: list[Group], flat_vars) -> dict[str, tuple]:
     return expected
 
 
-def validate(ckpt: LogicalCheckpoint, groups: list[Group], flat_vars) -> None:
-    """Every tensor present with its expected shape, and no tensor left over (headers only)."""
+def validate(ckpt: LogicalCheckpoint, groups: list[Group], flat_vars, *,
+             skip_unused: bool = False) -> list[str]:
+    """Every tensor present with its expected shape, and no tensor left over (headers only).
+
+    Tensors that belong to no parameter of the model (e.g. MTP or drafter blocks the model does
+    not build) are an error, unless `skip_unused`: then they are logged and returned (sorted
+    physical names), and the load ignores them. Nothing is ever dropped silently.
+    """
     expected = _expected_hf_shapes(groups, flat_vars)
     missing = sorted(set(expected) - ckpt.names())
     if missing:
         raise CheckpointError(_describe(missing, "missing tensor(s)") +
-                              f" ({ckpt.scheme} names) in {ckpt.files.dir}")
+                              f" (logical names; the checkpoint has {ckpt.scheme} names) in "
+                              f"{ckpt.files.dir}")
     for n, s in expected.items():
         got = ckpt.shape(n)
         if tuple(got) != s:
@@ -183,9 +191,63 @@ def validate(ckpt: LogicalCheckpoint, groups: list[Group], flat_vars) -> None:
     unknown = sorted(ckpt.unmapped)
     for n in sorted(ckpt.names() - set(expected)):
         unknown += ckpt.physical_names(n)
+    unknown = sorted(unknown)
+    if unknown and not skip_unused:
+        raise CheckpointError(_describe(unknown, "unknown tensor(s)") +
+                              f" in {ckpt.files.dir}: they belong to no parameter of this model "
+                              "(to load without them, pass skip_unused=True / --skip-unused; "
+                              "they are then listed and skipped)")
     if unknown:
-        raise CheckpointError(_describe(sorted(unknown), "unknown tensor(s)") +
-                              f" in {ckpt.files.dir}: they belong to no parameter of this model")
+        log.warning("%s: skipping %d tensor(s) this model does not use: %s", ckpt.files.dir,
+                    len(unknown), _describe(unknown, "")[1:])
+    return unknown
+
+
+@dataclasses.dataclass
+class CheckReport:
+    """What validating a checkpoint found (headers or inventory only, no tensor data)."""
+    scheme: str                 # naming scheme detected (mapping.SCHEMES)
+    config: ModelConfig         # the model it loads as (mtp_depth as the tensors decide)
+    tensors: int                # physical tensors in the checkpoint (scales included)
+    skipped: list[str]          # physical tensors not used (only with skip_unused=True)
+
+
+def _check(ckpt: LogicalCheckpoint, hf_dir: str, config, hf_json, skip_unused) -> CheckReport:
+    cfg = resolve_config(hf_dir, ckpt, config, hf_json)
+    _, _, flat_vars = abstract_model(cfg)
+    skipped = validate(ckpt, build_groups(cfg), flat_vars, skip_unused=skip_unused)
+    return CheckReport(ckpt.scheme, cfg, len(ckpt.files.names()), skipped)
+
+
+def _fp8_block(hf_json) -> tuple:
+    q = (hf_json or {}).get("quantization_config") or {}
+    block = q.get("weight_block_size", quant.FP8_BLOCK)
+    if not (isinstance(block, (list, tuple)) and len(block) == 2):
+        raise ConfigError(f"config.json field 'quantization_config.weight_block_size'={block!r} "
+                          "cannot be represented: expected [rows, cols]")
+    return tuple(block)
+
+
+def check_hf(hf_dir: str, *, config: ModelConfig | None = None,
+             skip_unused: bool = False) -> CheckReport:
+    """Validate a HF checkpoint directory from its headers only (what `load_hf` checks first)."""
+    hf_dir = os.fspath(hf_dir)
+    files = SafetensorsDir(hf_dir)
+    hf_json = (read_hf_config(hf_dir) if os.path.exists(os.path.join(hf_dir, "config.json"))
+               else None)
+    ckpt = LogicalCheckpoint(files, fp8_block=_fp8_block(hf_json))
+    return _check(ckpt, hf_dir, config, hf_json, skip_unused)
+
+
+def check_inventory(inventory: Mapping[str, tuple[str, Sequence[int]]], hf_config: dict, *,
+                    skip_unused: bool = False, label: str = "inventory") -> CheckReport:
+    """Validate a checkpoint known only by its tensor inventory ({name: (safetensors dtype,
+    shape)}) and its config.json dict, exactly as `load_hf` validates files: naming scheme,
+    every tensor present with its shape, scale grids, no unused tensor (unless skip_unused).
+    No array is allocated, so release-sized inventories are cheap to check."""
+    files = InventoryFiles(dict(inventory), label)
+    ckpt = LogicalCheckpoint(files, fp8_block=_fp8_block(hf_config))
+    return _check(ckpt, label, None, dict(hf_config), skip_unused)
 
 
 # ---------------------------------------------------------------------------------- HF -> ours
@@ -237,30 +299,27 @@ def leaf_dtypes(ckpt: LogicalCheckpoint, g: Group, dtype: np.dtype | None) -> np
 
 
 def load_state(hf_dir: str, *, config: ModelConfig | None = None, dtype=None,
-               mesh: jax.sharding.Mesh | None = None, rules=None, progress: bool = True):
+               mesh: jax.sharding.Mesh | None = None, rules=None, progress: bool = True,
+               skip_unused: bool = False):
     """Read a HF checkpoint into our state.
 
     Returns (cfg, graphdef, pure_state) where pure_state is `nnx.to_pure_dict` layout with
     jax.Arrays (sharded by `mesh` + `rules` when given). dtype: float32, bfloat16, or None to keep
     each tensor's checkpoint dtype (FP8/FP4 dequantise to bfloat16). With an explicit bfloat16,
     the tensors transformers keeps in float32 (norms, mHC, sinks, position and router biases)
-    stay float32.
+    stay float32. skip_unused: load a checkpoint that also holds tensors this model does not use
+    (listed in a warning, see `validate`); otherwise they are an error.
     """
     dt = _np_dtype(dtype)
     hf_dir = os.fspath(hf_dir)
     files = SafetensorsDir(hf_dir)
     has_json = os.path.exists(os.path.join(hf_dir, "config.json"))
     hf_json = read_hf_config(hf_dir) if has_json else None
-    q = (hf_json or {}).get("quantization_config") or {}
-    block = q.get("weight_block_size", quant.FP8_BLOCK)
-    if not (isinstance(block, (list, tuple)) and len(block) == 2):
-        raise ConfigError(f"config.json field 'quantization_config.weight_block_size'={block!r} "
-                          "cannot be represented: expected [rows, cols]")
-    ckpt = LogicalCheckpoint(files, fp8_block=tuple(block))
+    ckpt = LogicalCheckpoint(files, fp8_block=_fp8_block(hf_json))
     cfg = resolve_config(hf_dir, ckpt, config, hf_json)
     groups = build_groups(cfg)
     _, _, flat_vars = abstract_model(cfg)
-    validate(ckpt, groups, flat_vars)
+    validate(ckpt, groups, flat_vars, skip_unused=skip_unused)
     dtypes = {p: leaf_dtypes(ckpt, g, dt) for g in groups for p in g.ours}
     matrix_dts = {dtypes[p] for g in groups
                   if not g.keep_fp32 and not isinstance(g.transform, HashIds) for p in g.ours}
@@ -299,15 +358,19 @@ def assemble(graphdef, abs_state, pure: dict):
 
 
 def load_hf(hf_dir: str, dtype=None, mesh: jax.sharding.Mesh | None = None, *, rules=None,
-            config: ModelConfig | None = None, progress: bool = True):
+            config: ModelConfig | None = None, progress: bool = True,
+            skip_unused: bool = False):
     """`model, config = load_hf(dir)`: the JAX counterpart of `from_pretrained`.
 
-    hf_dir: a directory with config.json and *.safetensors (transformers or official names,
-    plain, FP8 or FP4). dtype: float32, bfloat16 or None (keep the checkpoint's dtypes). mesh +
-    rules: place each parameter on `NamedSharding(mesh, rules(logical axis names))`.
+    hf_dir: a directory with config.json and *.safetensors in any naming scheme of
+    `mapping.SCHEMES` (transformers' state-dict names, transformers' save_pretrained names, the
+    official release names), plain, FP8 or FP4. dtype: float32, bfloat16 or None (keep the
+    checkpoint's dtypes). mesh + rules: place each parameter on
+    `NamedSharding(mesh, rules(logical axis names))`. skip_unused: see `load_state`.
     """
     cfg, graphdef, abs_state, pure = load_state(hf_dir, config=config, dtype=dtype, mesh=mesh,
-                                                rules=rules, progress=progress)
+                                                rules=rules, progress=progress,
+                                                skip_unused=skip_unused)
     return assemble(graphdef, abs_state, pure), cfg
 
 

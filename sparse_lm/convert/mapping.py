@@ -19,6 +19,11 @@ which transformers drops, are named `mtp.0.` + the same per-layer names, plus `m
 h_proj}.weight`, `mtp.0.{enorm,hnorm,norm}.weight`, `mtp.0.hc_head.{hc_fn,hc_base,hc_scale}`.
 The official checkpoint names (`layers.{i}.attn.wq_a.weight`, per-expert `w1/w2/w3`, `.scale`
 companions) are translated by `official_to_logical` / `logical_to_official`.
+
+Reading: every naming scheme a DeepSeek-V4 checkpoint comes in has one `NameScheme` table here
+(`SCHEMES`: transformers' state-dict names = what sparse_lm writes, transformers 5.x
+`save_pretrained` of a loaded model, `save_pretrained` of a freshly built model, the official
+release); `detect_scheme` picks the one scheme of a checkpoint (mixed or unknown: an error).
 """
 from __future__ import annotations
 
@@ -334,8 +339,6 @@ _TOP_RENAMES = {
     "norm.weight": "model.norm.weight", "hc_head_fn": "model.hc_head.hc_fn",
     "hc_head_base": "model.hc_head.hc_base", "hc_head_scale": "model.hc_head.hc_scale",
 }
-_EXPERT_RE = re.compile(r"^(layers\.\d+|mtp\.\d+)\.ffn\.experts\.(\d+)\.(w1|w2|w3)\.weight$")
-_LAYER_RE = re.compile(r"^(layers\.(\d+)|mtp\.(\d+))\.(.+)$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -349,27 +352,162 @@ class ExpertPart:
 def official_to_logical(name: str) -> str | ExpertPart | None:
     """Official name -> transformers name (or the fused expert tensor it belongs to); None if
     the name is not part of the model. Scale companions are handled by the reader."""
-    if name in _TOP_RENAMES:
-        return _TOP_RENAMES[name]
-    m = _EXPERT_RE.match(name)
-    if m:
-        layer = _logical_layer_prefix(m.group(1))
-        fused = "down_proj" if m.group(3) == "w2" else "gate_up_proj"
-        return ExpertPart(layer + "mlp.experts." + fused, int(m.group(2)), m.group(3))
-    m = _LAYER_RE.match(name)
-    if not m:
-        return None
-    layer, rest = _logical_layer_prefix(m.group(1)), m.group(4)
-    if rest in _LAYER_RENAMES:
-        return layer + _LAYER_RENAMES[rest]
-    if m.group(3) is not None and rest in _MTP_RENAMES:
-        return layer + _MTP_RENAMES[rest]
-    return None
+    return OFFICIAL.to_logical(name)
 
 
 def _logical_layer_prefix(official_prefix: str) -> str:
     kind, idx = official_prefix.split(".")
     return f"model.layers.{idx}." if kind == "layers" else f"mtp.{idx}."
+
+
+# ---------------------------------------------------------------------------- naming schemes
+# Every checkpoint is read in exactly one naming scheme, detected from its tensor names
+# (`detect_scheme`). Each scheme is one table: physical name -> logical (transformers state-dict)
+# name, top-level names spelled out, per-layer names as suffix tables under a layer prefix, and
+# routed experts either fused (`mlp.experts.gate_up_proj` / `down_proj`) or one tensor per expert
+# (`...experts.{e}.w1/w2/w3.weight`). The logical names are what `build_groups` uses.
+
+# Per-layer logical suffixes (transformers' state-dict names).
+_LOGICAL_LAYER = tuple(_LAYER_RENAMES.values()) + ("mlp.experts.gate_up_proj",
+                                                   "mlp.experts.down_proj")
+_LOGICAL_TOP = tuple(_TOP_RENAMES.values())
+# transformers 5.23.0 `save_pretrained` of a model that was loaded from a state-dict-named
+# checkpoint: its weight-conversion machinery renames the three KV norms on the way out
+# (`.norm.` <-> `.kv_norm.` is the one conversion rule that also matches transformers' own names).
+_RESAVED_NORMS = {
+    "self_attn.norm.weight": "self_attn.kv_norm.weight",
+    "self_attn.compressor.norm.weight": "self_attn.compressor.kv_norm.weight",
+    "self_attn.compressor.indexer.norm.weight": "self_attn.compressor.indexer.kv_norm.weight",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class NameScheme:
+    """One checkpoint naming scheme: physical names -> logical (transformers state-dict) names."""
+    name: str
+    description: str
+    top: dict                     # physical top-level name -> logical name
+    layer_prefix: str             # physical prefix of layer i: f"{layer_prefix}{i}."
+    layer: dict                   # physical per-layer suffix -> logical suffix
+    mtp_prefix: str | None        # physical prefix of MTP block j: f"{mtp_prefix}{j}." (None: none)
+    mtp: dict                     # MTP-only physical suffix -> logical suffix (besides `layer`)
+    per_expert: bool              # routed experts stored as `{...}.experts.{e}.w1/w2/w3.weight`
+    expert_infix: str = "ffn.experts."
+
+    def to_logical(self, name: str) -> "str | ExpertPart | None":
+        """The logical name of a physical tensor (or the fused expert tensor it is a slice
+        of); None when the name is not part of this scheme. Scale companions are not names."""
+        if name in self.top:
+            return self.top[name]
+        for prefix, logical_prefix, extra in (
+                (self.layer_prefix, "model.layers.", {}),
+                (self.mtp_prefix, "mtp.", self.mtp)):
+            if prefix is None or not name.startswith(prefix):
+                continue
+            idx, dot, rest = name[len(prefix):].partition(".")
+            if not (dot and idx.isdigit() and str(int(idx)) == idx):
+                continue
+            lp = f"{logical_prefix}{idx}."
+            if rest in self.layer:
+                return lp + self.layer[rest]
+            if rest in extra:
+                return lp + extra[rest]
+            if self.per_expert and rest.startswith(self.expert_infix):
+                e, dot, part = rest[len(self.expert_infix):].partition(".")
+                if dot and e.isdigit() and str(int(e)) == e and \
+                        part in ("w1.weight", "w2.weight", "w3.weight"):
+                    p = part.split(".")[0]
+                    fused = "down_proj" if p == "w2" else "gate_up_proj"
+                    return ExpertPart(lp + "mlp.experts." + fused, int(e), p)
+        return None
+
+
+_IDENT = lambda names: {n: n for n in names}    # noqa: E731
+_MTP_LOGICAL = tuple(_MTP_RENAMES.values())
+
+TRANSFORMERS = NameScheme(
+    "transformers",
+    "transformers' state-dict names (`model.state_dict()`, what `safetensors.save_file` of it "
+    "and sparse_lm's exporter write): model.layers.{i}.self_attn.kv_norm.weight, lm_head.weight, "
+    "fused mlp.experts.gate_up_proj / down_proj; MTP as mtp.0.*",
+    _IDENT(_LOGICAL_TOP), "model.layers.", _IDENT(_LOGICAL_LAYER), "mtp.", _IDENT(_MTP_LOGICAL),
+    per_expert=False)
+TRANSFORMERS_RESAVED = NameScheme(
+    "transformers-resaved",
+    "transformers 5.x save_pretrained of a model loaded from state-dict names: as "
+    "'transformers' but the KV norms are self_attn.norm.weight, self_attn.compressor.norm.weight "
+    "and self_attn.compressor.indexer.norm.weight",
+    _IDENT(_LOGICAL_TOP), "model.layers.",
+    {**{k: v for k, v in _IDENT(_LOGICAL_LAYER).items() if v not in _RESAVED_NORMS.values()},
+     **_RESAVED_NORMS},
+    "mtp.", _IDENT(_MTP_LOGICAL), per_expert=False)
+TRANSFORMERS_SAVED = NameScheme(
+    "transformers-saved",
+    "transformers 5.x save_pretrained of a freshly built model (or of one loaded from the release "
+    "or from this scheme): the release's per-layer names under model.layers.{i}. "
+    "(attn.wq_a.weight, ffn.experts.{e}.w1.weight, hc_attn_fn, ...; but the attention's KV "
+    "norm is attn.norm.weight), "
+    "head.weight, model.embed_tokens.weight, model.norm.weight, model.hc_head.hc_fn",
+    {"model.embed_tokens.weight": "model.embed_tokens.weight", "head.weight": "lm_head.weight",
+     "model.norm.weight": "model.norm.weight", "model.hc_head.hc_fn": "model.hc_head.hc_fn",
+     "model.hc_head.hc_base": "model.hc_head.hc_base",
+     "model.hc_head.hc_scale": "model.hc_head.hc_scale"},
+    "model.layers.",
+    {**{k: v for k, v in _LAYER_RENAMES.items() if k != "attn.kv_norm.weight"},
+     "attn.norm.weight": "self_attn.kv_norm.weight"},     # not the release's attn.kv_norm
+    None, {}, per_expert=True)
+OFFICIAL = NameScheme(
+    "official",
+    "the DeepSeek release's names (inference/model.py): embed.weight, head.weight, norm.weight, "
+    "hc_head_fn, layers.{i}.attn.wq_a.weight, layers.{i}.ffn.experts.{e}.w1.weight, mtp.{j}.*",
+    dict(_TOP_RENAMES), "layers.", dict(_LAYER_RENAMES), "mtp.", dict(_MTP_RENAMES),
+    per_expert=True)
+SCHEMES = (TRANSFORMERS, TRANSFORMERS_RESAVED, TRANSFORMERS_SAVED, OFFICIAL)
+SCHEMES_BY_NAME = {s.name: s for s in SCHEMES}
+
+
+@dataclasses.dataclass(frozen=True)
+class Detection:
+    scheme: NameScheme
+    unmatched: tuple[str, ...]     # names of no scheme at all (unknown tensors, reported later)
+
+
+class SchemeError(MappingError):
+    """The tensor names fit no single naming scheme (unknown or mixed)."""
+
+
+def detect_scheme(names) -> Detection:
+    """The naming scheme of a checkpoint from its (non-scale) tensor names.
+
+    The scheme that explains the most names wins. Names it does not explain are an error when
+    another scheme explains them (a mixed checkpoint), and are returned as `unmatched` (unknown
+    tensors, which validation reports) when no scheme does. A checkpoint whose names mostly fit
+    no scheme is an error. Both errors list the first unmatched tensors of every scheme tried.
+    """
+    names = sorted(names)
+    fits = {s.name: {n for n in names if s.to_logical(n) is not None} for s in SCHEMES}
+    best = max(SCHEMES, key=lambda s: len(fits[s.name]))     # ties: the first in SCHEMES
+
+    def tried():
+        parts = []
+        for s in SCHEMES:
+            miss = [n for n in names if n not in fits[s.name]]
+            parts.append(f"{s.name}: {len(miss)} of {len(names)} unmatched, first {miss[:5]}")
+        return "; ".join(parts)
+
+    if not names or 2 * len(fits[best.name]) <= len(names):
+        raise SchemeError(f"the tensor names fit no known naming scheme (schemes tried: "
+                          f"{tried()})")
+    rest = [n for n in names if n not in fits[best.name]]
+    foreign = [n for n in rest if any(n in f for f in fits.values())]
+    if foreign:
+        other = sorted({s.name for s in SCHEMES if foreign[0] in fits[s.name]})
+        raise SchemeError(f"the checkpoint mixes naming schemes: {len(fits[best.name])} tensors "
+                          f"are {best.name!r} names but {len(foreign)} are not, e.g. "
+                          f"{foreign[:5]} ({foreign[0]!r} is a {other} name); schemes tried: "
+                          f"{tried()}")
+    return Detection(best, tuple(rest))
+
 
 
 _INV_LAYER = {v: k for k, v in _LAYER_RENAMES.items()}

@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from sparse_lm.convert import quant
-from sparse_lm.convert.mapping import ExpertPart, MappingError, official_to_logical
+from sparse_lm.convert.mapping import ExpertPart, MappingError, SchemeError, detect_scheme
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -138,6 +138,31 @@ class SafetensorsDir:
             return f.get_slice(name)[rows]
 
 
+class InventoryFiles:
+    """A checkpoint known only by its tensor inventory (name -> safetensors dtype and shape), e.g.
+    a release's `model.safetensors.index.json` plus headers: the same names()/info() as
+    `SafetensorsDir`, so `LogicalCheckpoint` and validation run on it without any data."""
+
+    def __init__(self, inventory: dict[str, tuple[str, tuple[int, ...]]], label: str = "inventory"):
+        self.dir = label
+        self.tensors = {}
+        for name, (dtype, shape) in inventory.items():
+            if dtype not in _ITEMSIZE:
+                raise CheckpointError(f"{label}: tensor {name!r} has unknown dtype {dtype!r}")
+            self.tensors[name] = TensorInfo("<inventory>", dtype, tuple(int(x) for x in shape), 0, 0)
+
+    def names(self) -> set[str]:
+        return set(self.tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        if name not in self.tensors:
+            raise CheckpointError(f"tensor {name!r} is not in {self.dir}")
+        return self.tensors[name]
+
+    def read(self, name: str, rows=None):
+        raise CheckpointError(f"{self.dir} holds tensor names and shapes only, no data ({name!r})")
+
+
 @dataclasses.dataclass
 class _Logical:
     """How one logical (transformers-named) tensor is made from physical tensors."""
@@ -162,26 +187,19 @@ def _np_dtype(st_dtype: str):
 
 
 class LogicalCheckpoint:
-    """Transformers-named view of a checkpoint in either naming scheme, dequantising on read.
+    """Transformers-named view of a checkpoint in any naming scheme, dequantising on read.
 
-    scheme: "transformers" (`model.layers.{i}.self_attn...`) or "official"
-    (`layers.{i}.attn.wq_a.weight`, per-expert w1/w2/w3, `.scale` companions).
+    The scheme (`mapping.SCHEMES`: "transformers", "transformers-resaved", "transformers-saved"
+    or "official") is detected from the tensor names (`mapping.detect_scheme`; mixed or unknown
+    names are a `CheckpointError` listing the first unmatched tensors of each scheme tried).
+    Names of no scheme at all are kept in `unmapped` (validation reports them). `files` is a
+    `SafetensorsDir` or anything with the same names()/info()/read() (e.g. `InventoryFiles`).
     """
 
-    def __init__(self, files: SafetensorsDir, *, fp8_block=quant.FP8_BLOCK,
-                 fp4_block=quant.FP4_BLOCK):
+    def __init__(self, files, *, fp8_block=quant.FP8_BLOCK, fp4_block=quant.FP4_BLOCK):
         self.files = files
         self.fp8_block, self.fp4_block = tuple(fp8_block), int(fp4_block)
         names = files.names()
-        official = "embed.weight" in names or any(n.startswith("layers.") for n in names)
-        hf = any(n.startswith("model.") for n in names) or "lm_head.weight" in names
-        if official and hf:
-            raise CheckpointError("the checkpoint mixes official names (embed.weight, layers.*) "
-                                  "with transformers names (model.*, lm_head.weight)")
-        if not (official or hf):
-            raise CheckpointError(f"no DeepSeek-V4 tensor names found in {files.dir} (expected "
-                                  "model.embed_tokens.weight or embed.weight)")
-        self.scheme = "official" if official else "transformers"
         # Scale companions: X.scale or X.weight_scale_inv next to X.weight.
         self.scale_of: dict[str, str] = {}
         for n in names:
@@ -189,16 +207,26 @@ class LogicalCheckpoint:
                 if n.endswith(suffix) and n[: -len(suffix)] + ".weight" in names:
                     self.scale_of[n[: -len(suffix)] + ".weight"] = n
         scales = set(self.scale_of.values())
+        if not names - scales:
+            raise CheckpointError(f"no tensors in {files.dir}")
+        try:
+            found = detect_scheme(names - scales)
+        except SchemeError as e:
+            raise CheckpointError(f"{files.dir}: {e}") from None
+        self.naming = found.scheme
+        self.scheme = found.scheme.name
         self.logical: dict[str, _Logical] = {}
-        self.unmapped: list[str] = []
+        self.unmapped: list[str] = list(found.unmatched)
+        unmatched = set(found.unmatched)
         fused: dict[str, dict[int, dict[str, str]]] = {}
-        for n in sorted(names - scales):
-            target = n if self.scheme == "transformers" else official_to_logical(n)
-            if target is None:
-                self.unmapped.append(n)
-            elif isinstance(target, ExpertPart):
+        for n in sorted(names - scales - unmatched):
+            target = self.naming.to_logical(n)
+            if isinstance(target, ExpertPart):
                 fused.setdefault(target.logical, {}).setdefault(target.expert, {})[target.part] = n
             else:
+                if target in self.logical:
+                    raise CheckpointError(f"tensors {self.logical[target].weight!r} and {n!r} "
+                                          f"are both {target!r}")
                 self.logical[target] = self._plain(n)
         for logical, experts in fused.items():
             self.logical[logical] = self._fused(logical, experts)
@@ -246,7 +274,9 @@ class LogicalCheckpoint:
             have = experts.get(e, {})
             missing = [p for p in parts if p not in have]
             if missing:
-                pre = logical.replace("model.layers.", "layers.").split(".mlp.")[0]
+                layer = logical.split(".mlp.")[0]
+                pre = (self.naming.layer_prefix + layer[len("model.layers."):]
+                       if layer.startswith("model.layers.") else layer)
                 raise CheckpointError(f"missing tensor {pre}.ffn.experts.{e}.{missing[0]}.weight "
                                       f"(experts 0..{count - 1} are present for {logical})")
             row = {}
