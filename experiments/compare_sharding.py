@@ -41,6 +41,7 @@ from sparse_lm.aot.topology import resolve_topology  # noqa: E402
 from sparse_lm.config import ModelConfig  # noqa: E402
 from sparse_lm.sharding.mesh import ShardingError  # noqa: E402
 from sparse_lm.sharding.presets import load_preset  # noqa: E402
+from sparse_lm.train.config_check import UserError, run_main  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/v4_flash.py",
                                           "Model config file (get_config() with a `model` field).")
@@ -73,11 +74,34 @@ def split_presets(text: str) -> list[str]:
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}: flags are --name=value")
     # Compute dtype, remat and the EP capacity factor are the model config's own fields
     # (configs/v4_flash.py: bf16, full remat; override with --config.model.FIELD=VALUE).
+    if "model" not in _CONFIG.value:
+        raise app.UsageError("the config has no `model` field (expected get_config() with a "
+                             "`model` section of ModelConfig values)")
     cfg = ModelConfig.from_dict(_CONFIG.value.model.to_dict())
     presets = split_presets(_PRESETS.value)
+    if not presets:
+        raise UserError(f"--presets={_PRESETS.value!r} is empty: give comma-separated presets")
+    if _SEQ.value < 1:
+        raise UserError(f"--seq_len={_SEQ.value} is invalid: must be >= 1")
+    if not _BPD.value > 0:
+        raise UserError(f"--batch_per_device={_BPD.value} is invalid: must be > 0")
+    measured = None
+    if _MEASURED.value:             # read before hours of compilation, not after
+        mp = Path(_MEASURED.value)
+        if not mp.is_file():
+            raise UserError(f"--measured={mp}: no such file (a JSON list of {{preset, topology, "
+                            f"step_time_s}})")
+        try:
+            measured = json.loads(mp.read_text())
+        except ValueError as e:
+            raise UserError(f"--measured={mp}: not valid JSON ({e})") from None
+        if not isinstance(measured, list):
+            raise UserError(f"--measured={mp}: expected a JSON list of {{preset, topology, "
+                            f"step_time_s}}, got {type(measured).__name__}")
     try:
         for p in presets:
             load_preset(p)
@@ -85,6 +109,8 @@ def main(argv):
     except ShardingError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    if not topos:
+        raise UserError(f"--topology={_TOPOLOGY.value!r} is empty: give comma-separated topologies")
     opts = compare.Options(seq_len=_SEQ.value, batch_per_device=_BPD.value, optimizer=_OPT.value,
                            sparse=not _DENSE.value,
                            keep_hlo=str(Path(_OUT.value) / "hlo") if _KEEP_HLO.value else "")
@@ -116,8 +142,8 @@ def main(argv):
         bar.write(f"  {p} @ {t.name}: {row['status']} ({row.get('compile_s', 0):.0f} s) "
                   f"{row.get('reason', '')}")
         save()
-    if _MEASURED.value:
-        compare.merge_measured(rows, json.loads(Path(_MEASURED.value).read_text()))
+    if measured is not None:
+        compare.merge_measured(rows, measured)
     save()
     compare.plot(rows, out / "compare.png")
     print()
@@ -127,4 +153,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_main(main, default_config="configs/v4_flash.py", user_errors=(ShardingError,))

@@ -20,13 +20,10 @@ from ml_collections import config_flags
 from sparse_lm.data import pipeline
 from sparse_lm.data.stdlib_corpus import byte_entropies
 from sparse_lm.train import evaluation as ev
-from sparse_lm.train.config_check import main_guard
+from sparse_lm.train.config_check import EXIT_FAILED, exit_with, run_main
 from sparse_lm.train.evaluation import evaluate
-from sparse_lm.train.loop import load_for_eval, train
+from sparse_lm.train.loop import RUN_ERRORS, USER_ERRORS, load_for_eval, train
 from sparse_lm.train.metrics import layer_names, read_metrics
-
-if __name__ == "__main__":          # before the flags: config_flags applies overrides at definition
-    main_guard(default_config="configs/demo.py")
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Demo config.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Run directory.")
@@ -86,15 +83,29 @@ def plot_expert_load(records, layer_names, hash_layers, path):
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}: flags are --name=value")
+    try:
+        _main()
+    except USER_ERRORS as e:
+        exit_with(e)
+    except RUN_ERRORS as e:
+        exit_with(e, EXIT_FAILED, with_type=True)
+
+
+def _main():
     logging.set_verbosity(logging.WARNING)
     t_start = time.time()
     config = _CONFIG.value
     workdir = Path(_WORKDIR.value)
+    from sparse_lm.train.loop import setup, validate_train_config
+    validate_train_config(config)          # before the corpus statistics: fail fast
+    setup(config, workdir)
     print(f"[demo] backend {jax.default_backend()}, {jax.device_count()} device(s); workdir {workdir}")
 
     # 1. Corpus and the count-based baselines.
-    train_src = pipeline.make_source(config.data, config.data.train_split)
+    from sparse_lm.train.loop import _open_source
+    train_src = _open_source(config.data, config.data.train_split, "train")
     h1, h2 = byte_entropies(train_src[i] for i in range(len(train_src)))
     print(f"[demo] corpus: Python {train_src.info.python_version} stdlib, {train_src.info.num_files} "
           f"files, {train_src.info.num_bytes / 1e6:.1f} MB, fingerprint {train_src.fingerprint}; "
@@ -169,7 +180,9 @@ def main(argv):
         "bigram_conditional_entropy": h2, "load_cv_first": cv0, "load_cv_last": cv1,
         "train_minutes": t_train / 60, "total_minutes": (time.time() - t_start) / 60,
         "needle": res["needle"]}, indent=1))
+    print(f"[done] demo: validation {bpb:.3f} bits/byte (sparse) after {summary['steps']} steps "
+          f"in {(time.time() - t_start) / 60:.1f} min; outputs in {workdir}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_main(main, default_config="configs/demo.py")

@@ -6,13 +6,22 @@ accuracy by context length, with sparse and with dense attention on the same par
 The config defaults to the one the run recorded in <workdir>/config.json. "dense" means the CSA
 layers attend every visible compressed entry instead of the indexer's top-k (HCA and the window
 are the same in both). Results are printed as a table and written to <workdir>/eval.json.
+
+Reads only (eval.json is the one file written): a missing workdir, a workdir without checkpoints,
+an unreadable config.json or a step that does not exist (the steps there are listed) is one line,
+exit status 2; --verbose adds the traceback.
 """
 from __future__ import annotations
+
+import time
+from pathlib import Path
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from sparse_lm.train.config_check import exit_with, run_main
 from sparse_lm.train.evaluation import config_from_workdir, evaluate
+from sparse_lm.train.loop import USER_ERRORS
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (default: the run's own).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.", required=True)
@@ -20,11 +29,23 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}: flags are --name=value")
     logging.set_verbosity(logging.WARNING)
-    config = _CONFIG.value if _CONFIG.value is not None else config_from_workdir(_WORKDIR.value)
-    evaluate(config, _WORKDIR.value, _STEP.value)
+    t0 = time.perf_counter()
+    workdir = _WORKDIR.value
+    try:
+        if not Path(workdir).is_dir():
+            raise FileNotFoundError(f"--workdir={workdir} does not exist: give the workdir of a "
+                                    f"training run (python -m experiments.train --workdir=...)")
+        config = _CONFIG.value if _CONFIG.value is not None else config_from_workdir(workdir)
+        res = evaluate(config, workdir, _STEP.value)
+    except USER_ERRORS as e:
+        exit_with(e)
+    print(f"[done] evaluated step {res['step']} in {time.perf_counter() - t0:.1f} s: validation "
+          f"{res['bits_per_byte']['sparse']:.4f} bits/byte sparse, "
+          f"{res['bits_per_byte']['dense']:.4f} dense; wrote {Path(workdir) / 'eval.json'}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_main(main)

@@ -11,6 +11,9 @@ a --config given with a --workdir that holds checkpoints must describe the same 
 section replaces the recorded one, and restoring refuses a different architecture, naming the
 differing fields). --config without checkpoints runs a freshly initialised model.
 
+Reads only: a missing workdir creates nothing. Errors (a bad flag, a workdir without checkpoints
+and no --config, an invalid config.json, another model) are one line, exit status 2.
+
 Importable: `load_model(workdir, config)` and `generate_text(model, prompt, ...)`.
 """
 from __future__ import annotations
@@ -26,11 +29,12 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sparse_lm.config import ModelConfig
+from sparse_lm.config import ConfigError, ModelConfig
 from sparse_lm.inference import Decoder, InferenceError, generate, validate_sampling
 from sparse_lm.model import build_model
 from sparse_lm.train import checkpoint as ckpt_lib
 from sparse_lm.train.checkpoint import CheckpointError
+from sparse_lm.train.config_check import exit_with, run_main
 from sparse_lm.train.loop import load_for_eval
 
 FLAGS = flags.FLAGS
@@ -86,7 +90,12 @@ def load_model(workdir: str | None = None, config=None, step: int | None = None,
     if not recorded.exists():
         raise GenerateError(f"{recorded} does not exist: the checkpoints in {workdir} need the "
                             "run's recorded config (written by experiments.train)")
-    run_config = ml_collections.ConfigDict(json.loads(recorded.read_text())["config"])
+    try:
+        run_config = ml_collections.ConfigDict(json.loads(recorded.read_text())["config"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise GenerateError(f"{recorded} is not a valid run config (expected JSON with a 'config' "
+                            f"object, as experiments.train writes it): {type(e).__name__}: "
+                            f"{' '.join(str(e).split())[:200]}") from None
     if config is not None:
         run_config.model = config.model
     _, model, step = load_for_eval(run_config, workdir, step)
@@ -128,10 +137,11 @@ def generate_text(model, prompt: str, *, max_new_tokens: int = 200, temperature:
 
 
 def main(argv):
-    del argv
     logging.set_verbosity(logging.WARNING)
     f = FLAGS
     prompt, workdir, config = f.prompt, f.workdir, f.config
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}: flags are --name=value")
     if prompt is None:
         raise app.UsageError("--prompt is required")
     if workdir is None and config is None:
@@ -159,11 +169,10 @@ def main(argv):
         sys.stdout.write("\n")
         print(f"[generate] {max_new} bytes in {time.perf_counter() - t0:.1f} s "
               "(compilation included)", file=sys.stderr)
-    except (GenerateError, InferenceError, CheckpointError) as e:
-        print(f"[generate] error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except (GenerateError, InferenceError, CheckpointError, ConfigError, FileNotFoundError) as e:
+        exit_with(e)
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    run_main(main)

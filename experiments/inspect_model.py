@@ -6,6 +6,7 @@
 Parameters come from `nnx.eval_shape` of the real model (nothing is allocated), so this runs in
 seconds on a CPU for the full V4-Flash and V4-Pro shapes. The numbers and their conventions are
 documented in `sparse_lm/analysis/accounting.py` and `docs/inspect_model.md`.
+A bad flag, config file or model field is one line, exit status 2 (--verbose: traceback).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from ml_collections import config_flags
 from sparse_lm.analysis import accounting as acc
 from sparse_lm.config import ModelConfig
 from sparse_lm.inference.cache import cache_bytes, init_cache, measured_bytes_per_token
+from sparse_lm.train.config_check import run_main
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "config file whose `model` field holds ModelConfig values", lock_config=True)
@@ -209,7 +211,8 @@ def main(argv):
     if _CONFIG.value is None:
         raise app.UsageError("--config is required, e.g. --config=configs/v4_flash.py")
     if "model" not in _CONFIG.value:
-        raise app.UsageError("the config has no `model` field")
+        raise app.UsageError(f"the config has no `model` field (expected get_config() with a "
+                             f"`model` section of ModelConfig values)")
     if _CONTEXT.value < 1:
         raise app.UsageError(f"--context={_CONTEXT.value} is invalid: must be >= 1")
     if _TRAIN_SEQ.value < 1:
@@ -219,4 +222,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_main(main)

@@ -32,6 +32,7 @@ from absl import app, flags
 
 from sparse_lm.aot.topology import resolve_topology
 from sparse_lm.sharding.mesh import ShardingError
+from sparse_lm.train.config_check import run_main
 
 # TPU VM software images per generation (Cloud TPU docs: "TPU software versions").
 RUNTIME = {"v4": "tpu-ubuntu2204-base", "v5e": "v2-alpha-tpuv5-lite", "v5p": "v2-alpha-tpuv5",
@@ -106,7 +107,8 @@ def _show(cmd) -> str:
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}: flags are --name=value")
     if _GPU_HOSTS.value:
         print("\n".join(gpu_lines([h for h in _GPU_HOSTS.value.split(",") if h], _PORT.value,
                                   _TRAIN_ARGS.value, _WORKDIR.value)))
@@ -129,4 +131,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_main(main, config_flag=None, user_errors=(ShardingError,))

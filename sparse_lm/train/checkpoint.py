@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import sys
 import tempfile
@@ -69,7 +70,6 @@ def _damaged_file(step_dir: Path, error: BaseException) -> Path:
     if best is not None and best != step_dir and best.exists():
         return best
     if step_dir.is_dir():
-        import json                        # only to find which JSON file of a step is damaged
         for p in sorted(step_dir.rglob("*")):
             if not p.is_file() or p.name.endswith(".txt") or "ocdbt" in str(p.relative_to(step_dir)) \
                     or "/d/" in f"/{p.relative_to(step_dir).as_posix()}":

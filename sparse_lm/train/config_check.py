@@ -23,6 +23,8 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
+from absl import app, flags
+
 from sparse_lm.config import ConfigError
 from sparse_lm.data.tfds_source import DataError
 
@@ -149,8 +151,6 @@ def run_main(main: Callable, *, default_config: str | None = None, config_flag: 
     overrides are checked before anything runs; flag errors, `app.UsageError` and `user_errors`
     (plus USER_ERRORS) print one line and exit 2; `runtime_errors` print one line (with the
     error's type) and exit 1. `--verbose` adds the traceback."""
-    from absl import app, flags          # the entry points' command-line library
-
     argv = list(sys.argv if argv is None else argv)
     if "verbose" not in flags.FLAGS:
         flags.DEFINE_bool("verbose", False, "Show the traceback of an error.")
@@ -193,7 +193,6 @@ def run_main(main: Callable, *, default_config: str | None = None, config_flag: 
 
 def exit_with(e: BaseException, code: int = EXIT_USER, *, with_type: bool = False) -> None:
     """Report `e` in one line (traceback too with --verbose) and exit with `code`."""
-    from absl import flags
     verbose = bool(flags.FLAGS["verbose"].value) if "verbose" in flags.FLAGS else False
     report(e, verbose=verbose, with_type=with_type)
     raise SystemExit(code) from None

@@ -17,7 +17,9 @@ from flax import nnx
 
 from sparse_lm.data import pipeline
 from sparse_lm.data.synthetic import make_examples
-from sparse_lm.train.loop import load_for_eval
+from sparse_lm.config import ConfigError
+from sparse_lm.data.tfds_source import DataError
+from sparse_lm.train.loop import _atomic_write, _open_source, load_for_eval
 
 LN2 = math.log(2.0)
 
@@ -103,10 +105,16 @@ def sample_bytes(model, prompt: bytes, n_bytes: int, *, context: int, temperatur
 
 
 def validation_batches(config, run, num_batches: int):
-    src = pipeline.make_source(config.data, config.data.eval_split)
-    return src, pipeline.eval_batches(src, seq_len=int(config.train.seq_len),
-                                      local_batch=run.local_batch, align=run.align,
-                                      num_batches=num_batches)
+    """(source, batches) of the validation split; DataError when it is unreadable or empty."""
+    src = _open_source(config.data, config.data.eval_split, "validation")
+    batches = pipeline.eval_batches(src, seq_len=int(config.train.seq_len),
+                                    local_batch=run.local_batch, align=run.align,
+                                    num_batches=num_batches)
+    if not batches:
+        raise DataError(f"the validation split {config.data.eval_split!r} of data.source="
+                        f"{config.data.source!r} gives no batch of train.seq_len="
+                        f"{config.train.seq_len} tokens")
+    return src, batches
 
 
 def filler_pool(source, max_bytes: int = 2_000_000) -> np.ndarray:
@@ -122,11 +130,22 @@ def filler_pool(source, max_bytes: int = 2_000_000) -> np.ndarray:
 
 
 def config_from_workdir(workdir):
+    """The config a training run recorded in <workdir>/config.json (ConfigError naming the file
+    when it is missing or not a config record)."""
     p = Path(workdir) / "config.json"
     if not p.exists():
         raise FileNotFoundError(f"{p} does not exist: is {workdir} a training workdir? "
                                 f"(or pass --config)")
-    return ml_collections.ConfigDict(json.loads(p.read_text())["config"])
+    try:
+        doc = json.loads(p.read_text())
+        cfg = doc["config"]
+        if not isinstance(cfg, dict):
+            raise TypeError("'config' is not an object")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p} is not a valid run config (expected JSON with a 'config' object, "
+                          f"as experiments.train writes it): {type(e).__name__}: "
+                          f"{' '.join(str(e).split())[:200]}") from None
+    return ml_collections.ConfigDict(cfg)
 
 
 def evaluate(config, workdir, step=None, *, log=print) -> dict:
@@ -153,5 +172,5 @@ def evaluate(config, workdir, step=None, *, log=print) -> dict:
         s, d = res["needle"]["sparse"][n], res["needle"]["dense"][n]
         log(f"  {'needle @' + str(n) + ' exact / bytes':24s}{s['exact']:5.2f}/{s['bytes']:4.2f}"
             f"{d['exact']:5.2f}/{d['bytes']:4.2f}")
-    (Path(workdir) / "eval.json").write_text(json.dumps(res, indent=1))
+    _atomic_write(Path(workdir) / "eval.json", json.dumps(res, indent=1))
     return res
