@@ -5,9 +5,9 @@
 
 CLIs: `python -m sparse_lm.convert.hf_to_orbax` and `python -m sparse_lm.convert.orbax_to_hf`.
 """
-from sparse_lm.convert.core import (load_hf, load_state, restore_checkpoint, save_checkpoint,
-                                    state_to_hf, write_hf)
+from sparse_lm.convert.core import (CheckReport, check_hf, check_inventory, load_hf, load_state,
+                                    restore_checkpoint, save_checkpoint, state_to_hf, write_hf)
 from sparse_lm.convert.hf_config import from_hf_config, to_hf_config
 
-__all__ = ["load_hf", "load_state", "restore_checkpoint", "save_checkpoint", "state_to_hf",
+__all__ = ["CheckReport", "check_hf", "check_inventory", "load_hf", "load_state", "restore_checkpoint", "save_checkpoint", "state_to_hf",
            "write_hf", "from_hf_config", "to_hf_config"]

@@ -413,10 +413,35 @@ def state_to_hf(pure: Mapping | Callable[[list[tuple]], list], cfg: ModelConfig,
             on_group(g)
 
 
+def exported_mtp_layers(cfg: ModelConfig, *, drop_mtp: bool = False,
+                        declared_mtp: int | None = None) -> int:
+    """`num_nextn_predict_layers` of an export of the model `cfg`.
+
+    A model with MTP writes its MTP weights and says so (cfg.mtp_depth), unless drop_mtp (no
+    MTP tensors, 0). A model without MTP weights that came from a checkpoint declaring MTP layers
+    it did not carry (transformers drops the MTP weights, and its own save_pretrained keeps
+    `num_nextn_predict_layers: 1`) keeps that declaration (`declared_mtp`), unless drop_mtp.
+    """
+    if drop_mtp:
+        return 0
+    if cfg.mtp_depth:
+        return cfg.mtp_depth
+    return int(declared_mtp or 0)
+
+
 def write_hf(pure: Mapping | Callable[[list[tuple]], list], cfg: ModelConfig, out_dir: str, *,
              scheme: str = "transformers", dtype=None, max_shard_bytes: int = 5 * 2**30,
-             progress: bool = True) -> list[str]:
-    """Write config.json + safetensors shards (+ index) into the existing directory out_dir."""
+             progress: bool = True, drop_mtp: bool = False,
+             declared_mtp: int | None = None) -> list[str]:
+    """Write config.json + safetensors shards (+ index) into the existing directory out_dir.
+
+    MTP weights are written when the model has them and config.json then says
+    `num_nextn_predict_layers: cfg.mtp_depth`; `drop_mtp=True` leaves them out and writes 0.
+    `declared_mtp`: see `exported_mtp_layers` (a model loaded from a transformers checkpoint).
+    """
+    n_mtp = exported_mtp_layers(cfg, drop_mtp=drop_mtp, declared_mtp=declared_mtp)
+    if drop_mtp and cfg.mtp_depth:
+        cfg = cfg.replace(mtp_depth=0)      # the same groups, minus the MTP ones
     writer = ShardedWriter(out_dir, max_shard_bytes)
     groups = build_groups(cfg)
     total = sum(len(g.hf_names) for g in groups)
@@ -425,8 +450,10 @@ def write_hf(pure: Mapping | Callable[[list[tuple]], list], cfg: ModelConfig, ou
                                      on_group=lambda g: bar.update(len(g.hf_names))):
             writer.add(name, arr)
     files = writer.close()
+    hf_cfg = to_hf_config(cfg)
+    hf_cfg["num_nextn_predict_layers"] = n_mtp
     with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(to_hf_config(cfg), f, indent=2, sort_keys=True)
+        json.dump(hf_cfg, f, indent=2, sort_keys=True)
     return files
 
 
@@ -528,6 +555,8 @@ class CheckpointLeaves:
     def __init__(self, path: str):
         self.path = os.path.join(os.path.abspath(os.fspath(path)), MODEL_ITEM)
         self.cfg = read_checkpoint_config(path)
+        with open(os.path.join(os.path.abspath(os.fspath(path)), CONFIG_FILE)) as f:
+            self.source = json.load(f).get("source") or {}
         self.meta = ocp.StandardCheckpointer().metadata(self.path).item_metadata
         self.ckptr = ocp.PyTreeCheckpointer()
         self.sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -3,9 +3,11 @@
     python -m sparse_lm.convert.hf_to_orbax --hf-dir DIR --out CKPT \
         [--config=configs/v4_flash.py [--config.model.FIELD=VALUE ...]] \
         [--dtype=bfloat16|float32|keep] [--mesh=expert=8,fsdp=-1 --rules=exp:expert,embed:fsdp]
+        [--skip-unused]
 
 DIR holds config.json and *.safetensors (with model.safetensors.index.json when sharded), in
-transformers names or the official release names, plain, FP8 or FP4. --config is optional when
+any naming scheme of sparse_lm.convert.mapping.SCHEMES (transformers' state-dict names, what
+transformers' save_pretrained writes, the official release names), plain, FP8 or FP4. --config is optional when
 config.json is present; given both, they must agree (MTP aside: transformers checkpoints carry no
 MTP weights). --dtype=keep keeps each tensor's stored dtype (FP8/FP4 -> bfloat16). With --mesh,
 every array is created directly on its target sharding and each process reads only the layers
@@ -22,7 +24,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from sparse_lm.config import ModelConfig
-from sparse_lm.convert.core import USER_ERRORS, load_state, save_checkpoint
+from sparse_lm.convert.core import USER_ERRORS, check_hf, load_state, save_checkpoint
+from sparse_lm.convert.hf_config import read_hf_config
 
 def parse_mesh(spec: str | None):
     """'a=2,b=-1' -> jax Mesh over all devices (Auto axes), or None."""
@@ -65,22 +68,32 @@ def parse_rules(spec: str | None) -> dict:
 
 
 def convert(hf_dir: str, out: str, *, config: ModelConfig | None = None, dtype=None, mesh=None,
-            rules=None, progress: bool = True) -> ModelConfig:
-    """Library form of the CLI: HF directory -> our checkpoint at `out` (atomic)."""
+            rules=None, progress: bool = True, skip_unused: bool = False) -> ModelConfig:
+    """Library form of the CLI: HF directory -> our checkpoint at `out` (atomic).
+
+    The checkpoint's source record keeps the naming scheme, the tensors skipped (only with
+    skip_unused) and config.json's `num_nextn_predict_layers` (transformers checkpoints declare
+    an MTP layer without its weights; the exporter writes the declaration back)."""
     if os.path.exists(out):
         raise FileExistsError(f"--out {out} already exists; remove it or choose another path")
     t0 = time.time()
+    report = check_hf(hf_dir, config=config, skip_unused=skip_unused)
     cfg, _, _, pure = load_state(hf_dir, config=config, dtype=dtype, mesh=mesh, rules=rules,
-                                 progress=progress)
-    save_checkpoint(out, pure, cfg, source={"hf_dir": os.path.abspath(hf_dir),
-                                            "dtype": str(dtype or "keep")})
+                                 progress=progress, skip_unused=skip_unused)
+    source = {"hf_dir": os.path.abspath(hf_dir), "dtype": str(dtype or "keep"),
+              "scheme": report.scheme, "skipped_tensors": report.skipped}
+    if os.path.exists(os.path.join(hf_dir, "config.json")):
+        declared = read_hf_config(hf_dir).get("num_nextn_predict_layers")
+        if declared is not None:
+            source["hf_num_nextn_predict_layers"] = int(declared)
+    save_checkpoint(out, pure, cfg, source=source)
     logging.info("wrote %s in %.1fs", out, time.time() - t0)
     return cfg
 
 
 def define_flags():
     """Command-line flags (defined only when run as a program, so the module imports cleanly)."""
-    global _HF_DIR, _OUT, _CONFIG, _DTYPE, _MESH, _RULES, _QUIET
+    global _HF_DIR, _OUT, _CONFIG, _DTYPE, _MESH, _RULES, _QUIET, _SKIP_UNUSED
     _HF_DIR = flags.DEFINE_string("hf-dir", None, "Hugging Face checkpoint directory")
     _OUT = flags.DEFINE_string("out", None, "output checkpoint directory (must not exist)")
     _CONFIG = config_flags.DEFINE_config_file(
@@ -93,6 +106,9 @@ def define_flags():
     _RULES = flags.DEFINE_string("rules", None, "logical axis -> mesh axis rules, e.g. "
                                  "exp:expert,embed:fsdp (unlisted logical axes are replicated)")
     _QUIET = flags.DEFINE_bool("quiet", False, "no progress bar")
+    _SKIP_UNUSED = flags.DEFINE_bool("skip-unused", False, "convert a checkpoint that also holds "
+                                     "tensors this model does not use (they are listed and "
+                                     "skipped); without it they are an error")
 
 
 def main(argv):
@@ -105,7 +121,7 @@ def main(argv):
     try:
         cfg = convert(_HF_DIR.value, _OUT.value, config=config, dtype=dtype,
                       mesh=parse_mesh(_MESH.value), rules=parse_rules(_RULES.value),
-                      progress=not _QUIET.value)
+                      progress=not _QUIET.value, skip_unused=_SKIP_UNUSED.value)
     except USER_ERRORS as e:     # the message names the file/tensor/field; no traceback needed
         raise SystemExit(f"error: {e}") from e
     print(f"wrote {_OUT.value}: {cfg.num_layers} layers, mtp_depth={cfg.mtp_depth}, "

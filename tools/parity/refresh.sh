@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Regenerate the transformers-side logit-parity reference data in tests/parity_data/.
 # Creates (if missing) a Python 3.11 virtualenv .venv-parity with torch (CPU) + transformers,
-# then runs tools/parity/make_references.py. The regular test run never needs torch.
+# then runs tools/parity/make_references.py and tools/parity/make_saved_checkpoints.py.
+# The regular test run never needs torch.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -50,3 +51,5 @@ then
 fi
 
 "$VENV/bin/python" tools/parity/make_references.py --out tests/parity_data "$@"
+# Checkpoints in the naming schemes transformers' own save_pretrained writes (from small_window).
+"$VENV/bin/python" tools/parity/make_saved_checkpoints.py --out tests/parity_data
