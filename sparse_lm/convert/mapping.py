@@ -422,6 +422,31 @@ class NameScheme:
         return None
 
 
+    def to_physical(self, logical: str, num_experts: int) -> list[str]:
+        """The physical names of a logical tensor in this scheme (several for fused experts
+        stored per expert: w1 and w3 of every expert, or w2); the inverse of `to_logical`."""
+        inv_top = {v: k for k, v in self.top.items()}
+        if logical in inv_top:
+            return [inv_top[logical]]
+        for prefix, logical_prefix, extra in (
+                (self.layer_prefix, "model.layers.", {}),
+                (self.mtp_prefix, "mtp.", self.mtp)):
+            if not logical.startswith(logical_prefix):
+                continue
+            if prefix is None:
+                raise MappingError(f"{logical!r} has no name in the {self.name!r} scheme")
+            idx, _, rest = logical[len(logical_prefix):].partition(".")
+            pp = f"{prefix}{idx}."
+            inv = {v: k for k, v in {**self.layer, **extra}.items()}
+            if rest in inv:
+                return [pp + inv[rest]]
+            if self.per_expert and rest in ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"):
+                parts = ("w2",) if rest.endswith("down_proj") else ("w1", "w3")
+                return [f"{pp}{self.expert_infix}{e}.{p}.weight" for e in range(num_experts)
+                        for p in parts]
+        raise MappingError(f"{logical!r} has no name in the {self.name!r} scheme")
+
+
 _IDENT = lambda names: {n: n for n in names}    # noqa: E731
 _MTP_LOGICAL = tuple(_MTP_RENAMES.values())
 

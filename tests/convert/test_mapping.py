@@ -140,3 +140,23 @@ def test_release_shapes_of_v4_flash_follow_the_spec_tables():
     assert L + "3.self_attn.compressor.indexer.kv_proj.weight" not in shapes  # HCA: no indexer
     assert L + "3.mlp.gate.tid2eid" not in shapes                          # score-routed
     assert not any(k.startswith("mtp.0.self_attn.compressor") for k in shapes)  # MTP is SWA
+
+
+def test_every_naming_scheme_names_every_tensor_once_and_is_detected_as_itself():
+    """Each scheme's table renders every logical tensor of a model with every layer kind (hash
+    and score routing, MTP where the scheme has it) to distinct physical names that map back,
+    and a checkpoint written that way is detected as that scheme and no other."""
+    from sparse_lm.convert.mapping import SCHEMES, ExpertPart, detect_scheme
+    cfg = tiny_config()
+    for scheme in SCHEMES:
+        c = cfg if scheme.mtp_prefix is not None else cfg.replace(mtp_depth=0)
+        logical = [n for g in mapping.build_groups(c) for n in g.hf_names]
+        physical = {}
+        for name in logical:
+            for p in scheme.to_physical(name, c.n_routed_experts):
+                assert p not in physical, (scheme.name, p)
+                back = scheme.to_logical(p)
+                physical[p] = back.logical if isinstance(back, ExpertPart) else back
+                assert physical[p] == name, (scheme.name, p, back)
+        found = detect_scheme(physical)
+        assert found.scheme.name == scheme.name and found.unmatched == ()
