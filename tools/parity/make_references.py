@@ -160,6 +160,19 @@ CASES = {
     ),
 }
 
+# Written by tools/parity/make_saved_checkpoints.py (run after this script by refresh.sh).
+SAVED_README = (
+    "\nWritten by `tools/parity/make_saved_checkpoints.py` (transformers' own `save_pretrained`; each folder holds "
+    "what it wrote plus names.json and meta.json; the reference logits are small_window/io.npz):\n\n"
+    "- `saved_fresh`: small_window's weights in a freshly built `DeepseekV4ForCausalLM`, saved in 4 shards "
+    "(scheme `transformers-saved`: `model.layers.{i}.attn.wq_a.weight`, per-expert `ffn.experts.{e}.w1.weight`, "
+    "`head.weight`, ...).\n"
+    "- `saved_reloaded`: small_window loaded with `from_pretrained` and saved (scheme `transformers-resaved`: "
+    "state-dict names, KV norms as `self_attn.norm.weight` etc.).\n"
+    "- `small_window/short_inputs.npz`: transformers' logits for the first S = 1, 2, 3, 5 tokens of io.npz's "
+    "input_ids (`input_ids_s{S}`, `logits_s{S}`).\n"
+)
+
 # Selection margins: a reference is accepted only if every discrete top-k boundary is this far from a tie,
 # relative to the largest |score| among that query's candidates (fp32 implementations differ by ~1e-6 relative).
 INDEXER_MARGIN_REL = 1e-4
@@ -496,6 +509,7 @@ def main(argv=None):
             )
             for name, m in index.items():
                 f.write(f"- `{name}` (S={m['seq_len']}, seed {m['seed']}): {m['description']}\n")
+            f.write(SAVED_README)
     return 0
 
 
