@@ -41,7 +41,10 @@ from sparse_lm.aot.topology import resolve_topology  # noqa: E402
 from sparse_lm.config import ModelConfig  # noqa: E402
 from sparse_lm.sharding.mesh import ShardingError  # noqa: E402
 from sparse_lm.sharding.presets import load_preset  # noqa: E402
-from sparse_lm.train.config_check import UserError, run_main  # noqa: E402
+from sparse_lm.train.config_check import main_guard, UserError, run_main  # noqa: E402
+
+if __name__ == "__main__":      # before the flags: config_flags applies the overrides to a
+    main_guard(default_config="configs/v4_flash.py")   # default config file when the flag is defined
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/v4_flash.py",
                                           "Model config file (get_config() with a `model` field).")

@@ -20,10 +20,13 @@ from ml_collections import config_flags
 from sparse_lm.data import pipeline
 from sparse_lm.data.stdlib_corpus import byte_entropies
 from sparse_lm.train import evaluation as ev
-from sparse_lm.train.config_check import EXIT_FAILED, exit_with, run_main
+from sparse_lm.train.config_check import main_guard, EXIT_FAILED, exit_with, run_main
 from sparse_lm.train.evaluation import evaluate
 from sparse_lm.train.loop import RUN_ERRORS, USER_ERRORS, load_for_eval, train
 from sparse_lm.train.metrics import layer_names, read_metrics
+
+if __name__ == "__main__":      # before the flags: config_flags applies the overrides to a
+    main_guard(default_config="configs/demo.py")   # default config file when the flag is defined
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Demo config.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Run directory.")

@@ -22,7 +22,10 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sparse_lm.train.config_check import EXIT_FAILED, EXIT_USER, exit_with, run_main
+from sparse_lm.train.config_check import main_guard, EXIT_FAILED, EXIT_USER, exit_with, run_main
+
+if __name__ == "__main__":      # before the flags: config_flags applies the overrides to a
+    main_guard(default_config="configs/train_base.py")   # default config file when the flag is defined
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/train_base.py",
                                           "Experiment config file (a get_config() module).")

@@ -297,7 +297,9 @@ class Checkpointer:
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   data=ocp.args.JsonSave(_json_ready(data_state)),
                                   meta=ocp.args.JsonSave(_json_ready(meta)))
-        return self.manager.save(step, args=args, force=force)
+        started = self.manager.save(step, args=args, force=force)
+        _fault_hook_kill_in_save(step)
+        return started
 
     def quarantine(self, steps, into: str = "checkpoints_unreadable") -> list[Path]:
         """Move the step directories `steps` (unreadable ones, or ones newer than the step a run
@@ -344,6 +346,19 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _fault_hook_kill_in_save(step: int) -> None:
+    """Test hook (tests/faults): SPARSE_LM_FAULT_KILL_IN_SAVE="<step>:<seconds>" SIGKILLs this
+    process that many seconds after the save of <step> started (an async save still in flight)."""
+    spec = os.environ.get("SPARSE_LM_FAULT_KILL_IN_SAVE")
+    if not spec:
+        return
+    at, _, delay = spec.partition(":")
+    if int(at) == int(step):
+        import signal                     # only for this test hook
+        time.sleep(float(delay or 0))
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def with_sharding(abstract: Any, sharding) -> Any:

@@ -514,6 +514,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
                 for s in (False, True)}
 
     def run_eval(step, sparse):
+        if os.environ.get("SPARSE_LM_FAULT_EVAL_ERROR"):      # test hook (tests/faults)
+            raise OSError("injected evaluation failure (SPARSE_LM_FAULT_EVAL_ERROR)")
         res = evaluate_bpb(eval_fns[sparse], state.params, state.buffers, eval_batches, run)
         res["sparse"] = float(sparse)
         writer.write(step, res, kind="eval")
