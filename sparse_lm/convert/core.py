@@ -135,7 +135,8 @@ def resolve_config(hf_dir: str, ckpt: LogicalCheckpoint, config: ModelConfig | N
     """The model config of a checkpoint: from config.json, from `config`, or both (must agree).
 
     MTP: transformers checkpoints carry no `mtp.*` tensors although config.json says
-    num_nextn_predict_layers=1; the model is then built with mtp_depth=0.
+    num_nextn_predict_layers=1; the model is then built with mtp_depth=0 (likewise whenever
+    there is no `mtp.0.*` tensor).
     """
     if hf_json is None and os.path.exists(os.path.join(hf_dir, "config.json")):
         hf_json = read_hf_config(hf_dir)
@@ -149,7 +150,8 @@ def resolve_config(hf_dir: str, ckpt: LogicalCheckpoint, config: ModelConfig | N
             raise ConfigError("the given model config disagrees with config.json in "
                               f"{hf_dir}: " + "; ".join(diffs) + " (given vs config.json)")
     cfg = config if config is not None else from_json
-    has_mtp = any(n.startswith("mtp.") for n in ckpt.names())
+    # The model's MTP block is mtp.0 (depth 1); other mtp.* blocks are tensors it does not use.
+    has_mtp = any(n.startswith("mtp.0.") for n in ckpt.names())
     if cfg.mtp_depth and not has_mtp:
         log.info("no mtp.* tensors in %s: building the model without MTP (mtp_depth=0)", hf_dir)
         cfg = cfg.replace(mtp_depth=0)

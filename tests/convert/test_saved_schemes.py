@@ -110,3 +110,20 @@ def test_unknown_scheme_is_an_error_listing_every_scheme_tried(tmp_path):
     for s in SCHEMES:
         assert f"{s.name}: " in str(e.value)
     assert "'backbone." in str(e.value)
+
+
+def test_unused_tensors_load_only_when_asked_and_are_reported(tmp_path, reference, caplog):
+    extra = ["model.layers.0.self_attn.rotary_extra", "mtp.1.self_attn.q_a_proj.weight"]
+    d = _copy_with(tmp_path, REF, lambda k: k)
+    tensors = load_file(str(d / "model.safetensors"))
+    tensors.update({n: np.ones((2, 2), np.float32) for n in extra})
+    save_file(tensors, str(d / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="unknown tensor.*skip_unused"):
+        core.load_hf(d, progress=False)
+    assert core.check_hf(d, skip_unused=True).skipped == sorted(extra)
+    with caplog.at_level("WARNING"):
+        model, _ = core.load_hf(d, dtype=jnp.float32, progress=False, skip_unused=True)
+    assert all(n in caplog.text for n in extra)
+    a, b = _flat(nnx.to_pure_dict(nnx.state(model))), _flat(reference[2])
+    assert a.keys() == b.keys()
+    assert all(np.asarray(a[k]).tobytes() == np.asarray(b[k]).tobytes() for k in a)
