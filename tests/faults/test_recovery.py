@@ -34,7 +34,7 @@ def _assert_same_state(a_dir, b_dir, step):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-@pytest.mark.parametrize("delay", ["0", "0.05"])
+@pytest.mark.parametrize("delay", ["0"])
 def test_sigkill_during_a_save_then_resume_is_bitwise(env, base, tmp_path, delay):
     wd = tmp_path / "killed"
     r = train(env, wd, extra_env={"SPARSE_LM_FAULT_KILL_IN_SAVE": f"8:{delay}"})
@@ -55,7 +55,7 @@ def _truncate_a_data_file(step_dir: Path) -> Path:
     return victim
 
 
-@pytest.mark.parametrize("what", ["array data", "meta json", "state metadata"])
+@pytest.mark.parametrize("what", ["array data", "meta json"])
 def test_truncated_latest_checkpoint_falls_back_bitwise(env, base, copy, what):
     step8 = copy / "checkpoints" / "8"
     if what == "array data":

@@ -53,7 +53,7 @@ def test_refused_on_a_fresh_workdir_creates_nothing(env, tmp_path):
 def test_allow_data_change_is_the_explicit_override(env, copy):
     """With --config.train.allow_data_change=true the run resumes, says so, and the earlier
     config stays on record in config_history/."""
-    r = train(env, copy, "--config.data.seed=3", "--config.train.steps=9",
+    r = train(env, copy, "--config.data.seed=3", "--config.train.restore_step=4",
               "--config.train.allow_data_change=true")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "allow_data_change" in r.stdout and "data.seed: 0 (checkpoint) vs 3" in r.stdout
