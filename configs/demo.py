@@ -6,21 +6,14 @@ first `sparse_start_step` steps run CSA dense (the indexer warm-up), the rest sp
 """
 import ml_collections
 
-from configs import model_presets
 from configs.train_base import base
+from sparse_lm import presets
 
 
 def demo_model() -> ml_collections.ConfigDict:
-    m = model_presets.tiny()
-    m.update(dict(
-        vocab_size=256, hidden_size=192, num_layers=4, num_heads=4, head_dim=64, rope_head_dim=16,
-        q_lora_rank=96, o_groups=2, o_lora_rank=96, sliding_window=64,
-        layer_prefix=("swa",), layer_cycle=("csa", "hca"), layer_tail=("csa",),
-        compress_ratio_csa=4, compress_ratio_hca=32,
-        index_n_heads=4, index_head_dim=32, index_topk=16,
-        n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=256, num_hash_layers=1,
-        yarn_original_max_position=512, moe_impl="xla"))
-    return m
+    return presets.four_layer(hidden_size=192, head_dim=64, q_lora_rank=96, sliding_window=64,
+                              compress_ratio_hca=32, index_head_dim=32, index_topk=16,
+                              moe_intermediate_size=256, yarn_original_max_position=512)
 
 
 def get_config() -> ml_collections.ConfigDict:

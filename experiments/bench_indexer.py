@@ -134,20 +134,12 @@ def csa_data(s: int, sh: Shapes, dtype, seed: int = 1):
 
 
 def _define(fv):
-    flags.DEFINE_enum("preset", "flash", ["flash", "pro"], "Model shapes.", flag_values=fv)
+    benchlib.define_common(fv, "indexer")
     flags.DEFINE_string("seq", None, "Comma-separated sequence lengths (default "
                         "8192,32768,65536,131072; --tiny: 64,128).", flag_values=fv)
     flags.DEFINE_integer("batch", 1, "Batch rows.", flag_values=fv)
     flags.DEFINE_string("arms", ",".join(ARMS), f"Comma-separated subset of {ARMS}.",
                         flag_values=fv)
-    flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype.",
-                      flag_values=fv)
-    flags.DEFINE_integer("runs", 20, "Timed calls per arm.", flag_values=fv)
-    flags.DEFINE_integer("warmup", 3, "Untimed calls after compilation.", flag_values=fv)
-    flags.DEFINE_string("json", None, "Output path (default benchmarks/indexer_<device>_"
-                        "<preset>.json; none with --tiny; '-' = none).", flag_values=fv)
-    flags.DEFINE_boolean("tiny", False, "Tiny preset, S=64,128, interpreted kernels on CPU "
-                         "(for tests).", flag_values=fv)
 
 
 def parse_args(argv):

@@ -85,7 +85,7 @@ def fwd_bwd(fn):
 
 
 def _define(fv):
-    flags.DEFINE_enum("preset", "flash", ["flash", "pro"], "Model shapes.", flag_values=fv)
+    benchlib.define_common(fv, "moe")
     flags.DEFINE_string("tokens-per-expert", None, "Comma-separated tokens per expert (default "
                         "128,512,2048; --tiny: 16,64).", flag_values=fv)
     flags.DEFINE_integer("experts", None, "Override the preset's E.", flag_values=fv)
@@ -93,15 +93,7 @@ def _define(fv):
                       flag_values=fv)
     flags.DEFINE_string("impls", ",".join(IMPLS), f"Comma-separated subset of {IMPLS}.",
                         flag_values=fv)
-    flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype.",
-                      flag_values=fv)
-    flags.DEFINE_integer("runs", 20, "Timed calls per implementation.", flag_values=fv)
-    flags.DEFINE_integer("warmup", 3, "Untimed calls after compilation.", flag_values=fv)
     flags.DEFINE_boolean("no-backward", False, "Forward only.", flag_values=fv)
-    flags.DEFINE_string("json", None, "Output path (default benchmarks/moe_<device>_"
-                        "<preset>.json; none with --tiny; '-' = none).", flag_values=fv)
-    flags.DEFINE_boolean("tiny", False, "Tiny preset, 16 and 64 tokens per expert, interpreted "
-                         "kernels on CPU (for tests).", flag_values=fv)
 
 
 def parse_args(argv):

@@ -124,6 +124,20 @@ def parse_flags(argv, define: Callable[[flags.FlagValues], None]) -> types.Simpl
     return types.SimpleNamespace(**{name.replace("-", "_"): fv[name].value for name in fv})
 
 
+def define_common(fv: flags.FlagValues, name: str) -> None:
+    """The flags every kernel benchmark has: --preset, --dtype, --runs, --warmup, --json, --tiny
+    (`name` is the JSON file's prefix in the help text)."""
+    flags.DEFINE_enum("preset", "flash", ["flash", "pro"], "Model shapes.", flag_values=fv)
+    flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype.",
+                      flag_values=fv)
+    flags.DEFINE_integer("runs", 20, "Timed calls per arm.", flag_values=fv)
+    flags.DEFINE_integer("warmup", 3, "Untimed calls after compilation.", flag_values=fv)
+    flags.DEFINE_string("json", None, f"Output path (default benchmarks/{name}_<device>_"
+                        "<preset>.json; none with --tiny; '-' = none).", flag_values=fv)
+    flags.DEFINE_boolean("tiny", False, "Tiny preset shapes, interpreted kernels on CPU (for "
+                         "tests).", flag_values=fv)
+
+
 def int_list(text: str, flag: str) -> list[int]:
     """'64,128' -> [64, 128]; FlagError naming `flag` otherwise."""
     try:

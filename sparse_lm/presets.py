@@ -68,6 +68,26 @@ def tiny() -> ml_collections.ConfigDict:
         yarn_original_max_position=64, init_std=0.02)
 
 
+def four_layer(*, hidden_size: int, head_dim: int, q_lora_rank: int, sliding_window: int,
+               compress_ratio_hca: int, index_head_dim: int, index_topk: int,
+               moe_intermediate_size: int, yarn_original_max_position: int
+               ) -> ml_collections.ConfigDict:
+    """A 4-layer byte-level model with every layer kind: [swa (hash-routed), csa, hca, csa] +
+    MTP, 4 heads, CSA ratio 4, 4 indexer heads, 8 experts top-2 in the blocked XLA form (the
+    fast one on CPU). The demo and the notebooks' quick model are two sizes of it."""
+    m = tiny()
+    m.update(dict(
+        vocab_size=256, hidden_size=hidden_size, num_layers=4, num_heads=4, head_dim=head_dim,
+        rope_head_dim=16, q_lora_rank=q_lora_rank, o_groups=2, o_lora_rank=q_lora_rank,
+        sliding_window=sliding_window, layer_prefix=("swa",), layer_cycle=("csa", "hca"),
+        layer_tail=("csa",), compress_ratio_csa=4, compress_ratio_hca=compress_ratio_hca,
+        index_n_heads=4, index_head_dim=index_head_dim, index_topk=index_topk,
+        n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=moe_intermediate_size,
+        num_hash_layers=1, yarn_original_max_position=yarn_original_max_position,
+        moe_impl="xla"))
+    return m
+
+
 def model_preset(name: str) -> ml_collections.ConfigDict:
     """The named model preset ("tiny", "v4_flash", "v4_pro")."""
     if name not in MODEL_PRESETS:

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels_pallas.sparse_attention.api import csa_attention
-from kernels_pallas.sparse_attention.reference import csa_reference
+from sparse_lm.ops.attention import attention_reference
 from kernels_pallas.testing import tpu_aot
 
 _UNITS = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
@@ -74,8 +74,10 @@ def csa_layer_footprints(seq: int = 65536, topology: str = "v5p:2x2x1", *, heads
         return csa_attention(q, kv, c, idx, sink, window=window, scale=scale,
                              implementation="pallas_tpu", interpret=False)
 
-    def dense(q, kv, c, idx, sink):
-        return csa_reference(q, kv, c, idx, sink, window=window, scale=scale)
+    def dense(q, kv, c, idx, sink):      # every query against every key and entry at once
+        return attention_reference(q, kv, sink, window=window, scale=scale, compressed=c,
+                                   compressed_valid=jnp.ones(c.shape[:2], bool), ratio=1,
+                                   topk_idx=idx, query_chunk=None)
 
     def with_grad(f):
         def g(q, kv, c, idx, sink):

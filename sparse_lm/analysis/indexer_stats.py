@@ -4,6 +4,7 @@ Inputs are the arrays `sparse_lm.analysis.internals.collect` returns for a CSA l
 arrays of these shapes):
   scores       [B, S, N] indexer scores, -inf where entry n is not visible to query t
   head_scores  [B, S, Hi, N] each indexer head's share w[t,h] * relu(q[t,h] . k[n])
+               (`sparse_lm.ops.indexer.indexer_head_scores`)
   mass         [B, S, N] dense attention mass on each compressed entry (summed over heads)
   visible      [B, S, N] bool
   topk         [B, S, K] selected entry ids, -1 = no entry
@@ -18,21 +19,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import jax.numpy as jnp
 import numpy as np
-
-
-# ---------------------------------------------------------------------------- per-head scores
-def head_scores(q, weights, keys, visible):
-    """Per-head indexer scores, the terms of `ops.indexer.indexer_scores`.
-
-    q [B, S, Hi, Di], weights [B, S, Hi], keys [B, N, Di], visible [B, S, N] ->
-    [B, S, Hi, N] fp32 = weights[b,t,h] * relu(q[b,t,h] . keys[b,n]) (0 where not visible).
-    Summed over Hi (with -inf where not visible) it is the indexer score.
-    """
-    dots = jnp.einsum("bthd,bnd->bthn", jnp.asarray(q, jnp.float32), jnp.asarray(keys, jnp.float32))
-    s = jnp.maximum(dots, 0.0) * jnp.asarray(weights, jnp.float32)[..., None]
-    return jnp.where(jnp.asarray(visible)[:, :, None, :], s, 0.0)
 
 
 # ---------------------------------------------------------------------------- counts

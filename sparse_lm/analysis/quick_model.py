@@ -52,16 +52,9 @@ def fast_mode() -> bool:
 
 def quick_model_config() -> ml_collections.ConfigDict:
     """The small model: 4 layers [swa (hash-routed), csa, hca, csa] + MTP, 128 wide, 8 experts."""
-    m = presets.tiny()
-    m.update(dict(
-        vocab_size=256, hidden_size=128, num_layers=4, num_heads=4, head_dim=32, rope_head_dim=16,
-        q_lora_rank=64, o_groups=2, o_lora_rank=64, sliding_window=32,
-        layer_prefix=("swa",), layer_cycle=("csa", "hca"), layer_tail=("csa",),
-        compress_ratio_csa=4, compress_ratio_hca=16,
-        index_n_heads=4, index_head_dim=16, index_topk=8,
-        n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=128, num_hash_layers=1,
-        yarn_original_max_position=256, moe_impl="xla"))
-    return m
+    return presets.four_layer(hidden_size=128, head_dim=32, q_lora_rank=64, sliding_window=32,
+                              compress_ratio_hca=16, index_head_dim=16, index_topk=8,
+                              moe_intermediate_size=128, yarn_original_max_position=256)
 
 
 def quick_config(fast: bool | None = None) -> ml_collections.ConfigDict:

@@ -1,16 +1,9 @@
 """Decode caches as pytrees (spec §13): a fixed-size *state* part and a growing *entries* part.
 
-Per attention layer (`LayerCache`, defined with its bookkeeping in `sparse_lm.ops.kv_cache`):
-  * ``window`` [B, W, D]: ring buffer of the last W raw K=V rows; token p sits in slot p mod W
-    (the current token's row is part of the window, spec §4.4).
-  * ``compressor`` (CSA/HCA) and ``indexer`` (CSA), each a `CompressorCache`:
-      - ``kv``, ``gate`` [B, (1+ov)*m, (1+ov)*c] fp32: the uncompressed tail. Gates include the
-        position bias ``ape``; an empty slot has gate -inf and value 0. With overlap (CSA, ov=1)
-        slots 0..m-1 hold the previous complete window and slots m..2m-1 the current one; HCA
-        (ov=0) keeps only the current window. Slot k of the current window holds the token at
-        position m*floor(length/m) + k for k < length mod m (the official reference's layout).
-      - ``entries`` [B, max_len // m, c]: compressed entries in order (entry i = window i, normed
-        and RoPE'd at position m*i); for the indexer these are its compressed keys.
+One `LayerCache` per attention layer (its fields, layout and bookkeeping are documented in
+`sparse_lm.ops.kv_cache`): the window ring buffer [B, W, D], and for CSA/HCA the compressor's
+uncompressed tail (fp32, gates with the position bias) and its compressed entries
+[B, max_len // m, c], for CSA also the indexer's tail and keys.
 SWA-only layers have only the window. ``Cache.lengths`` [B] counts the tokens each row holds.
 
 The state part (window + tails) has a fixed size per sequence; the entries part is preallocated

@@ -137,7 +137,7 @@ def attention_reference(q: jax.Array, kv: jax.Array, sink: jax.Array, *, window:
                         scale: float, segment_ids: jax.Array | None = None,
                         compressed: jax.Array | None = None,
                         compressed_valid: jax.Array | None = None, ratio: int = 0,
-                        topk_idx: jax.Array | None = None):
+                        topk_idx: jax.Array | None = None, query_chunk: int | None = -1):
     """Dense masked attention of a packed row, fp32. q [B, S, H, D]; kv [B, S, D]; sink [H];
     compressed [B, N, D] with compressed_valid [B, N] (None = all valid) and `ratio`;
     topk_idx [B, S, K] int32 or None -> (out [B, S, H, D] in q's dtype, lse [B, S, H] fp32).
@@ -146,7 +146,9 @@ def attention_reference(q: jax.Array, kv: jax.Array, sink: jax.Array, *, window:
     masks. Rows longer than REFERENCE_QUERY_CHUNK go in contiguous query chunks, each against
     the keys from its first query's window start to its last query (no masked-out block is
     computed: ~S^2/2 work at window >= S, as a causal flash kernel), each rematerialized in the
-    backward pass: the dense arm of the training benchmark runs this at S = 16K."""
+    backward pass: the dense arm of the training benchmark runs this at S = 16K.
+    query_chunk: -1 = REFERENCE_QUERY_CHUNK; None = every query at once (the dense-mask
+    formulation whose memory the kernels' AOT reports compare against)."""
     b, s = q.shape[:2]
     has_entries = compressed is not None and compressed.shape[1] > 0
     entries = seg_e = valid = None
@@ -171,11 +173,13 @@ def attention_reference(q: jax.Array, kv: jax.Array, sink: jax.Array, *, window:
     def piece(x, lo, hi):
         return None if x is None else x[:, lo:hi]
     sel_all = topk_idx if has_entries else None
-    if s <= REFERENCE_QUERY_CHUNK:
+    if query_chunk == -1:
+        query_chunk = REFERENCE_QUERY_CHUNK
+    if query_chunk is None or s <= query_chunk:
         return chunk(q, kv, 0, 0, segment_ids, segment_ids, sel_all)
     outs, lses = [], []
-    for t0 in range(0, s, REFERENCE_QUERY_CHUNK):
-        t1 = min(s, t0 + REFERENCE_QUERY_CHUNK)
+    for t0 in range(0, s, query_chunk):
+        t1 = min(s, t0 + query_chunk)
         k0 = max(0, t0 - window + 1)
         step = jax.checkpoint(functools.partial(chunk, t0=t0, k0=k0))
         o, l = step(q[:, t0:t1], kv[:, k0:t1], qseg=piece(segment_ids, t0, t1),

@@ -68,8 +68,7 @@ SPARSE_ATTENTION = registry.Op(
     [registry.Implementation("reference", _math(attention_reference)),
      registry.Implementation("xla", _math(attention_xla)),
      _pallas("pallas_tpu"), _pallas("pallas_gpu")],
-    preference={"cpu": ("xla",), "tpu": ("pallas_tpu", "xla"), "gpu": ("pallas_gpu", "xla")},
-    aliases={"pallas": registry.pallas_for, "tpu": "pallas_tpu", "gpu": "pallas_gpu"})
+    preference=registry.KERNEL_PREFERENCE, aliases=registry.KERNEL_ALIASES)
 ATTENTION_IMPLEMENTATIONS = SPARSE_ATTENTION.names
 
 

@@ -31,6 +31,8 @@ def window_visible(q_pos, k_pos, window: int, q_seg=None, k_seg=None):
     """q_pos [..., T], k_pos [..., K] int (k_pos < 0 = an empty slot); q_seg [..., T], k_seg
     [..., K] or None -> [..., T, K] bool: 0 <= k_pos <= q_pos, q_pos - k_pos < window, and the
     same segment when segments are given."""
+    if isinstance(window, (int, np.integer)) and window < 1:
+        raise ValueError(f"window={window} is invalid: must be >= 1")
     dist = q_pos[..., :, None] - k_pos[..., None, :]
     vis = (k_pos[..., None, :] >= 0) & (dist >= 0) & (dist < window)
     if q_seg is not None:

@@ -1,4 +1,5 @@
-"""Attention-mass accounting: known answers for uniform logits, and consistency with the lse of
+"""Attention-mass accounting (`ops.attention.attention_mass_split`, summarised by
+`analysis.attention_mass`): known answers for uniform logits, and consistency with the lse of
 the real attention for CSA, HCA and packed documents."""
 import jax
 import jax.numpy as jnp
@@ -6,8 +7,9 @@ import numpy as np
 import pytest
 
 from sparse_lm.analysis import attention_mass as am
+from sparse_lm.ops.attention import attention_mass_split
 from sparse_lm.ops.implementations import sparse_attention
-from sparse_lm.ops.masks import sequence_entry_visible
+from sparse_lm.ops.masks import sequence_entry_visible, sequence_window_visible
 
 
 def test_uniform_logits_split_by_counting_keys():
@@ -21,7 +23,7 @@ def test_uniform_logits_split_by_counting_keys():
     nw = np.minimum(t + 1, w)
     nc = (t + 1) // m
     lse = jnp.broadcast_to(jnp.log(jnp.asarray(nw + nc + 1.0))[None, :, None], (b, s, h))
-    sp = am.mass_split(q, kv, jnp.zeros(h), lse, window=w, scale=1.0, entries=entries, attended=vis)
+    sp = attention_mass_split(q, kv, jnp.zeros(h), lse, window=w, scale=1.0, entries=entries, attended=vis)
     denom = nw + nc + 1.0
     np.testing.assert_allclose(sp["window"][0, :, 0], nw / denom, rtol=1e-6)
     np.testing.assert_allclose(sp["compressed"][0, :, 1], nc / denom, rtol=1e-6)
@@ -44,7 +46,7 @@ def test_parts_sum_to_one_with_the_real_lse(case):
     kw = dict(window=w, scale=d ** -0.5, segment_ids=seg)
     if case == "window_only":
         _, lse = sparse_attention(q, kv, sink, **kw, implementation="reference", return_lse=True)
-        sp = am.mass_split(q, kv, sink, lse, **kw)
+        sp = attention_mass_split(q, kv, sink, lse, **kw)
         assert float(jnp.abs(sp["compressed"]).max()) == 0.0
     elif case == "csa_topk":
         scores = jnp.where(vis, f(b, s, n), -jnp.inf)
@@ -52,11 +54,11 @@ def test_parts_sum_to_one_with_the_real_lse(case):
         _, lse = sparse_attention(q, kv, sink, **kw, compressed=entries, compressed_valid=valid,
                                   ratio=m, topk_idx=sel, implementation="reference", return_lse=True)
         counts = jnp.sum(jax.nn.one_hot(sel, n), -2)
-        sp = am.mass_split(q, kv, sink, lse, **kw, entries=entries, attended=counts)
+        sp = attention_mass_split(q, kv, sink, lse, **kw, entries=entries, attended=counts)
     else:
         _, lse = sparse_attention(q, kv, sink, **kw, compressed=entries, compressed_valid=valid,
                                   ratio=m, implementation="reference", return_lse=True)
-        sp = am.mass_split(q, kv, sink, lse, **kw, entries=entries, attended=vis)
+        sp = attention_mass_split(q, kv, sink, lse, **kw, entries=entries, attended=vis)
     total = sp["window"] + sp["compressed"] + sp["sink"]
     np.testing.assert_allclose(total, 1.0, atol=2e-6)
     assert float(jnp.min(jnp.stack([sp[p] for p in am.PARTS]))) >= 0.0
@@ -69,7 +71,7 @@ def test_a_large_sink_takes_the_mass():
     sink = jnp.array([20.0, -20.0])
     _, lse = sparse_attention(q, kv, sink, window=4, scale=1.0, implementation="reference",
                               return_lse=True)
-    sp = am.mass_split(q, kv, sink, lse, window=4, scale=1.0)
+    sp = attention_mass_split(q, kv, sink, lse, window=4, scale=1.0)
     assert float(sp["sink"][..., 0].min()) > 0.99 and float(sp["sink"][..., 1].max()) < 1e-6
 
 
@@ -80,18 +82,18 @@ def test_duplicate_listing_counts_twice():
     entries = jnp.zeros((1, 1, 2))
     att = jnp.asarray([[[2.0]] * 4])                       # [B, S, N] listing counts
     lse = jnp.log(jnp.full((1, 4, 1), 4.0))              # window 1 + entry x2 + sink = 4 e^0
-    sp = am.mass_split(q, kv, jnp.zeros(1), lse, window=1, scale=1.0, entries=entries, attended=att)
+    sp = attention_mass_split(q, kv, jnp.zeros(1), lse, window=1, scale=1.0, entries=entries, attended=att)
     np.testing.assert_allclose(sp["compressed"], 0.5)
     np.testing.assert_allclose(sp["window"], 0.25)
 
 
 def test_window_mask_respects_documents_and_errors():
-    m = np.asarray(am.window_mask(6, 2, jnp.asarray([[1, 1, 1, 2, 2, 2]])))
+    m = np.asarray(sequence_window_visible(6, 2, jnp.asarray([[1, 1, 1, 2, 2, 2]])))
     assert m[0, 3, 3] and not m[0, 3, 2] and m[0, 2, 1] and not m[0, 2, 0]
     with pytest.raises(ValueError, match="window=0"):
-        am.window_mask(4, 0)
+        sequence_window_visible(4, 0)
     with pytest.raises(ValueError, match="attended"):
-        am.mass_split(jnp.zeros((1, 4, 1, 2)), jnp.zeros((1, 4, 2)), jnp.zeros(1),
+        attention_mass_split(jnp.zeros((1, 4, 1, 2)), jnp.zeros((1, 4, 2)), jnp.zeros(1),
                       jnp.zeros((1, 4, 1)), window=2, scale=1.0, entries=jnp.zeros((1, 1, 2)))
 
 

@@ -6,7 +6,8 @@ import pytest
 
 from sparse_lm.analysis import indexer_stats as ix
 from sparse_lm.ops.masks import sequence_entry_visible
-from sparse_lm.ops.indexer import indexer_objective, indexer_scores, select_topk
+from sparse_lm.ops.indexer import (indexer_head_scores, indexer_objective, indexer_scores,
+                                   select_topk)
 
 
 def _one_query(scores, mass, visible=None):
@@ -72,7 +73,7 @@ def test_head_scores_sum_to_the_indexer_score():
     w = rng.normal(size=(b, s, hi)).astype(np.float32)
     keys = rng.normal(size=(b, n, di)).astype(np.float32)
     vis = sequence_entry_visible(s, 4, jnp.ones((b, n), bool))
-    hs = ix.head_scores(q, w, keys, vis)
+    hs = indexer_head_scores(q, w, keys, vis)
     total = jnp.where(vis, hs.sum(2), -jnp.inf)
     np.testing.assert_allclose(total, indexer_scores(jnp.asarray(q), jnp.asarray(w),
                                                      jnp.asarray(keys), vis), rtol=1e-5)
