@@ -238,6 +238,7 @@ class Checkpointer:
             raise ValueError(f"train.keep_checkpoints={keep} is invalid: must be >= 1")
         self.directory = Path(workdir).absolute() / "checkpoints"
         self._keep, self._async = keep, async_save
+        self._saved = False
         self.manager = self._make_manager()
 
     def _make_manager(self):
@@ -290,10 +291,15 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, data_state: Any, meta: dict, *, force: bool = False) -> bool:
         """Start an (async) save of `state` at `step`; returns whether a save was started."""
-        if not self.directory.exists():
+        if not self._saved:
+            # The first save makes the directory and a manager that writes into it. Every
+            # process does this unconditionally (not only where the directory is missing), so
+            # that all processes of a multi-host run make the same collective calls: a check of
+            # exists() raced with the process that created it.
             self.directory.mkdir(parents=True, exist_ok=True)
             self.manager.close()
             self.manager = self._make_manager()
+            self._saved = True
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   data=ocp.args.JsonSave(_json_ready(data_state)),
                                   meta=ocp.args.JsonSave(_json_ready(meta)))
