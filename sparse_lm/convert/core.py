@@ -300,9 +300,22 @@ def leaf_dtypes(ckpt: LogicalCheckpoint, g: Group, dtype: np.dtype | None) -> np
     return np.dtype(np.float32) if g.keep_fp32 else dtype
 
 
+def _finite(arr: np.ndarray, g: Group, allow: bool) -> np.ndarray:
+    """arr unchanged; a CheckpointError naming the tensor if it holds NaN/inf (unless allowed):
+    a converted checkpoint must not carry a silently broken weight into training."""
+    if allow or not _is_float(arr.dtype):
+        return arr
+    bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr.astype(np.float32, copy=False))))
+    if bad:
+        raise CheckpointError(f"tensor {g.hf_names[0]!r} holds {bad} non-finite value(s) (NaN or "
+                              "inf); refusing to convert it (allow_non_finite=True / "
+                              "--allow-non-finite keeps them)")
+    return arr
+
+
 def load_state(hf_dir: str, *, config: ModelConfig | None = None, dtype=None,
                mesh: jax.sharding.Mesh | None = None, rules=None, progress: bool = True,
-               skip_unused: bool = False):
+               skip_unused: bool = False, allow_non_finite: bool = False):
     """Read a HF checkpoint into our state.
 
     Returns (cfg, graphdef, pure_state) where pure_state is `nnx.to_pure_dict` layout with
@@ -310,7 +323,8 @@ def load_state(hf_dir: str, *, config: ModelConfig | None = None, dtype=None,
     each tensor's checkpoint dtype (FP8/FP4 dequantise to bfloat16). With an explicit bfloat16,
     the tensors transformers keeps in float32 (norms, mHC, sinks, position and router biases)
     stay float32. skip_unused: load a checkpoint that also holds tensors this model does not use
-    (listed in a warning, see `validate`); otherwise they are an error.
+    (listed in a warning, see `validate`); otherwise they are an error. allow_non_finite: keep
+    NaN/inf weights; otherwise a tensor holding one is an error naming it.
     """
     dt = _np_dtype(dtype)
     hf_dir = os.fspath(hf_dir)
@@ -341,10 +355,13 @@ def load_state(hf_dir: str, *, config: ModelConfig | None = None, dtype=None,
                 shape = tuple(flat_vars[path].shape)
                 ldt = dtypes[path]
                 if shardings is None:
-                    arr = jax.device_put(reader.block(k, (slice(None),) * len(shape), ldt))
+                    arr = jax.device_put(_finite(reader.block(k, (slice(None),) * len(shape), ldt),
+                                                 g, allow_non_finite))
                 else:
                     arr = jax.make_array_from_callback(
-                        shape, shardings[path], lambda idx, k=k, ldt=ldt: reader.block(k, idx, ldt))
+                        shape, shardings[path],
+                        lambda idx, k=k, ldt=ldt, g=g: _finite(reader.block(k, idx, ldt), g,
+                                                               allow_non_finite))
                 if arr.shape != shape:
                     raise MappingError(f"{'.'.join(map(str, path))}: built shape {arr.shape}, "
                                        f"model expects {shape}")
@@ -361,18 +378,20 @@ def assemble(graphdef, abs_state, pure: dict):
 
 def load_hf(hf_dir: str, dtype=None, mesh: jax.sharding.Mesh | None = None, *, rules=None,
             config: ModelConfig | None = None, progress: bool = True,
-            skip_unused: bool = False):
+            skip_unused: bool = False, allow_non_finite: bool = False):
     """`model, config = load_hf(dir)`: the JAX counterpart of `from_pretrained`.
 
     hf_dir: a directory with config.json and *.safetensors in any naming scheme of
     `mapping.SCHEMES` (transformers' state-dict names, transformers' save_pretrained names, the
     official release names), plain, FP8 or FP4. dtype: float32, bfloat16 or None (keep the
     checkpoint's dtypes). mesh + rules: place each parameter on
-    `NamedSharding(mesh, rules(logical axis names))`. skip_unused: see `load_state`.
+    `NamedSharding(mesh, rules(logical axis names))`. skip_unused, allow_non_finite: see
+    `load_state`.
     """
     cfg, graphdef, abs_state, pure = load_state(hf_dir, config=config, dtype=dtype, mesh=mesh,
                                                 rules=rules, progress=progress,
-                                                skip_unused=skip_unused)
+                                                skip_unused=skip_unused,
+                                                allow_non_finite=allow_non_finite)
     return assemble(graphdef, abs_state, pure), cfg
 
 

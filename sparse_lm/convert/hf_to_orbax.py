@@ -26,6 +26,7 @@ from ml_collections import config_flags
 from sparse_lm.config import ModelConfig
 from sparse_lm.convert.core import USER_ERRORS, check_hf, load_state, save_checkpoint
 from sparse_lm.convert.hf_config import read_hf_config
+from sparse_lm.train.config_check import exit_with, run_main
 
 def parse_mesh(spec: str | None):
     """'a=2,b=-1' -> jax Mesh over all devices (Auto axes), or None."""
@@ -68,7 +69,8 @@ def parse_rules(spec: str | None) -> dict:
 
 
 def convert(hf_dir: str, out: str, *, config: ModelConfig | None = None, dtype=None, mesh=None,
-            rules=None, progress: bool = True, skip_unused: bool = False) -> ModelConfig:
+            rules=None, progress: bool = True, skip_unused: bool = False,
+            allow_non_finite: bool = False) -> ModelConfig:
     """Library form of the CLI: HF directory -> our checkpoint at `out` (atomic).
 
     The checkpoint's source record keeps the naming scheme, the tensors skipped (only with
@@ -79,7 +81,8 @@ def convert(hf_dir: str, out: str, *, config: ModelConfig | None = None, dtype=N
     t0 = time.time()
     report = check_hf(hf_dir, config=config, skip_unused=skip_unused)
     cfg, _, _, pure = load_state(hf_dir, config=config, dtype=dtype, mesh=mesh, rules=rules,
-                                 progress=progress, skip_unused=skip_unused)
+                                 progress=progress, skip_unused=skip_unused,
+                                 allow_non_finite=allow_non_finite)
     source = {"hf_dir": os.path.abspath(hf_dir), "dtype": str(dtype or "keep"),
               "scheme": report.scheme, "skipped_tensors": report.skipped}
     if os.path.exists(os.path.join(hf_dir, "config.json")):
@@ -93,7 +96,7 @@ def convert(hf_dir: str, out: str, *, config: ModelConfig | None = None, dtype=N
 
 def define_flags():
     """Command-line flags (defined only when run as a program, so the module imports cleanly)."""
-    global _HF_DIR, _OUT, _CONFIG, _DTYPE, _MESH, _RULES, _QUIET, _SKIP_UNUSED
+    global _HF_DIR, _OUT, _CONFIG, _DTYPE, _MESH, _RULES, _QUIET, _SKIP_UNUSED, _NON_FINITE
     _HF_DIR = flags.DEFINE_string("hf-dir", None, "Hugging Face checkpoint directory")
     _OUT = flags.DEFINE_string("out", None, "output checkpoint directory (must not exist)")
     _CONFIG = config_flags.DEFINE_config_file(
@@ -109,6 +112,8 @@ def define_flags():
     _SKIP_UNUSED = flags.DEFINE_bool("skip-unused", False, "convert a checkpoint that also holds "
                                      "tensors this model does not use (they are listed and "
                                      "skipped); without it they are an error")
+    _NON_FINITE = flags.DEFINE_bool("allow-non-finite", False, "keep NaN/inf weights (without "
+                                    "it a tensor holding one is an error naming it)")
 
 
 def main(argv):
@@ -121,13 +126,14 @@ def main(argv):
     try:
         cfg = convert(_HF_DIR.value, _OUT.value, config=config, dtype=dtype,
                       mesh=parse_mesh(_MESH.value), rules=parse_rules(_RULES.value),
-                      progress=not _QUIET.value, skip_unused=_SKIP_UNUSED.value)
+                      progress=not _QUIET.value, skip_unused=_SKIP_UNUSED.value,
+                      allow_non_finite=_NON_FINITE.value)
     except USER_ERRORS as e:     # the message names the file/tensor/field; no traceback needed
-        raise SystemExit(f"error: {e}") from e
+        exit_with(e)
     print(f"wrote {_OUT.value}: {cfg.num_layers} layers, mtp_depth={cfg.mtp_depth}, "
           f"dtype={cfg.dtype}")
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    run_main(main, config_flag="config")

@@ -22,6 +22,7 @@ import os
 from absl import app, flags
 
 from sparse_lm.convert.core import USER_ERRORS, CheckpointLeaves, atomic_directory, write_hf
+from sparse_lm.train.config_check import exit_with, run_main
 
 
 def export(ckpt: str, out: str, *, scheme: str = "transformers", dtype=None,
@@ -74,10 +75,10 @@ def main(argv):
                        max_shard_bytes=int(_SHARD.value * 2**30), progress=not _QUIET.value,
                        drop_mtp=_DROP_MTP.value)
     except USER_ERRORS as e:     # the message names the file/tensor/field; no traceback needed
-        raise SystemExit(f"error: {e}") from e
+        exit_with(e)
     print(f"wrote {_OUT.value}: config.json + {len(files)} safetensors file(s)")
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    run_main(main, config_flag=None)

@@ -50,15 +50,23 @@ class TensorInfo:
 
 def read_header(path: str) -> tuple[dict, dict]:
     """(tensors {name: {dtype, shape, data_offsets}}, metadata) of one safetensors file."""
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
             raise CheckpointError(f"{path} is not a safetensors file (shorter than 8 bytes)")
         (n,) = struct.unpack("<Q", raw)
+        if n > size - 8:
+            raise CheckpointError(f"{path} is not a safetensors file or is truncated: its first "
+                                  f"8 bytes announce a {n}-byte header, the file has {size} bytes")
         header = f.read(n)
-        if len(header) != n:
-            raise CheckpointError(f"{path} is truncated (header of {n} bytes announced)")
-    d = json.loads(header)
+    try:
+        d = json.loads(header)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not a safetensors file: its header is not JSON "
+                              f"({e})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path} is not a safetensors file: its header is not a JSON object")
     meta = d.pop("__metadata__", None) or {}
     for name, t in d.items():
         t["data_offsets"] = [o + 8 + n for o in t["data_offsets"]]

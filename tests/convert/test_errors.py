@@ -159,3 +159,39 @@ def test_without_config_json_the_model_config_must_be_given(tmp_path, parts):
     assert cfg.mtp_depth == 1               # config.json says 1; the tensors decide below
     got = convert(str(tmp_path / "hf"), str(tmp_path / "out"), config=cfg, progress=False)
     assert got.mtp_depth == 0 and core.config_differences(got, cfg.replace(mtp_depth=0)) == []
+
+
+def test_non_finite_weights_are_refused_naming_the_tensor_unless_allowed(tmp_path, parts):
+    tensors, hf_config = parts
+    name = next(n for n in sorted(tensors) if n.endswith("q_a_proj.weight"))
+    bad = tensors[name].astype(np.float32).copy()
+    bad[0, :3] = [np.nan, np.inf, -np.inf]
+    write_dir(tmp_path / "hf", {**tensors, name: bad.astype(tensors[name].dtype)}, hf_config)
+    with pytest.raises(CheckpointError, match=rf"{name}.*3 non-finite value\(s\).*allow"):
+        convert(str(tmp_path / "hf"), str(tmp_path / "out"), progress=False)
+    assert_nothing_at(tmp_path / "out")
+    convert(str(tmp_path / "hf"), str(tmp_path / "out"), progress=False, allow_non_finite=True)
+    assert (tmp_path / "out" / "model").is_dir()
+
+
+@pytest.mark.parametrize("garbage", [b"\xff" * 64, b"\x10\x00\x00\x00\x00\x00\x00\x00" + b"\x9c" * 16],
+                         ids=["huge-header-length", "header-not-json"])
+def test_random_bytes_safetensors_names_the_file(tmp_path, garbage):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "model.safetensors").write_bytes(garbage)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is not a safetensors file"):
+        SafetensorsDir(tmp_path / "hf")
+
+
+def test_cli_reports_a_user_error_in_one_line_with_exit_status_2(tmp_path):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "model.safetensors").write_bytes(b"\xff" * 64)
+    r = subprocess.run([sys.executable, "-m", "sparse_lm.convert.hf_to_orbax",
+                        f"--hf-dir={tmp_path / 'hf'}", f"--out={tmp_path / 'out'}", "--quiet"],
+                       capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and "is not a safetensors file" in lines[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
