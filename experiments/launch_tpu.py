@@ -7,7 +7,8 @@
 Steps (each one gcloud command; `--steps` picks a subset, in this order):
   create   gcloud compute tpus tpu-vm create (the TPU type's runtime image; --spot optional)
   copy     git archive of HEAD -> tarball, scp to every worker, unpack into ~/sparse-lm
-  install  `make .venv/.installed` (the Makefile's venv with the pinned requirements) on every worker
+  install  `make .venv/.installed` (the Makefile's venv with the pinned requirements) on every worker;
+           without a Python 3.12 there, tools/bootstrap.sh brings one (uv); says if nothing was to do
   start    python -m experiments.train ... on --worker=all, in the background, logging to a file
   logs     tail the log of worker 0
   delete   gcloud compute tpus tpu-vm delete
@@ -57,6 +58,14 @@ _GPU_HOSTS = flags.DEFINE_string("gpu_hosts", "", "Comma-separated GPU hosts: pr
 _PORT = flags.DEFINE_integer("port", 1234, "Coordinator port for --gpu_hosts.")
 
 LOG = "~/sparse-lm-train.log"
+# The install step on each worker: the Makefile's venv (pinned requirements.txt, libtpu included)
+# from a Python 3.12 that tools/python312.sh finds or, on a stock image without one,
+# tools/bootstrap.sh installs (uv + a managed 3.12). Idempotent; it says which of the two it did.
+INSTALL = ("command -v make >/dev/null || { echo 'error: make is not installed on this worker "
+           "(sudo apt-get install -y make)' >&2; exit 1; }; "
+           "if make -q .venv/.installed 2>/dev/null; then "
+           "echo 'install: .venv is up to date with requirements.txt and setup.py (nothing to do)'; "
+           "else make .venv/.installed && echo 'install: .venv/.installed built from requirements.txt'; fi")
 
 
 def tpu_commands(name: str, tpu: str, zone: str, *, project: str = "", spot: bool = False,
@@ -85,7 +94,7 @@ def tpu_commands(name: str, tpu: str, zone: str, *, project: str = "", spot: boo
                  + shlex.join(base + ["scp", tarball, f"{name}:/tmp/"] + where + ["--worker=all"])
                  + " && " + shlex.join(ssh + ["--command",
                                                f"mkdir -p {remote_dir} && tar -xzf {tarball} -C {remote_dir}"])),
-        "install": ssh + ["--command", f"cd {remote_dir} && make .venv/.installed"],
+        "install": ssh + ["--command", f"cd {remote_dir} && {{ {INSTALL}; }}"],
         "start": ssh + ["--command",
                         f"cd {remote_dir} && setsid nohup .venv/bin/{train} > {LOG} 2>&1 < /dev/null &"],
         "logs": base + ["ssh", name] + where + ["--worker=0", "--command", f"tail -n 200 -f {LOG}"],

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Prints the path of a Python 3.12 interpreter, or fails with a message saying where it looked.
+# Prints the path of a Python 3.12 interpreter. When none is found, tools/bootstrap.sh installs
+# one (uv + a managed 3.12, steps on stderr) and prints its path; PYTHON312_NO_BOOTSTRAP=1 fails
+# instead with a message saying where it looked.
 # The default python3 on our machines is 3.11, where pip resolves an old JAX, so we never use it.
 set -u
 candidates=()
@@ -14,5 +16,9 @@ for c in "${candidates[@]}"; do
     command -v "$c"; exit 0
   fi
 done
-echo "error: no Python 3.12 interpreter found (looked at: ${candidates[*]}); set PYTHON312=/path/to/python3.12" >&2
-exit 1
+if [ -n "${PYTHON312_NO_BOOTSTRAP:-}" ]; then
+  echo "error: no Python 3.12 interpreter found (looked at: ${candidates[*]}); set PYTHON312=/path/to/python3.12 (PYTHON312_NO_BOOTSTRAP is set, so tools/bootstrap.sh was not run)" >&2
+  exit 1
+fi
+echo "bootstrap: no Python 3.12 interpreter found (looked at: ${candidates[*]})" >&2
+exec "${BASH:-bash}" "$(dirname "${BASH_SOURCE[0]}")/bootstrap.sh"
