@@ -25,6 +25,7 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,7 @@ def _stderr_of_a_failed_read():
         yield
     except BaseException:
         failed = True
+        _silence_closed_loop_errors()
         time.sleep(0.3)                    # let the in-flight reads of the failed restore finish
         raise
     finally:
@@ -132,21 +134,46 @@ def _stderr_of_a_failed_read():
             sys.stderr.flush()
 
 
+def _closed_loop_error(exc) -> bool:
+    return isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
+
+
+def _silence_closed_loop_errors() -> None:
+    """After a failed restore, tensorstore's callbacks keep firing into orbax's closed event loop
+    from background threads for a while, each printing a 'RuntimeError: Event loop is closed'
+    traceback whenever it lands. Drop exactly those at the hooks Python prints them through
+    (timing-independent, unlike holding stderr); every other error still prints."""
+    if getattr(_silence_closed_loop_errors, "done", False):
+        return
+    _silence_closed_loop_errors.done = True
+    prev_except, prev_unraisable, prev_thread = sys.excepthook, sys.unraisablehook, \
+        threading.excepthook
+
+    def excepthook(tp, value, tb):
+        if not _closed_loop_error(value):
+            prev_except(tp, value, tb)
+
+    def unraisablehook(u):
+        if not _closed_loop_error(u.exc_value):
+            prev_unraisable(u)
+
+    def thread_hook(args):
+        if not _closed_loop_error(args.exc_value):
+            prev_thread(args)
+    sys.excepthook, sys.unraisablehook, threading.excepthook = (excepthook, unraisablehook,
+                                                                thread_hook)
+
+
 def _drop_event_loop_noise(text: str) -> str:
-    keep, block = [], []
-    for line in text.splitlines(keepends=True):
-        if line.startswith("Traceback (most recent call last)") or block:
-            block.append(line)
-            if line.startswith("RuntimeError") or not line.startswith((" ", "Traceback")):
-                if "Event loop is closed" not in "".join(block):
-                    keep.extend(block)
-                block = []
-            continue
-        if "Event loop is closed" in line or "_check_closed" in line or \
-                "call_soon_threadsafe" in line:
-            continue
-        keep.append(line)
-    return "".join(keep + [l for l in block if "Event loop" not in l])
+    """What a failed read printed, less the closed-event-loop tracebacks. They come from several
+    threads at once, so their lines interleave (even within a line): every line that belongs to
+    a traceback (its header, an indented frame, or naming the closed loop) is dropped, whatever
+    the order; other lines pass."""
+    noise = ("Traceback (most recent call last)", "Event loop is closed", "_check_closed",
+             "call_soon_threadsafe", "asyncio/base_events.py")
+    return "".join(line for line in text.splitlines(keepends=True)
+                   if line.strip() and not line[:1].isspace()
+                   and not any(n in line for n in noise))
 
 
 def restore_newest_readable(ckpt: "Checkpointer", abstract_state: Any, *, step: int | None = None,

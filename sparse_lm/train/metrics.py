@@ -191,11 +191,13 @@ class MetricsWriter:
 
 
 def read_metrics(workdir: str | os.PathLike, kind: str | None = "train") -> list[dict]:
-    """Records of metrics.jsonl (of one kind), in file order."""
+    """Records of metrics.jsonl (of one kind), in file order. A null value (how the writer
+    stores a non-finite number, to keep the file strict JSON) reads back as NaN."""
     p = Path(workdir) / "metrics.jsonl"
     if not p.exists():
         return []
-    recs = [json.loads(l) for l in p.read_text().splitlines() if l.strip()]
+    recs = [{k: float("nan") if v is None else v for k, v in json.loads(l).items()}
+            for l in p.read_text().splitlines() if l.strip()]
     return [r for r in recs if kind is None or r.get("kind") == kind]
 
 

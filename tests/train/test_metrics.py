@@ -67,3 +67,15 @@ def test_routing_and_indexer_metric_names(tiny_cfg):
 def test_train_flops_count_sparse_below_dense(tiny_cfg):
     cfg = tiny_cfg.replace(index_topk=2)
     assert metrics.train_flops_per_token(cfg, 256, True) < metrics.train_flops_per_token(cfg, 256, False)
+
+
+def test_non_finite_values_are_written_as_null_and_read_back_as_nan(tmp_path):
+    w = metrics.MetricsWriter(tmp_path, tensorboard=False)
+    w.write(1, {"loss": float("nan"), "tokens_per_s": float("inf"), "lr": 0.5})
+    w.close()
+    line = (tmp_path / "metrics.jsonl").read_text().splitlines()[0]
+    assert "NaN" not in line and "Infinity" not in line
+    rec = json.loads(line)
+    assert rec["loss"] is None and rec["tokens_per_s"] is None and rec["lr"] == 0.5
+    back = metrics.read_metrics(tmp_path)[0]
+    assert np.isnan(back["loss"]) and np.isnan(back["tokens_per_s"]) and back["lr"] == 0.5
