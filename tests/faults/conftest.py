@@ -3,13 +3,14 @@ persistent compilation cache (only the first training run compiles), one tiny tr
 that every probe copies, and a byte-level snapshot of a workdir to prove nothing changed."""
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = "tests/train/tiny_train_config.py"
@@ -19,11 +20,7 @@ BASE = ("--config.train.steps=8", "--config.train.checkpoint_every=4")
 
 @pytest.fixture(scope="session")
 def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("jax_cache")
-    e = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", PYTHONUNBUFFERED="1")
-    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    e = subprocess_env(tmp_path_factory.mktemp("jax_cache"))
     for k in ("SPARSE_LM_FAULT_KILL_IN_SAVE", "SPARSE_LM_FAULT_EVAL_ERROR"):
         e.pop(k, None)
     return e

@@ -9,7 +9,6 @@ persistent compilation cache so only the first run compiles):
 ~90 s on an idle 2-core machine (one compile of the train step, ~30 s).
 """
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -21,18 +20,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from tests.conftest import subprocess_env
+
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = "tests/train/tiny_train_config.py"
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("jax_cache")
-    e = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", PYTHONUNBUFFERED="1")
-    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
-    return e
+    return subprocess_env(tmp_path_factory.mktemp("jax_cache"))
 
 
 def _cmd(workdir, *overrides):
