@@ -13,11 +13,9 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sparse_lm.data import pipeline
 from sparse_lm.data.stdlib_corpus import byte_entropies
 from sparse_lm.train import evaluation as ev
 from sparse_lm.train.config_check import main_guard, EXIT_FAILED, exit_with, run_main

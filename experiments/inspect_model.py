@@ -211,8 +211,8 @@ def main(argv):
     if _CONFIG.value is None:
         raise app.UsageError("--config is required, e.g. --config=configs/v4_flash.py")
     if "model" not in _CONFIG.value:
-        raise app.UsageError(f"the config has no `model` field (expected get_config() with a "
-                             f"`model` section of ModelConfig values)")
+        raise app.UsageError("the config has no `model` field (expected get_config() with a "
+                             "`model` section of ModelConfig values)")
     if _CONTEXT.value < 1:
         raise app.UsageError(f"--context={_CONTEXT.value} is invalid: must be >= 1")
     if _TRAIN_SEQ.value < 1:

@@ -17,7 +17,6 @@ that diverges is one line, exit status 1; --verbose adds the traceback.
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags

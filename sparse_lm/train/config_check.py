@@ -48,7 +48,7 @@ def one_line(e: BaseException | str) -> str:
 
 
 def _expected(path: str) -> str:
-    return f"a Python file defining get_config() that returns an ml_collections.ConfigDict"
+    return "a Python file defining get_config() that returns an ml_collections.ConfigDict"
 
 
 def _load(path: str):

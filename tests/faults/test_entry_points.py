@@ -1,7 +1,6 @@
 """Every entry point reports a user error in one line naming the field / file / value, exit
 status 2, no traceback, and creates or changes nothing: evaluate, generate, demo, inspect_model,
 compare_sharding, launch_tpu (train: test_train_refusals.py)."""
-import json
 
 import pytest
 

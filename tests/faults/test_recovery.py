@@ -10,7 +10,6 @@ not interrupted:
 * a diverged run writes metrics.jsonl that is strict JSON on every line (no bare NaN).
 """
 import json
-import shutil
 from pathlib import Path
 
 import jax

@@ -15,7 +15,6 @@ Runs in about 25-60 s on a loaded 2-core CPU (compilation of the tiny steps domi
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
