@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -146,6 +147,9 @@ def _silence_closed_loop_errors() -> None:
     if getattr(_silence_closed_loop_errors, "done", False):
         return
     _silence_closed_loop_errors.done = True
+    # The failed restore's other reads fail too, in asyncio tasks nobody awaits any more;
+    # asyncio logs each as "Task exception was never retrieved" with a traceback, later.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     prev_except, prev_unraisable, prev_thread = sys.excepthook, sys.unraisablehook, \
         threading.excepthook
 
