@@ -2,9 +2,13 @@
 arrays built from each process's shard.
 
 `config.data` fields (see configs/train_base.py):
-  source       "stdlib" | "tfds:<name>" | "synthetic:needle" | "synthetic:recall" | "synthetic:repeat"
+  source       "stdlib" | "tfds:<name>" | "synthetic:needle" | "synthetic:recall" |
+               "synthetic:repeat" | "files:<glob>" | "jsonl:<path>" | "parquet:<path>" |
+               "arrayrecord:<glob>" (local files: sparse_lm/data/file_sources.py)
   data_dir     tfds data directory (local path or gs://); nothing is downloaded
-  text_key     tfds feature holding the text
+  text_key     tfds feature / JSONL key / parquet column holding the text
+  tokenizer    "bytes" (vocab 256) or the path of a Hugging Face tokenizer.json
+  prefetch     training batches packed ahead in a worker thread (0 = none)
   train_split, eval_split
   val_fraction stdlib: share of files in the validation split (by path hash)
   align        document start alignment; 0 = the model's largest compress ratio
@@ -17,12 +21,16 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from sparse_lm.data.packing import Chunked, Packer, PackerState
+from sparse_lm.data import grain_pipeline
+from sparse_lm.data.file_sources import KINDS as FILE_KINDS, FileSource
+from sparse_lm.data.packing import Packer
 from sparse_lm.data.stdlib_corpus import StdlibCorpus
 from sparse_lm.data.synthetic import TASKS, SyntheticSource
 from sparse_lm.data.tfds_source import DataError, TfdsSource
+from sparse_lm.data.tokenizer import ByteTokenizer
 
-SOURCES = ("stdlib", "tfds:<name>", "synthetic:needle", "synthetic:recall", "synthetic:repeat")
+SOURCES = ("stdlib", "tfds:<name>", "synthetic:needle", "synthetic:recall", "synthetic:repeat",
+           "files:<glob>", "jsonl:<path>", "parquet:<path>", "arrayrecord:<glob>")
 
 
 def make_source(data_cfg, split: str):
@@ -42,6 +50,9 @@ def make_source(data_cfg, split: str):
         n = int(data_cfg.synthetic_docs) if split == data_cfg.train_split else max(
             64, int(data_cfg.synthetic_docs) // 50)
         return SyntheticSource(task, n, int(data_cfg.synthetic_length), seed=seed)
+    if src.partition(":")[0] in FILE_KINDS:
+        return FileSource(src, "train" if split == data_cfg.train_split else "validation",
+                          text_key=str(data_cfg.text_key), val_fraction=float(data_cfg.val_fraction))
     raise DataError(f"data.source={src!r} is invalid: allowed values {SOURCES}")
 
 
@@ -60,18 +71,24 @@ def describe_source(source) -> dict:
 
 
 class TrainIterator:
-    """Endless, shuffled, packed batches of this process's shard; `state()` / `restore()` give
-    and take the exact reading position (JSON-able)."""
+    """Endless, shuffled, packed batches of this process's shard, read through the grain
+    pipeline (sparse_lm/data/grain_pipeline.py); `state()` / `restore()` give and take the exact
+    reading position (JSON-able: grain's iterator state, as of the last batch handed out)."""
 
     def __init__(self, source, *, seq_len: int, local_batch: int, align: int, seed: int,
-                 chunk: bool, process_index: int = 0, process_count: int = 1):
-        if chunk:
-            if not hasattr(source, "lengths"):
-                raise DataError("data.chunk_docs=True needs an in-memory source (stdlib, "
-                                "synthetic); set data.chunk_docs=False for tfds datasets")
-            source = Chunked(source, seq_len + 1)
-        self.packer = Packer(source, seq_len=seq_len, align=align, seed=seed, shuffle=True,
-                             process_index=process_index, process_count=process_count)
+                 chunk: bool, process_index: int = 0, process_count: int = 1, tokenizer=None,
+                 prefetch: int = 2):
+        if chunk and not hasattr(source, "lengths"):
+            raise DataError("data.chunk_docs=True needs an in-memory source (stdlib, synthetic, "
+                            "files, jsonl, parquet, arrayrecord); set data.chunk_docs=False for "
+                            "tfds datasets")
+        if prefetch < 0:
+            raise DataError(f"data.prefetch={prefetch} is invalid: must be >= 0 (0 = none)")
+        self.dataset = grain_pipeline.train_dataset(
+            source, tokenizer or ByteTokenizer(), seq_len=seq_len, local_batch=local_batch,
+            align=align, seed=seed, chunk=chunk, process_index=process_index,
+            process_count=process_count, prefetch=prefetch)
+        self._it = iter(self.dataset)
         self.local_batch = local_batch
         self.process_index, self.process_count = process_index, process_count
         self.batches = 0
@@ -80,25 +97,34 @@ class TrainIterator:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        b = self.packer.next_batch(self.local_batch)
+        b = next(self._it)
         self.batches += 1
         return b
 
     def state(self) -> dict:
         return {"batches": self.batches, "process_index": self.process_index,
-                "process_count": self.process_count, **self.packer.state.to_dict()}
+                "process_count": self.process_count, "grain": self._it.get_state()}
 
     def restore(self, state: dict) -> None:
         if int(state["process_count"]) != self.process_count:
             raise DataError(f"the checkpoint's data position was saved by {state['process_count']} "
                             f"processes, this run has {self.process_count}: the shards differ, so "
                             f"the exact position cannot be restored")
-        self.packer.state = PackerState.from_dict(state)
+        # Checkpoints written before the grain pipeline hold the packer's position at top level.
+        position = state.get("grain") or {k: state[k] for k in ("epoch", "cursor", "offset")}
+        self._it.set_state(position)
         self.batches = int(state["batches"])
+
+    def close(self) -> None:
+        """Stop the prefetch thread."""
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
 
 
 def eval_batches(source, *, seq_len: int, local_batch: int, align: int, num_batches: int,
-                 process_index: int = 0, process_count: int = 1) -> list[dict[str, np.ndarray]]:
+                 process_index: int = 0, process_count: int = 1,
+                 tokenizer=None) -> list[dict[str, np.ndarray]]:
     """The first `num_batches` packed batches of a split, in document order (the same every
     time). With num_batches > 0 every process returns exactly that many (a small shard wraps
     around), so multi-process evaluations stay in step; 0 = one pass over the whole split
@@ -106,7 +132,8 @@ def eval_batches(source, *, seq_len: int, local_batch: int, align: int, num_batc
     if num_batches <= 0 and process_count > 1:
         raise DataError("evaluating the whole split (eval batches = 0) needs one process: the "
                         "processes' shards give different numbers of batches; set a batch count")
-    packer = Packer(source, seq_len=seq_len, align=align, shuffle=False,
+    docs = grain_pipeline.documents(source, tokenizer or ByteTokenizer())
+    packer = Packer(docs, seq_len=seq_len, align=align, shuffle=False,
                     process_index=process_index, process_count=process_count,
                     epochs=1 if num_batches <= 0 else None)
     out = []

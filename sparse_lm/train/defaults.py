@@ -24,9 +24,13 @@ def base(model_preset: str = "tiny") -> ml_collections.ConfigDict:
     c.sharding = ""
 
     c.data = ml_collections.ConfigDict(dict(
-        source="stdlib",            # "stdlib" | "tfds:<name>" | "synthetic:needle" | "synthetic:recall"
+        # "stdlib" | "tfds:<name>" | "synthetic:needle|recall|repeat" | "files:<glob>" |
+        # "jsonl:<path>" | "parquet:<path>" | "arrayrecord:<glob>" (sparse_lm/data/pipeline.py)
+        source="stdlib",
         data_dir="",                # tfds: directory (or gs:// bucket) holding the prepared dataset
-        text_key="text",            # tfds: feature with the text
+        text_key="text",            # tfds feature / JSONL key / parquet column with the text
+        tokenizer="bytes",          # "bytes" (vocab 256) or the path of a HF tokenizer.json
+        prefetch=2,                 # training batches packed ahead in a worker thread (0 = none)
         train_split="train",
         eval_split="validation",
         val_fraction=0.02,          # stdlib: share of files (by path hash) in validation

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from sparse_lm.config import ConfigError, ModelConfig
 from sparse_lm.data import pipeline
 from sparse_lm.data.tfds_source import DataError
+from sparse_lm.data.tokenizer import BYTES, check_vocab, load_tokenizer
 from sparse_lm.model import build_model
 from sparse_lm.train import checkpoint as ckpt_lib
 from sparse_lm.train import metrics as metrics_lib
@@ -127,6 +128,20 @@ class Run:
     local_batch: int
     align: int
     plan: Any = None     # sparse_lm.train.plan.ShardingPlan when config.sharding names a preset
+    tokenizer: Any = None   # sparse_lm.data.tokenizer: ByteTokenizer or HFTokenizer
+
+
+def run_tokenizer(config, workdir):
+    """The tokenizer of data.tokenizer, checked against model.vocab_size. A tokenizer.json path
+    that does not exist (a run config read on another machine) falls back to the copy a run
+    keeps in its workdir."""
+    spec = str(config.data.get("tokenizer", BYTES) or BYTES)
+    copy = Path(workdir) / "tokenizer.json"
+    if spec != BYTES and not Path(spec).exists() and copy.is_file():
+        spec = str(copy)
+    tok = load_tokenizer(spec)
+    check_vocab(tok, int(config.model.vocab_size))
+    return tok
 
 
 def setup(config, workdir) -> Run:
@@ -138,6 +153,7 @@ def setup(config, workdir) -> Run:
     if int(t.seq_len) < 1:
         raise ConfigError(f"train.seq_len={t.seq_len} is invalid: must be >= 1")
     model_cfg = resolve_model_config(config)
+    tokenizer = run_tokenizer(config, workdir)
     align = pipeline.resolve_align(config.data, model_cfg)
     if int(t.seq_len) % align:
         raise ConfigError(f"train.seq_len={t.seq_len} must be a multiple of the document "
@@ -146,13 +162,14 @@ def setup(config, workdir) -> Run:
         plan = make_plan(str(config.sharding), model_cfg, make_tx(config))
         return Run(config=config, model_cfg=plan.model_cfg, workdir=Path(workdir), mesh=plan.mesh,
                    batch_sharding=plan.batch_sharding, replicated=plan.replicated,
-                   local_batch=int(t.batch_size) // n_proc, align=align, plan=plan)
+                   local_batch=int(t.batch_size) // n_proc, align=align, plan=plan,
+                   tokenizer=tokenizer)
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
     P = jax.sharding.PartitionSpec
     return Run(config=config, model_cfg=model_cfg, workdir=Path(workdir), mesh=mesh,
                batch_sharding=jax.sharding.NamedSharding(mesh, P("data")),
                replicated=jax.sharding.NamedSharding(mesh, P()),
-               local_batch=int(t.batch_size) // n_proc, align=align)
+               local_batch=int(t.batch_size) // n_proc, align=align, tokenizer=tokenizer)
 
 
 def make_tx(config):
@@ -180,6 +197,7 @@ def data_position(run: Run, corpus: dict) -> dict:
     out["data.align"] = int(run.align)          # resolved (0 = the model's largest ratio)
     out["processes"] = jax.process_count()
     out["corpus.fingerprint"] = corpus.get("fingerprint")
+    out["tokenizer.fingerprint"] = run.tokenizer.fingerprint if run.tokenizer else BYTES
     return out
 
 
@@ -265,14 +283,28 @@ def write_resolved_config(run: Run, corpus: dict, *, start_step: int | None = No
     return p
 
 
+def keep_tokenizer_copy(run: Run) -> None:
+    """<workdir>/tokenizer.json: a copy of the run's tokenizer file, so that the workdir alone
+    decodes what its checkpoints generate (generate, evaluate, export)."""
+    path = getattr(run.tokenizer, "path", None)
+    if jax.process_index() != 0 or path is None:
+        return
+    dest = run.workdir / "tokenizer.json"
+    if not dest.exists() or dest.resolve() != Path(path).resolve():
+        _atomic_write(dest, Path(path).read_text())
+
+
 def _gather_data_states(state: dict) -> list[dict]:
-    """Every process's iterator position (the checkpoint stores all of them)."""
+    """Every process's iterator position (the checkpoint stores all of them). Positions are
+    JSON-able trees (grain's iterator state), exchanged as padded UTF-8 JSON."""
     if jax.process_count() == 1:
         return [state]
-    keys = sorted(state)
-    vec = np.asarray([int(state[k]) for k in keys], np.int64)
-    allv = np.asarray(multihost_utils.process_allgather(vec))
-    return [dict(zip(keys, map(int, row))) for row in allv.reshape(jax.process_count(), -1)]
+    data = np.frombuffer(json.dumps(state, sort_keys=True).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.asarray([len(data)], np.int64)))
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:len(data)] = data
+    rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(jax.process_count(), -1)
+    return [json.loads(bytes(row[:int(n)]).decode()) for row, n in zip(rows, sizes.reshape(-1))]
 
 
 def _log(msg: str) -> None:
@@ -381,11 +413,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
 
     # Data: every source is opened and checked before the first step.
     train_src = _open_source(config.data, config.data.train_split, "train")
-    corpus = pipeline.describe_source(train_src)
+    corpus = {**pipeline.describe_source(train_src), "tokenizer": run.tokenizer.describe()}
     it = pipeline.TrainIterator(train_src, seq_len=int(t.seq_len), local_batch=run.local_batch,
                                 align=run.align, seed=int(config.data.seed),
                                 chunk=bool(config.data.chunk_docs), process_index=pidx,
-                                process_count=pcount)
+                                process_count=pcount, tokenizer=run.tokenizer,
+                                prefetch=int(config.data.get("prefetch", 2)))
     eval_every = int(t.eval_every)
     eval_batches = None
     if eval_every > 0:
@@ -394,7 +427,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
             eval_batches = pipeline.eval_batches(eval_src, seq_len=int(t.seq_len),
                                                  local_batch=run.local_batch, align=run.align,
                                                  num_batches=int(t.eval_batches),
-                                                 process_index=pidx, process_count=pcount)
+                                                 process_index=pidx, process_count=pcount,
+                                                 tokenizer=run.tokenizer)
         except (OSError, ValueError) as e:
             raise DataError(f"the validation split {config.data.eval_split!r} of data.source="
                             f"{config.data.source!r} cannot be read: {type(e).__name__}: {e}") from None
@@ -474,6 +508,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         for m in moved:
             _log(f"[checkpoint] moved {m.name} aside to {m}")
     write_resolved_config(run, corpus, start_step=start)
+    keep_tokenizer_copy(run)
     writer = metrics_lib.MetricsWriter(run.workdir, enabled=pidx == 0,
                                        tensorboard=bool(t.get("tensorboard", True)))
     _log(f"[data] {corpus.get('source')}: {len(train_src)} train documents, fingerprint "
@@ -615,6 +650,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
             progress.close()
         ckpt.close()       # waits for in-flight async saves: the last good checkpoint is complete
         writer.close()
+        it.close()
     last = history[-1] if history else {}
     parts = [f"[done] steps {start}->{total} in {time.perf_counter() - t_wall:.1f} s"
              + (f" (resumed from step {start})" if start else "")]

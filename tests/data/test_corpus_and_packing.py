@@ -112,7 +112,7 @@ def test_iterator_position_resumes_exactly_and_shards_by_process():
     for x, y in zip(rest, [next(b) for _ in range(60)]):
         np.testing.assert_array_equal(x["tokens"], y["tokens"])
         np.testing.assert_array_equal(x["segment_ids"], y["segment_ids"])
-    assert b.state()["epoch"] >= 1
+    assert b.state()["grain"]["epoch"] >= 1
     # Two processes read disjoint documents and together all of them.
     docs_of = []
     for pi in range(2):
