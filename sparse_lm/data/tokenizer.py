@@ -171,3 +171,26 @@ def check_vocab(tokenizer, model_vocab_size: int, *, field: str = "data.tokenize
             f"model.vocab_size={model_vocab_size}: set --config.model.vocab_size="
             f"{tokenizer.vocab_size} (or more), or use a tokenizer with at most "
             f"{model_vocab_size} tokens")
+
+
+def train_bpe(documents, vocab_size: int, *, special_tokens: Sequence[str] = ("<s>", "</s>"),
+              min_frequency: int = 2):
+    """A byte-level BPE `tokenizers.Tokenizer` trained on `documents` (UTF-8 bytes or str):
+    lossless on any text (the 256 bytes are its alphabet), special tokens first (ids 0, 1, ...:
+    the first is BOS, the second EOS). vocab_size counts everything: at least 256 + specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # optional dep.
+
+    need = 256 + len(special_tokens)
+    if vocab_size < need:
+        raise TokenizerError(f"vocab_size={vocab_size} is invalid: a byte-level BPE needs at "
+                             f"least {need} (256 bytes + {len(special_tokens)} special tokens)")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                  special_tokens=list(special_tokens),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator((d if isinstance(d, str) else _text(d) for d in documents),
+                            trainer=trainer)
+    return tok
