@@ -44,18 +44,3 @@ def test_parameters_are_placed_as_the_preset_says(result, preset):
 def test_ep_presets_used_the_expert_parallel_dispatcher(result):
     assert result["presets"][RUN[PRESETS.index("fsdp_ep")]]["moe_dispatch"] == "a2a_padded"
     assert result["presets"][RUN[PRESETS.index("fsdp_ep")]]["mesh"]["expert"] == 8
-
-
-def test_sharded_step_keeps_moe_and_stacked_experts_per_device():
-    """The compiled fsdp / fsdp_tp train steps (Muon + AdamW, 16 experts, 2 stacked cycles on 8
-    devices) sort only each device's own (token, expert) assignments (rows per device x k, not
-    the global batch's: a global sort means every device runs the whole batch's MoE), and no
-    instruction has the full shape of a stacked expert weight that the preset shards (the
-    backward scan's gradient carry or Muon's Newton-Schulz left unsharded would)."""
-    r = run_worker("step_layout", {"presets": ["fsdp", "fsdp_tp"]}, timeout=900)
-    for name, v in r.items():
-        assert v["longest_sort"] == v["rows_per_device"] * v["k"], (name, v["longest_sort"])
-        assert v["longest_sort"] < v["global_rows"] * v["k"]
-        experts = {p: h for p, h in v["full_shape_hits"].items() if "/moe/w_" in p}
-        assert len(experts) == 6, sorted(v["full_shape_hits"])
-        assert all(h["instructions"] == 0 for h in experts.values()), experts
