@@ -1,11 +1,15 @@
-"""Sample text from a trained model, streaming the bytes to the console.
+"""Sample text from a trained model, streaming the text to the console.
 
     python -m experiments.generate --workdir=runs/demo --prompt "def fib(n):" \
         [--max-new-tokens=200 --temperature=0.8 --top-p=0.95 --seed=0 --step=N]
+    python -m experiments.generate --hf-dir=DIR --prompt "hello"   # a Hugging Face checkpoint
     python -m experiments.generate --config=configs/tiny.py --prompt "hello"   # untrained smoke test
 
-Tokens are bytes (vocab 256): the prompt is UTF-8 encoded and the output decoded as it arrives
-(invalid sequences are shown as U+FFFD). The model is restored from the latest (or --step)
+Tokens are the run's tokenizer's (`data.tokenizer`; the workdir keeps a copy of its
+tokenizer.json) or, for --hf-dir, the directory's tokenizer.json with the BOS/EOS ids of its
+config.json; byte-level (vocab 256, the default) without one. The prompt is encoded (after BOS
+when the tokenizer has one), the output decoded as it arrives (invalid UTF-8 shown as U+FFFD),
+and generation stops at the tokenizer's EOS. The model is restored from the latest (or --step)
 checkpoint of the training run in --workdir, with the run's recorded config (<workdir>/config.json);
 a --config given with a --workdir that holds checkpoints must describe the same model (its model
 section replaces the recorded one, and restoring refuses a different architecture, naming the
@@ -14,11 +18,11 @@ differing fields). --config without checkpoints runs a freshly initialised model
 Reads only: a missing workdir creates nothing. Errors (a bad flag, a workdir without checkpoints
 and no --config, an invalid config.json, another model) are one line, exit status 2.
 
-Importable: `load_model(workdir, config)` and `generate_text(model, prompt, ...)`.
+Importable: `load_model(workdir, config)`, `load_tokenizer_for(...)` and
+`generate_text(model, prompt, tokenizer=..., ...)`.
 """
 from __future__ import annotations
 
-import codecs
 import json
 import sys
 import time
@@ -30,12 +34,14 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from sparse_lm.config import ConfigError, ModelConfig
+from sparse_lm.data.tfds_source import DataError
+from sparse_lm.data.tokenizer import ByteTokenizer, HFTokenizer, TokenizerError, check_vocab
 from sparse_lm.inference import Decoder, InferenceError, generate, validate_sampling
 from sparse_lm.model import build_model
 from sparse_lm.train import checkpoint as ckpt_lib
 from sparse_lm.train.checkpoint import CheckpointError
 from sparse_lm.train.config_check import exit_with, run_main
-from sparse_lm.train.loop import load_for_eval
+from sparse_lm.train.loop import load_for_eval, run_tokenizer
 
 FLAGS = flags.FLAGS
 
@@ -47,15 +53,17 @@ def define_flags() -> None:
         "config", None, "Config file: the model of an untrained smoke test, or (with --workdir) "
         "the model the checkpoint must match.")
     flags.DEFINE_string("workdir", None, "Training run directory with checkpoints.")
+    flags.DEFINE_string("hf-dir", None, "A Hugging Face checkpoint directory (config.json, "
+                        "*.safetensors, tokenizer.json) instead of --workdir.")
     flags.DEFINE_string("prompt", None, "Prompt text (UTF-8).")
-    flags.DEFINE_integer("max-new-tokens", 200, "Bytes to generate.")
+    flags.DEFINE_integer("max-new-tokens", 200, "Tokens to generate (at most: EOS stops).")
     flags.DEFINE_float("temperature", 1.0, "Sampling temperature (0 = greedy).")
     flags.DEFINE_float("top-p", 1.0, "Nucleus sampling mass in (0, 1].")
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
     flags.DEFINE_integer("chunk-size", 128, "Prefill chunk length.")
     flags.DEFINE_bool("dense", False, "CSA attends every visible entry (no top-k).")
-    for name in ("max-new-tokens", "top-p", "chunk-size"):
+    for name in ("max-new-tokens", "top-p", "chunk-size", "hf-dir"):
         flags.DEFINE_alias(name.replace("-", "_"), name)
 
 
@@ -102,33 +110,75 @@ def load_model(workdir: str | None = None, config=None, step: int | None = None,
     return model, f"{workdir} step {step}"
 
 
-def generate_text(model, prompt: str, *, max_new_tokens: int = 200, temperature: float = 1.0,
-                  top_p: float = 1.0, seed: int = 0, chunk_size: int = 128, dense: bool = False,
+def load_tokenizer_for(workdir: str | None = None, config=None, hf_dir: str | None = None):
+    """The tokenizer that decodes a model's ids: an --hf-dir's tokenizer.json (BOS/EOS from its
+    config.json), a workdir's copy of its run's tokenizer, else the config's data.tokenizer,
+    else bytes."""
+    if hf_dir is not None:
+        path = Path(hf_dir) / "tokenizer.json"
+        hf_cfg = json.loads((Path(hf_dir) / "config.json").read_text())
+        if not path.is_file():
+            if hf_cfg.get("vocab_size") == 256:
+                return ByteTokenizer()
+            raise GenerateError(f"--hf-dir={hf_dir} has no tokenizer.json: its "
+                                f"{hf_cfg.get('vocab_size')}-token vocabulary cannot be decoded; "
+                                f"put the release's tokenizer.json beside its config.json")
+        ids = {k: hf_cfg.get(f"{k}_token_id") for k in ("bos", "eos")}
+        return HFTokenizer(path, field="--hf-dir", **{f"{k}_id": v for k, v in ids.items()
+                                                     if isinstance(v, int)})
+    if workdir is not None and (Path(workdir) / "config.json").exists():
+        run_config = ml_collections.ConfigDict(
+            json.loads((Path(workdir) / "config.json").read_text())["config"])
+        return run_tokenizer(run_config, workdir)
+    if config is not None and "data" in config:
+        return run_tokenizer(config, workdir or ".")
+    return ByteTokenizer()
+
+
+class _EndOfText(Exception):
+    """Raised from the token callback at EOS: `generate` samples a fixed count, this ends it."""
+
+
+def generate_text(model, prompt: str, *, tokenizer=None, max_new_tokens: int = 200,
+                  temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+                  chunk_size: int = 128, dense: bool = False,
                   stream: Callable[[str], None] | None = None) -> str:
-    """Generate `max_new_tokens` bytes after `prompt`; returns the decoded continuation.
+    """Generate up to `max_new_tokens` tokens after `prompt` (fewer when the tokenizer's EOS is
+    sampled: it ends the text and is not shown); returns the decoded continuation.
 
-    stream(text) receives each piece of decoded text as soon as its bytes are complete.
+    tokenizer: sparse_lm.data.tokenizer's ByteTokenizer (default) or HFTokenizer. stream(text)
+    receives each piece of decoded text as soon as its tokens complete it.
     """
-
-    if model.cfg.vocab_size != 256:
+    tokenizer = tokenizer or ByteTokenizer()
+    if isinstance(tokenizer, ByteTokenizer) and model.cfg.vocab_size != 256:
         raise GenerateError(f"byte-level generation needs model.vocab_size=256, the model has "
-                            f"{model.cfg.vocab_size}")
+                            f"{model.cfg.vocab_size}: give the run's tokenizer (data.tokenizer, "
+                            f"or a tokenizer.json in the workdir / --hf-dir)")
+    try:
+        check_vocab(tokenizer, model.cfg.vocab_size, field="the tokenizer")
+    except TokenizerError as e:
+        raise GenerateError(str(e)) from None
     if not prompt:
         raise GenerateError("--prompt is empty: give at least one character")
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    ids = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(prompt)
+    step = tokenizer.stream_decoder()
     pieces = []
 
     def on_tokens(_, toks):
-        text = decoder.decode(bytes([int(toks[0])]))
+        if tokenizer.eos_id is not None and int(toks[0]) == tokenizer.eos_id:
+            raise _EndOfText
+        text = step(int(toks[0]))
         if text:
             pieces.append(text)
             if stream is not None:
                 stream(text)
-
-    generate(Decoder(model, sparse=not dense), [list(prompt.encode("utf-8"))],
-             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-             chunk_size=chunk_size, on_tokens=on_tokens)
-    tail = decoder.decode(b"", final=True)
+    try:
+        generate(Decoder(model, sparse=not dense), [ids], max_new_tokens=max_new_tokens,
+                 temperature=temperature, top_p=top_p, seed=seed, chunk_size=chunk_size,
+                 on_tokens=on_tokens)
+    except _EndOfText:
+        pass
+    tail = step.finish()
     if tail:
         pieces.append(tail)
         if stream is not None:
@@ -139,13 +189,16 @@ def generate_text(model, prompt: str, *, max_new_tokens: int = 200, temperature:
 def main(argv):
     logging.set_verbosity(logging.WARNING)
     f = FLAGS
-    prompt, workdir, config = f.prompt, f.workdir, f.config
+    prompt, workdir, config, hf_dir = f.prompt, f.workdir, f.config, f["hf-dir"].value
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}: flags are --name=value")
     if prompt is None:
         raise app.UsageError("--prompt is required")
-    if workdir is None and config is None:
-        raise app.UsageError("give --workdir (a training run) or --config (an untrained model)")
+    if workdir is None and config is None and hf_dir is None:
+        raise app.UsageError("give --workdir (a training run), --hf-dir (a Hugging Face "
+                             "checkpoint) or --config (an untrained model)")
+    if hf_dir is not None and (workdir is not None or config is not None):
+        raise app.UsageError("--hf-dir is a model on its own: give it without --workdir/--config")
     max_new, temperature, top_p = f["max-new-tokens"].value, f.temperature, f["top-p"].value
     try:
         validate_sampling(temperature, top_p)     # fail before loading anything
@@ -153,9 +206,18 @@ def main(argv):
             raise GenerateError(f"--max-new-tokens={max_new} is invalid: must be >= 1")
         if not prompt:
             raise GenerateError("--prompt is empty: give at least one character")
-        model, where = load_model(workdir, config, f.step, seed=f.seed,
-                                  log=lambda m: print(m, file=sys.stderr))
-        print(f"[generate] model: {where}", file=sys.stderr)
+        if hf_dir is not None:
+            if not (Path(hf_dir) / "config.json").is_file():
+                raise GenerateError(f"--hf-dir={hf_dir} has no config.json: give a Hugging Face "
+                                    f"checkpoint directory")
+            from sparse_lm.convert import load_hf      # only --hf-dir reads safetensors
+            model, _ = load_hf(hf_dir, progress=False)
+            where = f"{hf_dir} (Hugging Face checkpoint)"
+        else:
+            model, where = load_model(workdir, config, f.step, seed=f.seed,
+                                      log=lambda m: print(m, file=sys.stderr))
+        tokenizer = load_tokenizer_for(workdir, config, hf_dir)
+        print(f"[generate] model: {where}; tokenizer: {tokenizer.name}", file=sys.stderr)
         sys.stdout.write(prompt)
         sys.stdout.flush()
         t0 = time.perf_counter()
@@ -163,13 +225,14 @@ def main(argv):
         def stream(text):
             sys.stdout.write(text)
             sys.stdout.flush()
-        generate_text(model, prompt, max_new_tokens=max_new, temperature=temperature,
-                      top_p=top_p, seed=f.seed, chunk_size=f["chunk-size"].value,
-                      dense=f.dense, stream=stream)
+        text = generate_text(model, prompt, tokenizer=tokenizer, max_new_tokens=max_new,
+                             temperature=temperature, top_p=top_p, seed=f.seed,
+                             chunk_size=f["chunk-size"].value, dense=f.dense, stream=stream)
         sys.stdout.write("\n")
-        print(f"[generate] {max_new} bytes in {time.perf_counter() - t0:.1f} s "
-              "(compilation included)", file=sys.stderr)
-    except (GenerateError, InferenceError, CheckpointError, ConfigError, FileNotFoundError) as e:
+        print(f"[generate] {len(text)} characters (at most {max_new} tokens) in "
+              f"{time.perf_counter() - t0:.1f} s (compilation included)", file=sys.stderr)
+    except (GenerateError, InferenceError, CheckpointError, ConfigError, DataError,
+            FileNotFoundError) as e:
         exit_with(e)
 
 

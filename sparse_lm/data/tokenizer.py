@@ -35,6 +35,18 @@ class TokenizerError(DataError):
     """A tokenizer cannot be used as configured; the message names the field."""
 
 
+class StreamDecoder:
+    """Incremental decoding of sampled ids: `step(id)` -> the text that token completes ('' while
+    a character is still open); `finish()` -> what is left at the end (U+FFFD for an unfinished
+    UTF-8 sequence)."""
+
+    def __init__(self, step, finish):
+        self.step, self.finish = step, finish
+
+    def __call__(self, i: int) -> str:
+        return self.step(i)
+
+
 class ByteTokenizer:
     """UTF-8 bytes as tokens: vocab 256, no special tokens, lossless on any text."""
     name = BYTES
@@ -57,10 +69,10 @@ class ByteTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
-    def stream_decoder(self):
-        """f(id) -> the text completed by that token ('' while a UTF-8 sequence is open)."""
+    def stream_decoder(self) -> "StreamDecoder":
         dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        return lambda i: dec.decode(bytes([int(i)]))
+        return StreamDecoder(lambda i: dec.decode(bytes([int(i)])),
+                             lambda: dec.decode(b"", final=True))
 
     def describe(self) -> dict:
         return {"tokenizer": BYTES, "vocab_size": 256}
@@ -120,10 +132,10 @@ class HFTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
-    def stream_decoder(self):
+    def stream_decoder(self) -> "StreamDecoder":
         from tokenizers.decoders import DecodeStream   # same optional dependency as above
         stream = DecodeStream(skip_special_tokens=True)
-        return lambda i: stream.step(self.tok, int(i)) or ""
+        return StreamDecoder(lambda i: stream.step(self.tok, int(i)) or "", lambda: "")
 
     def describe(self) -> dict:
         return {"tokenizer": self.name, "vocab_size": self.vocab_size, "bos_id": self.bos_id,
