@@ -594,7 +594,7 @@ class CheckpointLeaves:
     def __call__(self, paths: list[tuple]) -> list[np.ndarray]:
         item, args = {}, {}
         for p in paths:
-            m = _get(self.meta, p)
+            m = _get(self.meta, self._key(p))
             _set(item, self._key(p), jax.ShapeDtypeStruct(tuple(m.shape), m.dtype))
             _set(args, self._key(p), ocp.ArrayRestoreArgs(sharding=self.sharding))
         got = self.ckptr.restore(self.path, args=ocp.args.PyTreeRestore(
