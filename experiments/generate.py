@@ -206,17 +206,17 @@ def main(argv):
             raise GenerateError(f"--max-new-tokens={max_new} is invalid: must be >= 1")
         if not prompt:
             raise GenerateError("--prompt is empty: give at least one character")
+        if hf_dir is not None and not (Path(hf_dir) / "config.json").is_file():
+            raise GenerateError(f"--hf-dir={hf_dir} has no config.json: give a Hugging Face "
+                                f"checkpoint directory")
+        tokenizer = load_tokenizer_for(workdir, config, hf_dir)     # before the weights load
         if hf_dir is not None:
-            if not (Path(hf_dir) / "config.json").is_file():
-                raise GenerateError(f"--hf-dir={hf_dir} has no config.json: give a Hugging Face "
-                                    f"checkpoint directory")
             from sparse_lm.convert import load_hf      # only --hf-dir reads safetensors
             model, _ = load_hf(hf_dir, progress=False)
             where = f"{hf_dir} (Hugging Face checkpoint)"
         else:
             model, where = load_model(workdir, config, f.step, seed=f.seed,
                                       log=lambda m: print(m, file=sys.stderr))
-        tokenizer = load_tokenizer_for(workdir, config, hf_dir)
         print(f"[generate] model: {where}; tokenizer: {tokenizer.name}", file=sys.stderr)
         sys.stdout.write(prompt)
         sys.stdout.flush()

@@ -19,6 +19,7 @@ from sparse_lm.data import pipeline
 from sparse_lm.data.synthetic import make_examples
 from sparse_lm.config import ConfigError
 from sparse_lm.data.tfds_source import DataError
+from sparse_lm.data.tokenizer import ByteTokenizer
 from sparse_lm.train.loop import _atomic_write, _open_source, load_for_eval
 
 LN2 = math.log(2.0)
@@ -109,12 +110,24 @@ def validation_batches(config, run, num_batches: int):
     src = _open_source(config.data, config.data.eval_split, "validation")
     batches = pipeline.eval_batches(src, seq_len=int(config.train.seq_len),
                                     local_batch=run.local_batch, align=run.align,
-                                    num_batches=num_batches)
+                                    num_batches=num_batches, tokenizer=run.tokenizer)
     if not batches:
         raise DataError(f"the validation split {config.data.eval_split!r} of data.source="
                         f"{config.data.source!r} gives no batch of train.seq_len="
                         f"{config.train.seq_len} tokens")
     return src, batches
+
+
+def target_bytes(batches, tokenizer) -> int:
+    """UTF-8 bytes of the predicted tokens of packed batches (every token of a segment but its
+    first), as the tokenizer decodes them: the denominator of bits per byte for a tokenizer whose
+    tokens are not bytes."""
+    n = 0
+    for b in batches:
+        for toks, segs in zip(b["tokens"], b["segment_ids"]):
+            for s in range(1, int(segs.max()) + 1):
+                n += len(tokenizer.decode(toks[segs == s][1:]).encode("utf-8"))
+    return n
 
 
 def filler_pool(source, max_bytes: int = 2_000_000) -> np.ndarray:
@@ -154,16 +167,32 @@ def evaluate(config, workdir, step=None, *, log=print) -> dict:
     run, model, step = load_for_eval(config, workdir, step)
     e = config.eval
     src, batches = validation_batches(config, run, int(e.batches))
-    pool = filler_pool(src)
     res = {"step": step, "validation_tokens": int(sum(int(np.sum(b["segment_ids"][:, :-1] > 0))
                                                       for b in batches)),
            "bits_per_byte": {}, "needle": {}}
-    lengths = [int(x) for x in e.needle_lengths]
+    # Needle tasks are byte strings: with another tokenizer they are not run. Its loss per token
+    # is converted to bits per byte by the bytes its predicted tokens decode to.
+    byte_level = isinstance(run.tokenizer, ByteTokenizer)
+    lengths = [int(x) for x in e.needle_lengths] if byte_level else []
+    pool = filler_pool(src) if lengths else None
+    if not byte_level:
+        res["tokenizer"] = run.tokenizer.describe()
+        res["bits_per_token"] = {}
+        res["validation_bytes"] = target_bytes(batches, run.tokenizer)
+        n_targets = sum(int(np.sum((b["segment_ids"][:, :-1] > 0)
+                                   & (b["segment_ids"][:, 1:] == b["segment_ids"][:, :-1])))
+                        for b in batches)
     for mode, sparse in (("sparse", True), ("dense", False)):
-        res["bits_per_byte"][mode] = split_bpb(model, batches, sparse=sparse)
+        bits = split_bpb(model, batches, sparse=sparse)
+        if byte_level:
+            res["bits_per_byte"][mode] = bits
+        else:
+            res["bits_per_token"][mode] = bits
+            res["bits_per_byte"][mode] = bits * n_targets / max(res["validation_bytes"], 1)
         res["needle"][mode] = needle_accuracy(model, lengths, int(e.needle_examples),
                                                  sparse=sparse, pool=pool)
-        log(f"[evaluate] {mode}: validation {res['bits_per_byte'][mode]:.4f} bits/byte")
+        log(f"[evaluate] {mode}: validation {res['bits_per_byte'][mode]:.4f} bits/byte"
+            + ("" if byte_level else f" ({res['bits_per_token'][mode]:.4f} bits/token)"))
     log(f"[evaluate] step {step}, {res['validation_tokens']:,} validation tokens")
     log(f"  {'':24s}{'sparse':>10s}{'dense':>10s}")
     log(f"  {'validation bits/byte':24s}{res['bits_per_byte']['sparse']:10.4f}"
