@@ -1,8 +1,9 @@
 """Reading and writing sharded safetensors checkpoints, tensor by tensor, with NumPy only.
 
 `SafetensorsDir` is the physical view: the files of a directory (through
-`model.safetensors.index.json` when present), their headers (dtype, shape) read without touching
-the data, and single tensors (or a range of their leading axis) read on demand through
+`model.safetensors.index.json` when present), their headers (dtype, shape) read and validated by
+safetensors' own reader without touching the data (its refusals of a truncated or random file
+become one `CheckpointError` naming the file), and single tensors (or a range of their leading axis) read on demand through
 `safetensors.safe_open(..., framework="np")`. FP8 dtypes, which NumPy (and therefore that API)
 cannot represent, are read from the file's byte range and viewed as `ml_dtypes` types.
 
@@ -17,10 +18,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import struct
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from sparse_lm.convert import quant
@@ -48,29 +48,51 @@ class TensorInfo:
     end: int
 
 
-def read_header(path: str) -> tuple[dict, dict]:
-    """(tensors {name: {dtype, shape, data_offsets}}, metadata) of one safetensors file."""
+def _open_error(path: str, e: Exception) -> CheckpointError:
+    """safetensors' own refusal of a file, as a CheckpointError that names the file and says
+    what is wrong in words (its messages are terse: 'header too large', ...)."""
+    why = str(e).split(": ", 1)[-1]
     size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise CheckpointError(f"{path} is not a safetensors file (shorter than 8 bytes)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > size - 8:
-            raise CheckpointError(f"{path} is not a safetensors file or is truncated: its first "
-                                  f"8 bytes announce a {n}-byte header, the file has {size} bytes")
-        header = f.read(n)
+    if "too small" in why:
+        return CheckpointError(f"{path} is not a safetensors file (shorter than its 8-byte header "
+                               f"length: {size} bytes)")
+    if "too large" in why:
+        return CheckpointError(f"{path} is not a safetensors file or is truncated: its first 8 "
+                               f"bytes announce a header longer than the file ({size} bytes)")
+    if "not fully covered" in why or "incomplete" in why:
+        return CheckpointError(f"{path} is truncated (truncated shard): its header lists tensor "
+                               f"data beyond the file's {size} bytes ({why})")
+    return CheckpointError(f"{path} is not a safetensors file: safetensors cannot read its header "
+                           f"({why})")
+
+
+def read_header(path: str) -> tuple[dict, dict]:
+    """(tensors {name: {dtype, shape, data_offsets}}, metadata) of one safetensors file, read by
+    `safetensors.safe_open`, which validates the header (JSON, dtypes, offsets that cover the
+    data exactly, within the file). data_offsets are absolute byte offsets in the file: the data
+    fill the end of the file without gaps, in `offset_keys()` order (safetensors checks it)."""
     try:
-        d = json.loads(header)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is not a safetensors file: its header is not JSON "
-                              f"({e})") from None
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{path} is not a safetensors file: its header is not a JSON object")
-    meta = d.pop("__metadata__", None) or {}
-    for name, t in d.items():
-        t["data_offsets"] = [o + 8 + n for o in t["data_offsets"]]
-    return d, meta
+        with safe_open(path, framework="np") as f:
+            order = f.offset_keys()
+            entries = {n: (f.get_slice(n).get_dtype(), tuple(f.get_slice(n).get_shape()))
+                       for n in order}
+            meta = f.metadata() or {}
+    except SafetensorError as e:
+        raise _open_error(path, e) from None
+    sizes = {}
+    for name, (dtype, shape) in entries.items():
+        if dtype not in _ITEMSIZE:
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}; "
+                                  f"supported: {sorted(_ITEMSIZE)}")
+        sizes[name] = _ITEMSIZE[dtype] * int(np.prod(shape, dtype=np.int64))
+    begin = os.path.getsize(path) - sum(sizes.values())
+    tensors = {}
+    for name in order:
+        dtype, shape = entries[name]
+        tensors[name] = {"dtype": dtype, "shape": list(shape),
+                         "data_offsets": [begin, begin + sizes[name]]}
+        begin += sizes[name]
+    return tensors, meta
 
 
 class SafetensorsDir:
@@ -100,12 +122,8 @@ class SafetensorsDir:
         for fname in files:
             path = os.path.join(self.dir, fname)
             header, _ = read_header(path)
-            size = os.path.getsize(path)
-            for name, t in header.items():
+            for name, t in header.items():     # read_header refused truncated files
                 begin, end = t["data_offsets"]
-                if end > size:
-                    raise CheckpointError(f"tensor {name!r} in {fname} ends at byte {end} but the "
-                                          f"file has {size} bytes (truncated shard)")
                 if name in self.tensors:
                     raise CheckpointError(f"tensor {name!r} appears in both "
                                           f"{self.tensors[name].file} and {fname}")
