@@ -1,5 +1,8 @@
 """Evaluate a training run's latest checkpoint: validation bits/byte and needle-retrieval
 accuracy by context length, with sparse and with dense attention on the same parameters.
+With a tokenizer other than bytes (data.tokenizer) the loss per token is also reported and
+bits/byte counts the bytes its predicted tokens decode to; the needle tasks (byte strings) are
+not run.
 
     python -m experiments.evaluate --workdir=runs/demo [--step=N] [--config=...]
 
@@ -16,7 +19,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from sparse_lm.train.config_check import exit_with, run_main
@@ -31,7 +34,6 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}: flags are --name=value")
-    logging.set_verbosity(logging.WARNING)
     t0 = time.perf_counter()
     workdir = _WORKDIR.value
     try:
@@ -42,9 +44,13 @@ def main(argv):
         res = evaluate(config, workdir, _STEP.value)
     except USER_ERRORS as e:
         exit_with(e)
+    per_token = res.get("bits_per_token")      # runs with a tokenizer other than bytes
     print(f"[done] evaluated step {res['step']} in {time.perf_counter() - t0:.1f} s: validation "
           f"{res['bits_per_byte']['sparse']:.4f} bits/byte sparse, "
-          f"{res['bits_per_byte']['dense']:.4f} dense; wrote {Path(workdir) / 'eval.json'}")
+          f"{res['bits_per_byte']['dense']:.4f} dense"
+          + (f" ({per_token['sparse']:.4f} / {per_token['dense']:.4f} bits/token, "
+             f"{res['validation_bytes'] / max(res['validation_tokens'], 1):.2f} bytes/token)"
+             if per_token else "") + f"; wrote {Path(workdir) / 'eval.json'}")
 
 
 if __name__ == "__main__":
