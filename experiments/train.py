@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from sparse_lm.train.config_check import main_guard, EXIT_FAILED, EXIT_USER, exit_with, run_main
@@ -77,7 +77,6 @@ def maybe_initialize_distributed(mode: str) -> bool:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}: flags are --name=value")
-    logging.set_verbosity(logging.WARNING)   # orbax logs every save at INFO
     multi = maybe_initialize_distributed(_DISTRIBUTED.value)
     # after jax.distributed.initialize: it must run before anything touches a backend
     import jax

@@ -18,12 +18,13 @@ is, and the keys that exist there; a missing file, a file without `get_config()`
 from __future__ import annotations
 
 import importlib.util
+import logging as std_logging
 import sys
 import traceback
 from pathlib import Path
 from typing import Callable
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from sparse_lm.config import ConfigError
 from sparse_lm.data.tfds_source import DataError
@@ -145,12 +146,31 @@ def report(e: BaseException, *, prefix: str = "error", verbose: bool = False,
     print(f"{prefix}: {name}{one_line(e)}", file=sys.stderr, flush=True)
 
 
+# Loggers of this project (a module's `logging.getLogger(__name__)`; "__main__" is the entry point
+# run with `python -m`): INFO by default, while other libraries' INFO lines (orbax logs every
+# save and restore) stay hidden unless --verbosity asks for them.
+PROJECT_LOGGERS = ("sparse_lm", "experiments", "__main__")
+
+
+def configure_logging() -> None:
+    """Log levels of an entry point (messages go to stderr through absl's handler). absl's
+    --verbosity (-v), when given, sets the level of every logger (-1 warning, 0 info, 1 debug);
+    without it the project's messages show from INFO and other libraries' from WARNING."""
+    if "verbosity" in flags.FLAGS and flags.FLAGS["verbosity"].present:
+        level = std_logging.NOTSET                    # follow the root level --verbosity set
+    else:
+        logging.set_verbosity(logging.WARNING)
+        level = std_logging.INFO
+    for name in PROJECT_LOGGERS:
+        std_logging.getLogger(name).setLevel(level)
+
+
 def run_main(main: Callable, *, default_config: str | None = None, config_flag: str | None = "config",
              user_errors: tuple = (), runtime_errors: tuple = (), argv=None) -> None:
     """`absl.app.run(main)` with the one error convention: the config file and its `--config.*`
     overrides are checked before anything runs; flag errors, `app.UsageError` and `user_errors`
     (plus USER_ERRORS) print one line and exit 2; `runtime_errors` print one line (with the
-    error's type) and exit 1. `--verbose` adds the traceback."""
+    error's type) and exit 1. `--verbose` adds the traceback. Log levels: `configure_logging`."""
     argv = list(sys.argv if argv is None else argv)
     if "verbose" not in flags.FLAGS:
         flags.DEFINE_bool("verbose", False, "Show the traceback of an error.")
@@ -176,6 +196,7 @@ def run_main(main: Callable, *, default_config: str | None = None, config_flag: 
     users = USER_ERRORS + tuple(user_errors)
 
     def wrapped(args):
+        configure_logging()
         try:
             return main(args)
         except app.UsageError as e:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import time
@@ -51,6 +52,9 @@ from sparse_lm.train.steps import (LossConfig, abstract_train_state, init_train_
 
 SCALARS = ("loss", "ce", "bits_per_byte", "mtp_ce", "balance_loss", "indexer_kl", "grad_norm",
            "update_norm", "param_norm", "lr", "mtp_weight", "target_tokens")
+
+
+log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(RuntimeError):
@@ -308,8 +312,15 @@ def _gather_data_states(state: dict) -> list[dict]:
 
 
 def _log(msg: str) -> None:
+    """A line of the run's own output on stdout (process 0): what launchers and tests read
+    (the resume and its warnings). Diagnostics go to `log` (absl's handler, --verbosity)."""
     if jax.process_index() == 0:
         print(msg, flush=True)
+
+
+def _info(msg: str, *args) -> None:
+    if jax.process_index() == 0:
+        log.info(msg, *args)
 
 
 def _finite_check(step: int, host: dict, latest: int | None) -> None:
@@ -506,23 +517,23 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         moved = ckpt.quarantine(unreadable, into="checkpoints_unreadable")
         moved += ckpt.quarantine(superseded, into="checkpoints_superseded")
         for m in moved:
-            _log(f"[checkpoint] moved {m.name} aside to {m}")
+            _info("[checkpoint] moved %s aside to %s", m.name, m)
     write_resolved_config(run, corpus, start_step=start)
     keep_tokenizer_copy(run)
     writer = metrics_lib.MetricsWriter(run.workdir, enabled=pidx == 0,
                                        tensorboard=bool(t.get("tensorboard", True)))
-    _log(f"[data] {corpus.get('source')}: {len(train_src)} train documents, fingerprint "
-         f"{corpus.get('fingerprint')}; rows of {t.seq_len}+1 tokens, documents aligned to "
-         f"{run.align}; global batch {t.batch_size} ({run.local_batch} per process)")
+    _info(f"[data] {corpus.get('source')}: {len(train_src)} train documents, fingerprint "
+          f"{corpus.get('fingerprint')}; rows of {t.seq_len}+1 tokens, documents aligned to "
+          f"{run.align}; global batch {t.batch_size} ({run.local_batch} per process)")
     if latest is not None:
         writer.truncate_after(latest)
         _log(f"[resume] restored step {latest} from {ckpt.directory}")
     split = opt_lib.split_summary(state.params)
     if pidx == 0:
         _atomic_write(run.workdir / "optimizer_split.json", json.dumps(split, indent=1))
-    _log("[optimizer] " + "; ".join(f"{lab}: {g['tensors']} tensors, {g['params']:,} parameters"
-                                    for lab, g in split.items())
-         + f" (per tensor: {run.workdir / 'optimizer_split.json'})")
+    _info("[optimizer] " + "; ".join(f"{lab}: {g['tensors']} tensors, {g['params']:,} parameters"
+                                     for lab, g in split.items())
+          + f" (per tensor: {run.workdir / 'optimizer_split.json'})")
     sparse_start = int(t.sparse_start_step)
     impl = cfg.attention_impl          # None = the platform's default
     lcfg = loss_config(config)
@@ -560,8 +571,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     tokens_per_step = int(t.batch_size) * int(t.seq_len)
     peak, peak_src = metrics_lib.peak_flops_per_device(float(t.get("peak_flops", 0.0)))
     fpt = {s: metrics_lib.train_flops_per_token(cfg, int(t.seq_len), s) for s in (False, True)}
-    _log(f"[mfu] model FLOPs per token: sparse {fpt[True]:.3g}, dense warm-up {fpt[False]:.3g}; "
-         f"peak {peak:.3g} FLOP/s per device ({peak_src})")
+    _info(f"[mfu] model FLOPs per token: sparse {fpt[True]:.3g}, dense warm-up {fpt[False]:.3g}; "
+          f"peak {peak:.3g} FLOP/s per device ({peak_src})")
 
     log_every, ckpt_every = int(t.log_every), int(t.checkpoint_every)
     nan_step = int(t.get("inject_nan_at_step", -1))
