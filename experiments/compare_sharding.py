@@ -27,6 +27,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import json  # noqa: E402
+import logging as std_logging  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -117,12 +118,12 @@ def main(argv):
     opts = compare.Options(seq_len=_SEQ.value, batch_per_device=_BPD.value, optimizer=_OPT.value,
                            sparse=not _DENSE.value,
                            keep_hlo=str(Path(_OUT.value) / "hlo") if _KEEP_HLO.value else "")
-    print(f"[compare_sharding] model: {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
-          f"{cfg.n_routed_experts} experts; seq_len {opts.seq_len}, {opts.batch_per_device:g} "
-          f"row(s)/device, dtype {cfg.dtype}, remat {cfg.remat}, EP capacity factor "
-          f"{cfg.moe_capacity_factor:g} (0 = no drop); optimizer: "
-          f"{'Muon + AdamW (sparse_lm.train.optimizer)' if opts.optimizer == 'report' else 'optax.adamw stand-in'}",
-          flush=True)
+    std_logging.getLogger(__name__).info(
+        f"[compare_sharding] model: {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
+        f"{cfg.n_routed_experts} experts; seq_len {opts.seq_len}, {opts.batch_per_device:g} "
+        f"row(s)/device, dtype {cfg.dtype}, remat {cfg.remat}, EP capacity factor "
+        f"{cfg.moe_capacity_factor:g} (0 = no drop); optimizer: "
+        f"{'Muon + AdamW (sparse_lm.train.optimizer)' if opts.optimizer == 'report' else 'optax.adamw stand-in'}")
     rows = []
     t_start = time.perf_counter()
     jobs = [(p, t) for t in topos for p in presets]

@@ -24,6 +24,7 @@ Importable: `load_model(workdir, config)`, `load_tokenizer_for(...)` and
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import sys
 import time
 from pathlib import Path
@@ -42,6 +43,8 @@ from sparse_lm.train import checkpoint as ckpt_lib
 from sparse_lm.train.checkpoint import CheckpointError
 from sparse_lm.train.config_check import exit_with, run_main
 from sparse_lm.train.loop import load_for_eval, run_tokenizer
+
+_log = std_logging.getLogger(__name__)     # through absl's handler; --verbosity (run_main)
 
 FLAGS = flags.FLAGS
 
@@ -216,8 +219,8 @@ def main(argv):
             where = f"{hf_dir} (Hugging Face checkpoint)"
         else:
             model, where = load_model(workdir, config, f.step, seed=f.seed,
-                                      log=lambda m: print(m, file=sys.stderr))
-        print(f"[generate] model: {where}; tokenizer: {tokenizer.name}", file=sys.stderr)
+                                      log=_log.warning)      # restore_newest_readable's warnings
+        _log.info("[generate] model: %s; tokenizer: %s", where, tokenizer.name)
         sys.stdout.write(prompt)
         sys.stdout.flush()
         t0 = time.perf_counter()
@@ -229,8 +232,8 @@ def main(argv):
                              temperature=temperature, top_p=top_p, seed=f.seed,
                              chunk_size=f["chunk-size"].value, dense=f.dense, stream=stream)
         sys.stdout.write("\n")
-        print(f"[generate] {len(text)} characters (at most {max_new} tokens) in "
-              f"{time.perf_counter() - t0:.1f} s (compilation included)", file=sys.stderr)
+        _log.info("[generate] %d characters (at most %d tokens) in %.1f s (compilation included)",
+                  len(text), max_new, time.perf_counter() - t0)
     except (GenerateError, InferenceError, CheckpointError, ConfigError, DataError,
             FileNotFoundError) as e:
         exit_with(e)
