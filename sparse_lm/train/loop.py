@@ -320,7 +320,7 @@ def _log(msg: str) -> None:
 
 def _info(msg: str, *args) -> None:
     if jax.process_index() == 0:
-        log.info(msg, *args)
+        log.info(msg, *args, stacklevel=2)      # the caller's line in the log prefix
 
 
 def _finite_check(step: int, host: dict, latest: int | None) -> None:
