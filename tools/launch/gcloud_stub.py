@@ -92,8 +92,8 @@ def _image(home: Path) -> None:
     python.write_text(
         "#!/bin/sh\n"
         "if [ \"$1\" = -m ] && [ \"$2\" = pip ]; then\n"
-        "  echo 'rehearsal: pip does not run on a local worker (its venv is the launcher's "
-        "interpreter; the .installed stamp is older than requirements.txt or setup.py)' >&2\n"
+        "  echo 'rehearsal: pip does not run on a local worker (this venv is the interpreter of "
+        "the launcher; its .installed stamp is older than requirements.txt or setup.py)' >&2\n"
         "  exit 1\nfi\n"
         f"exec {shlex.quote(sys.executable)} \"$@\"\n")
     python.chmod(0o755)
