@@ -7,9 +7,9 @@
 
     tokens = generate(model, [prompt], max_new_tokens=64, temperature=0.8, top_p=0.95, seed=0)
 
-The model is split once (`nnx.split`), and its layers once more per layer (`layer_blocks`: the
-scanned cycle's stacked parameters sliced per cycle, a copy of the cycle's weights held by the
-Decoder); every step is a `jax.jit` function of `(params, per-layer params, cache, tokens, n_new)`
+The model's layers are split once per layer (`layer_blocks`: the scanned cycle's stacked
+parameters sliced per cycle, a copy of the cycle's weights held by the Decoder), the rest of it
+(embedding, mHC head, norm, LM head) once; every step is a `jax.jit` function of `(params, per-layer params, cache, tokens, n_new)`
 with the cache donated and updated in place: a decode step writes only the new rows of each
 layer's cache, so its work outside attention does not grow with the context. The layers are
 unrolled in the step (see `sparse_lm.inference.step`), so compilation time grows with the number
@@ -22,6 +22,7 @@ of scope.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
 
 import jax
@@ -30,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from sparse_lm.inference.cache import Cache, init_cache
+from sparse_lm.inference.sharded import inference_layout, with_config
 from sparse_lm.inference.step import LOGITS_MODES, forward_chunk
 
 
@@ -76,44 +78,108 @@ def _validate_tokens(name: str, seqs, vocab: int) -> list[np.ndarray]:
     return out
 
 
-class Decoder:
-    """Cached inference for one model: jitted chunk steps with the cache donated."""
+def _place(tree, shardings):
+    """Arrays put on their shardings; ShapeDtypeStructs given them (abstract models)."""
+    def one(x, s):
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+        return jax.device_put(x, s)
+    return jax.tree.map(one, tree, shardings)
 
-    def __init__(self, model, *, sparse: bool = True):
+
+def _without_layers(model):
+    """A view of `model` without its layers (they run from `layer_blocks`) and without the MTP
+    block: embedding, mHC head, final norm and LM head, sharing the model's arrays. The step
+    then holds each layer's weights once, not the stacked cycle beside its slices."""
+    shell = nnx.merge(*nnx.split(model))
+    shell.head_layers = nnx.List([])
+    shell.tail_layers = nnx.List([])
+    shell.cycles = None
+    shell.mtp = None
+    return shell
+
+
+class Decoder:
+    """Cached inference for one model: jitted chunk steps with the cache donated; with a
+    sharding preset, parameters / caches / rows laid out over a mesh and every step sharded."""
+
+    def __init__(self, model, *, sparse: bool = True, sharding=None, mesh=None):
+        """model: a DeepseekV4 (or `nnx.eval_shape` of one, to lower steps ahead of time).
+        sharding: a preset (name with overrides, file, or ShardingPreset; see
+        `sparse_lm.inference.sharded`) to place parameters, caches and rows by; mesh: the mesh to
+        resolve it on (default: the preset's over every device)."""
+        self.layout = None
+        if sharding is not None:
+            self.layout = inference_layout(sharding, model.cfg, mesh)
+            model = with_config(model, self.layout.model_cfg)
+        elif mesh is not None:
+            raise InferenceError("mesh= is given without sharding=: name the sharding preset "
+                                 "that lays the model out on it")
         self.cfg = model.cfg
-        self.graphdef, self.params = nnx.split(model)
         split = [nnx.split(b) for b in model.layer_blocks()]
+        self.graphdef, self.params = nnx.split(_without_layers(model))
         self.block_defs = [g for g, _ in split]
         self.block_params = [p for _, p in split]
+        if self.layout is not None:
+            self.params = _place(self.params, self.layout.state(self.params))
+            self.block_params = [_place(p, self.layout.state(p)) for p in self.block_params]
         self.sparse = sparse
         self._step = jax.jit(self._step_fn, static_argnames=("logits",), donate_argnames=("cache",))
         self._sample = jax.jit(sample_tokens)
 
     def _step_fn(self, params, block_params, cache, tokens, n_new, *, logits):
-        model = nnx.merge(self.graphdef, params)
-        blocks = [nnx.merge(g, p) for g, p in zip(self.block_defs, block_params)]
-        return forward_chunk(model, cache, tokens, n_new, blocks=blocks, sparse=self.sparse,
-                             logits=logits)
+        def run():
+            model = nnx.merge(self.graphdef, params)
+            blocks = [nnx.merge(g, p) for g, p in zip(self.block_defs, block_params)]
+            return forward_chunk(model, cache, tokens, n_new, blocks=blocks, sparse=self.sparse,
+                                 logits=logits)
+        if self.layout is None:
+            return run()
+        with self.layout.rules_context():
+            out, new_cache = run()
+        return out, self.layout.constrain_cache(new_cache)
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> Cache:
-        """The model's compressed cache (`init_cache`); a `init_full_kv_cache` cache works too
-        for window-only models (the dense baseline)."""
-        return init_cache(self.cfg, batch, max_len, dtype)
+        """The model's compressed cache (`init_cache`), created in the layout's shardings; a
+        `init_full_kv_cache` cache works too for window-only models (the dense baseline)."""
+        if self.layout is None:
+            return init_cache(self.cfg, batch, max_len, dtype)
+        make = functools.partial(init_cache, self.cfg, batch, max_len, dtype)
+        return jax.jit(make, out_shardings=self.layout.cache(jax.eval_shape(make)))()
+
+    def abstract_cache(self, batch: int, max_len: int, dtype=None) -> Cache:
+        """ShapeDtypeStructs of `init_cache(batch, max_len)` carrying the layout's shardings
+        (for `lower` ahead of time)."""
+        shapes = jax.eval_shape(functools.partial(init_cache, self.cfg, batch, max_len, dtype))
+        return shapes if self.layout is None else _place(shapes, self.layout.cache(shapes))
+
+    def _rows(self, x) -> jax.Array:
+        if self.layout is None or isinstance(x, jax.ShapeDtypeStruct):
+            return x
+        return jax.device_put(x, self.layout.rows(x.shape))
 
     def step(self, cache: Cache, tokens, n_new, *, logits: str = "last"):
         """One jitted chunk: tokens [B, T], n_new [B] -> (logits, cache); the input cache is
         donated (do not use it afterwards). No host-side checks: use prefill/decode for those."""
         if logits not in LOGITS_MODES:
             raise InferenceError(f"logits={logits!r} is invalid: allowed values {LOGITS_MODES}")
-        return self._step(self.params, self.block_params, cache, jnp.asarray(tokens, jnp.int32),
-                          jnp.asarray(n_new, jnp.int32), logits=logits)
+        return self._step(self.params, self.block_params, cache,
+                          self._rows(jnp.asarray(tokens, jnp.int32)),
+                          self._rows(jnp.asarray(n_new, jnp.int32)), logits=logits)
 
     def lower(self, cache: Cache, tokens, n_new, *, logits: str = "last"):
         """The jitted step lowered for these arguments (`.compile().as_text()` gives the
-        compiled HLO, e.g. to check that no cache-sized copy is made)."""
-        return self._step.lower(self.params, self.block_params, cache,
-                                jnp.asarray(tokens, jnp.int32), jnp.asarray(n_new, jnp.int32),
+        compiled HLO, e.g. to check that no cache-sized copy is made). Arguments may be
+        ShapeDtypeStructs (`abstract_cache`, and tokens [B, T] / n_new [B] with `row_struct`)."""
+        def arg(x):
+            return x if isinstance(x, jax.ShapeDtypeStruct) else self._rows(jnp.asarray(x, jnp.int32))
+        return self._step.lower(self.params, self.block_params, cache, arg(tokens), arg(n_new),
                                 logits=logits)
+
+    def row_struct(self, shape) -> jax.ShapeDtypeStruct:
+        """An int32 ShapeDtypeStruct of token rows [B, T] or n_new [B] in the layout."""
+        sharding = None if self.layout is None else self.layout.rows(tuple(shape))
+        return jax.ShapeDtypeStruct(tuple(shape), jnp.int32, sharding=sharding)
 
     def _check_room(self, cache: Cache, add: np.ndarray, what: str) -> np.ndarray:
         held = np.asarray(cache.lengths)

@@ -203,7 +203,8 @@ class DeepseekV4(nnx.Module):
         if self.cycles is not None:
             graphdef, params = nnx.split(self.cycles)
             for i in range(self.cfg.layer_groups.num_cycles):
-                blocks += list(nnx.merge(graphdef, jax.tree.map(lambda a: a[i], params)).blocks)
+                blocks += list(nnx.merge(graphdef, jax.tree.map(lambda a: _layer(a, i),
+                                                                params)).blocks)
         return blocks + list(self.tail_layers)
 
     # ------------------------------------------------------------------ forward
@@ -270,6 +271,13 @@ class DeepseekV4(nnx.Module):
                                **stats, recorded=recorded)
         return ModelOutput(None, None, **stats, hidden=hidden, mtp_hidden=mtp_hidden,
                            head=self.lm_head[...], recorded=recorded)
+
+
+def _layer(a, i: int):
+    """Slice i of a stacked parameter (a ShapeDtypeStruct of an `nnx.eval_shape` model too)."""
+    if isinstance(a, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(a.shape[1:], a.dtype)
+    return a[i]
 
 
 def build_model(cfg: ModelConfig, seed: int = 0) -> DeepseekV4:

@@ -88,10 +88,17 @@ def dispatch(kind: str, u, idx, weights, w_gate, w_up, w_down, *, limit: float,
                             f"{[x for x in range(1, e + 1) if e % x == 0]}")
     token_axes = tuple(a for a in mesh.axis_names if sizes[a] > 1)
     n_dev = math.prod(sizes.values())
-    if t % n_dev:
+    pad = -t % n_dev
+    if pad and capacity_factor > 0:
         raise DispatchError(f"expert-parallel dispatch splits the {t} routed rows (batch x "
                             f"sequence) over all {n_dev} devices: make batch*seq_len a multiple "
-                            f"of {n_dev}, or use model.moe_dispatch='local'")
+                            f"of {n_dev}, set model.moe_capacity_factor=0 (no drop: rows are "
+                            f"then padded) or use model.moe_dispatch='local'")
+    if pad:   # e.g. decode steps (batch x 1 rows): zero-weight rows that no-drop buffers absorb
+        u = jnp.pad(u, ((0, pad), (0, 0)))
+        idx = jnp.pad(idx, ((0, pad), (0, 0)))
+        weights = jnp.pad(weights, ((0, pad), (0, 0)))
+        t += pad
     dt = u.dtype
     tok = P(token_axes if token_axes else None)
     wspec = P(EXPERT_AXIS if n_ep > 1 else None)
@@ -106,8 +113,9 @@ def dispatch(kind: str, u, idx, weights, w_gate, w_up, w_down, *, limit: float,
                                  a2a=_emulated_ragged_all_to_all if emulate else jax.lax.ragged_all_to_all)
     fn = jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, wspec, wspec, wspec),
                        out_specs=tok, check_vma=False)
-    return fn(u, idx.astype(jnp.int32), weights.astype(jnp.float32), w_gate.astype(dt),
-              w_up.astype(dt), w_down.astype(dt))
+    y = fn(u, idx.astype(jnp.int32), weights.astype(jnp.float32), w_gate.astype(dt),
+           w_up.astype(dt), w_down.astype(dt))
+    return y[:t - pad] if pad else y
 
 
 def local_experts(experts, u, idx, weights, w_gate, w_up, w_down, *, limit: float):
@@ -141,8 +149,9 @@ def local_experts(experts, u, idx, weights, w_gate, w_up, w_down, *, limit: floa
         return experts(u, idx, weights, w_gate, w_up, w_down, limit)
     fn = jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, P(), P(), P()), out_specs=tok,
                        check_vma=False)
-    return fn(u, idx.astype(jnp.int32), weights.astype(jnp.float32), w_gate.astype(dt),
-              w_up.astype(dt), w_down.astype(dt))
+    y = fn(u, idx.astype(jnp.int32), weights.astype(jnp.float32), w_gate.astype(dt),
+           w_up.astype(dt), w_down.astype(dt))
+    return y
 
 
 def _combine(y_sorted, order, weights, t, k):

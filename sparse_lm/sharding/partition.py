@@ -46,6 +46,18 @@ def path_str(path) -> str:
     return "/".join(out)
 
 
+def leaf_names(lspec, shape) -> tuple:
+    """One logical name (or None) per dimension of a leaf. A slice of a stacked parameter (one
+    layer of the scanned cycle, `DeepseekV4.layer_blocks`) keeps the stacked variable's metadata:
+    its leading "layers" name is dropped."""
+    names = tuple(lspec)
+    if len(names) == len(shape) + 1 and names[0] == "layers":
+        names = names[1:]
+    if len(names) > len(shape):
+        raise ShardingError(f"logical names {names} for an array of shape {tuple(shape)}")
+    return names + (None,) * (len(shape) - len(names))
+
+
 def state_specs(state, mesh_sizes: Mapping[str, int], rules: Rules,
                 notes: dict | None = None) -> Any:
     """nnx.State (arrays or ShapeDtypeStructs) -> tree of mesh PartitionSpecs.
@@ -59,7 +71,7 @@ def state_specs(state, mesh_sizes: Mapping[str, int], rules: Rules,
         raise ShardingError("the state's logical sharding metadata does not cover every leaf")
     specs = []
     for (path, lspec), x in zip(flat_l, flat_x):
-        names = tuple(lspec) + (None,) * (len(x.shape) - len(lspec))
+        names = leaf_names(lspec, x.shape)
         n: list = []
         specs.append(spec_for(names, x.shape, mesh_sizes, rules, n))
         if n and notes is not None:
@@ -122,7 +134,7 @@ def replication_report(state, mesh_sizes: Mapping[str, int], rules: Rules) -> di
     used_axes: set[str] = set()
     listed = []
     for (path, lspec), x in zip(logical, flat_x):
-        names = tuple(lspec) + (None,) * (len(x.shape) - len(lspec))
+        names = leaf_names(lspec, x.shape)
         nbytes = math.prod(x.shape) * np.dtype(x.dtype).itemsize
         wanted = {a for n in names if n is not None for a in table.get(n, ()) if mesh_sizes.get(a, 1) > 1}
         used_axes |= wanted
