@@ -134,7 +134,7 @@ def main(argv=None) -> dict:
           f"{'packing':>9s}" + ("" if step is None else f"{'x step':>9s}"))
     for r in loaders:
         name = "bytes" if r["tokenizer"] == "bytes" else f"bpe {r['vocab_size']}"
-        print(f"{r['source'][-28:]:28s}{name:14s}{r['setup_s']:9.1f}{r['tokens_per_s']:12,.0f}"
+        print(f"{r['source'][-27:]:27s} {name:14s}{r['setup_s']:9.1f}{r['tokens_per_s']:12,.0f}"
               f"{r['tokens_per_cpu_s']:12,.0f}{r['packing_efficiency']:9.3f}"
               + ("" if step is None else f"{r['tokens_per_s'] / step['tokens_per_s']:9.1f}"))
     if step is not None:
