@@ -132,9 +132,24 @@ def _json_number(v):
     return v if math.isfinite(v) else None
 
 
+def flatten_scalars(tree: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1, 2: {"c": 3}}} -> {"a/b": 1, "a/2/c": 3}: nested results (per mode, per
+    length, ...) as the flat names both writers use."""
+    out = {}
+    for k, v in tree.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten_scalars(v, name + "/"))
+        else:
+            out[name] = v
+    return out
+
+
 class MetricsWriter:
-    """Appends {"step": s, ...} lines to <workdir>/metrics.jsonl and scalars to TensorBoard
-    (<workdir>/tensorboard). Only process 0 writes."""
+    """The one metrics writer of training and evaluation: appends {"step": s, "kind": k, ...}
+    lines to <workdir>/metrics.jsonl and the same scalars to TensorBoard (<workdir>/tensorboard,
+    tag "<kind>/<name>"). Nested dicts are flattened to "a/b" names. Only process 0 writes
+    (`enabled`)."""
 
     def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True, tensorboard: bool = True):
         self.path = Path(workdir) / "metrics.jsonl"
@@ -172,6 +187,7 @@ class MetricsWriter:
         """One JSON line; a non-finite value is written as null (strict JSON: no bare NaN)."""
         if not self.enabled:
             return
+        scalars = flatten_scalars(scalars)
         rec = {"step": int(step), "kind": kind}
         rec.update({k: _json_number(v) for k, v in scalars.items()})
         with open(self.path, "a") as f:
@@ -188,6 +204,12 @@ class MetricsWriter:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+    def __enter__(self) -> "MetricsWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def read_metrics(workdir: str | os.PathLike, kind: str | None = "train") -> list[dict]:

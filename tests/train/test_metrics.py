@@ -3,10 +3,12 @@
 ~3 s on 2 cores.
 """
 import json
+import struct
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tensorboardX.proto import event_pb2
 
 from sparse_lm.train import metrics
 
@@ -79,3 +81,36 @@ def test_non_finite_values_are_written_as_null_and_read_back_as_nan(tmp_path):
     assert rec["loss"] is None and rec["tokens_per_s"] is None and rec["lr"] == 0.5
     back = metrics.read_metrics(tmp_path)[0]
     assert np.isnan(back["loss"]) and np.isnan(back["tokens_per_s"]) and back["lr"] == 0.5
+
+
+def _tensorboard_scalars(logdir):
+    """{tag: [(step, value)]} from the event files under logdir (TFRecord framing: u64 length,
+    u32 crc, the Event proto, u32 crc)."""
+    out = {}
+    for path in sorted(logdir.rglob("events*")):
+        data, i = path.read_bytes(), 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            for v in event.summary.value:
+                out.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return out
+
+
+def test_one_writer_puts_nested_results_in_jsonl_and_tensorboard(tmp_path):
+    """Evaluation results are nested (per mode, per needle length): the writer flattens them to
+    the same names in metrics.jsonl and TensorBoard ("<kind>/<name>" tags)."""
+    res = {"bits_per_byte": {"sparse": 2.5, "dense": 2.25},
+           "needle": {"sparse": {256: {"exact": 0.5}}}, "validation_tokens": 96}
+    with metrics.MetricsWriter(tmp_path) as w:
+        w.write(3, {"loss": 1.5})
+        w.write(4, res, kind="evaluate")
+    rec = metrics.read_metrics(tmp_path, kind="evaluate")
+    assert rec == [{"step": 4, "kind": "evaluate", "bits_per_byte/sparse": 2.5,
+                    "bits_per_byte/dense": 2.25, "needle/sparse/256/exact": 0.5,
+                    "validation_tokens": 96.0}]
+    tb = _tensorboard_scalars(tmp_path / "tensorboard")
+    assert tb["train/loss"] == [(3, 1.5)]
+    assert tb["evaluate/bits_per_byte/dense"] == [(4, 2.25)]
+    assert tb["evaluate/needle/sparse/256/exact"] == [(4, 0.5)]
