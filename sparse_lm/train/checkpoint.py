@@ -181,12 +181,14 @@ def _drop_event_loop_noise(text: str) -> str:
 
 
 def restore_newest_readable(ckpt: "Checkpointer", abstract_state: Any, *, step: int | None = None,
-                            check=None, warn=print):
+                            check=None, warn=None):
     """(step, state, data_state, meta, unreadable_steps) of the requested `step` (exactly that
     one: CheckpointError listing the steps there are when it does not exist, or naming the file
     when it does not read) or, with step=None, of the newest readable checkpoint: each newer
     unreadable one is named in a warning. `check(step, meta)` runs on the meta of the candidate
-    before its state is read (a refusal there, e.g. another model, is raised, not skipped)."""
+    before its state is read (a refusal there, e.g. another model, is raised, not skipped).
+    `warn(line)` reports the skipped steps (default: this module's logger, WARNING)."""
+    warn = warn or logging.getLogger(__name__).warning
     steps = ckpt.all_steps()
     if step is not None:
         ckpt.check_step(step)
