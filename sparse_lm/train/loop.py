@@ -523,8 +523,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     writer = metrics_lib.MetricsWriter(run.workdir, enabled=pidx == 0,
                                        tensorboard=bool(t.get("tensorboard", True)))
     _info(f"[data] {corpus.get('source')}: {len(train_src)} train documents, fingerprint "
-          f"{corpus.get('fingerprint')}; rows of {t.seq_len}+1 tokens, documents aligned to "
-          f"{run.align}; global batch {t.batch_size} ({run.local_batch} per process)")
+          f"{corpus.get('fingerprint')}; tokenizer {run.tokenizer.name} ({run.tokenizer.vocab_size} "
+          f"tokens); rows of {t.seq_len}+1 tokens, documents aligned to {run.align}; global "
+          f"batch {t.batch_size} ({run.local_batch} per process)")
     if latest is not None:
         writer.truncate_after(latest)
         _log(f"[resume] restored step {latest} from {ckpt.directory}")
