@@ -1,7 +1,7 @@
 """Sample text from a trained model, streaming the text to the console.
 
     python -m experiments.generate --workdir=runs/demo --prompt "def fib(n):" \
-        [--max-new-tokens=200 --temperature=0.8 --top-p=0.95 --seed=0 --step=N]
+        [--max-new-tokens=200 --temperature=0.8 --top-p=0.95 --seed=0 --step=N] [--sharding=fsdp_tp]
     python -m experiments.generate --hf-dir=DIR --prompt "hello"   # a Hugging Face checkpoint
     python -m experiments.generate --config=configs/tiny.py --prompt "hello"   # untrained smoke test
 
@@ -39,6 +39,8 @@ from sparse_lm.data.tfds_source import DataError
 from sparse_lm.data.tokenizer import ByteTokenizer, HFTokenizer, TokenizerError, check_vocab
 from sparse_lm.inference import Decoder, InferenceError, generate, validate_sampling
 from sparse_lm.model import build_model
+from sparse_lm.sharding.mesh import ShardingError
+from sparse_lm.sharding.presets import load_preset
 from sparse_lm.train import checkpoint as ckpt_lib
 from sparse_lm.train.checkpoint import CheckpointError
 from sparse_lm.train.config_check import exit_with, run_main
@@ -66,6 +68,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
     flags.DEFINE_integer("chunk-size", 128, "Prefill chunk length.")
     flags.DEFINE_bool("dense", False, "CSA attends every visible entry (no top-k).")
+    flags.DEFINE_string("sharding", None, "A sharding preset (name[:overrides] or a preset .py "
+                        "file) to lay the model and cache out over every device, e.g. fsdp_tp "
+                        "or fsdp_ep:expert=8 (default: one device).")
     for name in ("max-new-tokens", "top-p", "chunk-size", "hf-dir"):
         flags.DEFINE_alias(name.replace("-", "_"), name)
 
@@ -145,12 +150,13 @@ class _EndOfText(Exception):
 def generate_text(model, prompt: str, *, tokenizer=None, max_new_tokens: int = 200,
                   temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
                   chunk_size: int = 128, dense: bool = False,
-                  stream: Callable[[str], None] | None = None) -> str:
+                  stream: Callable[[str], None] | None = None, sharding=None) -> str:
     """Generate up to `max_new_tokens` tokens after `prompt` (fewer when the tokenizer's EOS is
     sampled: it ends the text and is not shown); returns the decoded continuation.
 
     tokenizer: sparse_lm.data.tokenizer's ByteTokenizer (default) or HFTokenizer. stream(text)
-    receives each piece of decoded text as soon as its tokens complete it.
+    receives each piece of decoded text as soon as its tokens complete it. sharding: a preset
+    to run the Decoder under (`sparse_lm.inference.sharded`), None = one device.
     """
     tokenizer = tokenizer or ByteTokenizer()
     if isinstance(tokenizer, ByteTokenizer) and model.cfg.vocab_size != 256:
@@ -176,7 +182,8 @@ def generate_text(model, prompt: str, *, tokenizer=None, max_new_tokens: int = 2
             if stream is not None:
                 stream(text)
     try:
-        generate(Decoder(model, sparse=not dense), [ids], max_new_tokens=max_new_tokens,
+        generate(Decoder(model, sparse=not dense, sharding=sharding), [ids],
+                 max_new_tokens=max_new_tokens,
                  temperature=temperature, top_p=top_p, seed=seed, chunk_size=chunk_size,
                  on_tokens=on_tokens)
     except _EndOfText:
@@ -209,6 +216,8 @@ def main(argv):
             raise GenerateError(f"--max-new-tokens={max_new} is invalid: must be >= 1")
         if not prompt:
             raise GenerateError("--prompt is empty: give at least one character")
+        if f.sharding is not None:
+            load_preset(f.sharding)                # a bad preset fails before the weights load
         if hf_dir is not None and not (Path(hf_dir) / "config.json").is_file():
             raise GenerateError(f"--hf-dir={hf_dir} has no config.json: give a Hugging Face "
                                 f"checkpoint directory")
@@ -230,12 +239,13 @@ def main(argv):
             sys.stdout.flush()
         text = generate_text(model, prompt, tokenizer=tokenizer, max_new_tokens=max_new,
                              temperature=temperature, top_p=top_p, seed=f.seed,
-                             chunk_size=f["chunk-size"].value, dense=f.dense, stream=stream)
+                             chunk_size=f["chunk-size"].value, dense=f.dense, stream=stream,
+                             sharding=f.sharding)
         sys.stdout.write("\n")
         _log.info("[generate] %d characters (at most %d tokens) in %.1f s (compilation included)",
                   len(text), max_new, time.perf_counter() - t0)
     except (GenerateError, InferenceError, CheckpointError, ConfigError, DataError,
-            FileNotFoundError) as e:
+            ShardingError, FileNotFoundError) as e:
         exit_with(e)
 
 

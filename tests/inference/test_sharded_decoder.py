@@ -121,3 +121,21 @@ def test_one_device_layout_decodes_like_the_plain_decoder(tiny_cfg):
     b, cache = sharded.prefill(sharded.init_cache(1, 32), prompt, chunk_size=8)
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
     assert all(isinstance(x.sharding, jax.sharding.NamedSharding) for x in jax.tree.leaves(cache))
+
+
+def test_generate_under_a_preset_gives_the_unsharded_text(tiny_cfg):
+    from experiments.generate import generate_text
+    model = build_model(tiny_cfg.replace(num_layers=3, layer_prefix=("swa",),
+                                         layer_cycle=("csa", "hca"), layer_tail=(),
+                                         num_hash_layers=1), seed=3)
+    kw = dict(max_new_tokens=5, temperature=0.0, chunk_size=4)
+    assert generate_text(model, "def f(", sharding="fsdp_tp:tensor=1", **kw) == \
+        generate_text(model, "def f(", **kw)
+
+
+def test_generate_cli_refuses_an_unknown_preset_before_loading():
+    p = subprocess.run([sys.executable, "-m", "experiments.generate", "--config=configs/tiny.py",
+                        "--prompt=hi", "--sharding=fsdp_xx"], cwd=ROOT, env=worker_env(1),
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 2 and "unknown sharding preset 'fsdp_xx'" in p.stderr, p.stderr[-2000:]
+    assert "untrained" not in p.stderr
