@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sparse_lm.data.packing import InMemoryDocuments
 from sparse_lm.data.stdlib_corpus import SPLITS, split_of
 from sparse_lm.data.tfds_source import DataError
 
@@ -88,7 +89,7 @@ def _arrayrecord_texts(paths: list[Path]):
         yield f"record:{n}", bytes(src[n])
 
 
-class FileSource:
+class FileSource(InMemoryDocuments):
     """Random-access documents (uint8 arrays) of one split of local files.
 
     spec: "files:<glob>", "jsonl:<path>", "parquet:<path>" or "arrayrecord:<glob>".
@@ -121,19 +122,11 @@ class FileSource:
                 docs.append(np.frombuffer(data, np.uint8))
         if total == 0:
             raise DataError(f"data.source={spec!r} is empty: {len(paths)} file(s), no document")
-        self.spec, self.split, self.names, self._docs = spec, split, names, docs
+        super().__init__(docs)
+        self.spec, self.split, self.names = spec, split, names
         self.num_documents_all_splits = total
         self.fingerprint = digest.hexdigest()[:16]
         self.files = [p.as_posix() for p in paths]
-
-    def __len__(self) -> int:
-        return len(self._docs)
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        return self._docs[i]
-
-    def lengths(self) -> np.ndarray:
-        return np.asarray([len(d) for d in self._docs], np.int64)
 
     def describe(self) -> dict:
         return {"source": self.spec, "split": self.split, "documents": len(self),

@@ -18,24 +18,8 @@ from __future__ import annotations
 import grain
 import numpy as np
 
-from sparse_lm.data.packing import Chunked, Packer, PackerState
+from sparse_lm.data.packing import Chunked, InMemoryDocuments, Packer, PackerState
 from sparse_lm.data.tokenizer import ByteTokenizer
-
-
-class _InMemoryTokens:
-    """Token documents held in memory (lengths known, so they can be chunked)."""
-
-    def __init__(self, docs: list[np.ndarray]):
-        self._docs = docs
-
-    def __len__(self) -> int:
-        return len(self._docs)
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        return self._docs[i]
-
-    def lengths(self) -> np.ndarray:
-        return np.asarray([len(d) for d in self._docs], np.int64)
 
 
 def documents(source, tokenizer, *, chunk_len: int | None = None) -> grain.MapDataset:
@@ -53,7 +37,7 @@ def documents(source, tokenizer, *, chunk_len: int | None = None) -> grain.MapDa
     if isinstance(tokenizer, ByteTokenizer):                 # tokens are the bytes themselves
         return grain.MapDataset.source(Chunked(source, chunk_len)).map(tokenizer.encode_document)
     tokens = tokenizer.encode_documents([source[i] for i in range(len(source))])
-    return grain.MapDataset.source(Chunked(_InMemoryTokens(tokens), chunk_len))
+    return grain.MapDataset.source(Chunked(InMemoryDocuments(tokens), chunk_len))
 
 
 class PackedRows(grain.IterDataset):

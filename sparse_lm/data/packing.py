@@ -31,6 +31,23 @@ class DocumentSource(Protocol):
     def __getitem__(self, i: int) -> np.ndarray: ...
 
 
+class InMemoryDocuments:
+    """Documents held in memory (a list of 1-D arrays): random access, lengths known, so they
+    can be `Chunked`. The in-memory sources (stdlib, local files, tokenized documents) are it."""
+
+    def __init__(self, docs):
+        self._docs = list(docs)
+
+    def __len__(self) -> int:
+        return len(self._docs)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self._docs[i]
+
+    def lengths(self) -> np.ndarray:
+        return np.asarray([len(d) for d in self._docs], np.int64)
+
+
 class Chunked:
     """View of an in-memory source with every document cut into pieces of at most `max_len`
     tokens, each piece its own document. Shuffling pieces (rather than whole files) keeps one

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sparse_lm.data.packing import InMemoryDocuments
+
 SPLITS = ("train", "validation")
 _SALT = b"sparse-lm/stdlib-split/v1:"
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
@@ -56,7 +58,7 @@ class CorpusInfo:
     split_bytes: dict
 
 
-class StdlibCorpus:
+class StdlibCorpus(InMemoryDocuments):
     """Random-access documents (uint8 arrays) of one split of the stdlib corpus.
 
     val_fraction: share of files in the validation split (by path hash). root: defaults to the
@@ -85,7 +87,7 @@ class StdlibCorpus:
         if not self.paths:
             raise ValueError(f"the {split} split of {self.root} is empty "
                              f"({len(files)} files, val_fraction={val_fraction})")
-        self._docs = [np.frombuffer((self.root / f).read_bytes(), np.uint8) for f in self.paths]
+        super().__init__(np.frombuffer((self.root / f).read_bytes(), np.uint8) for f in self.paths)
         self.info = CorpusInfo(
             root=str(self.root), python_version=sys.version.split()[0], num_files=len(files),
             num_bytes=sum(sizes.values()), fingerprint=digest.hexdigest()[:16],
@@ -95,15 +97,6 @@ class StdlibCorpus:
     @property
     def fingerprint(self) -> str:
         return self.info.fingerprint
-
-    def __len__(self) -> int:
-        return len(self._docs)
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        return self._docs[i]
-
-    def lengths(self) -> np.ndarray:
-        return np.asarray([len(d) for d in self._docs], np.int64)
 
     def describe(self) -> dict:
         return {"source": "stdlib", "split": self.split, "documents": len(self),

@@ -47,24 +47,14 @@ def test_trained_bpe_round_trips_text_and_frames_documents(bpe_path):
     assert b.encode_document(b"ab").tolist() == [97, 98] and b.decode([0xC3, 0xA9]) == "é"
 
 
-class _Bytes:
-    def __init__(self, texts):
-        self.docs = [np.frombuffer(t.encode(), np.uint8) for t in texts]
-
-    def __len__(self):
-        return len(self.docs)
-
-    def __getitem__(self, i):
-        return self.docs[i]
-
-    def lengths(self):
-        return np.asarray([len(d) for d in self.docs])
+def _Bytes(texts):
+    return packing.InMemoryDocuments(np.frombuffer(t.encode(), np.uint8) for t in texts)
 
 
 def test_packed_bpe_documents_are_aligned_whole_and_framed(bpe_path):
     tok = load_tokenizer(str(bpe_path))
     src = _Bytes(TEXTS)
-    want = tok.encode_documents(src.docs)
+    want = tok.encode_documents(list(src))
     rows = grain_pipeline.PackedRows(grain_pipeline.documents(src, tok), seq_len=24, align=4,
                                      seed=0, shuffle=False, epochs=1)
     stream, pieces = [], 0
@@ -117,7 +107,7 @@ def test_file_sources_read_documents_and_split_by_name(tmp_path):
     assert bytes(tr[0]).startswith(b"document ")
     j = FileSource(f"jsonl:{d}/c.jsonl", "train", val_fraction=0.3)
     jv = FileSource(f"jsonl:{d}/c.jsonl", "validation", val_fraction=0.3)
-    assert sorted(bytes(x).decode() for x in list(j._docs) + list(jv._docs)) == \
+    assert sorted(bytes(x).decode() for x in list(j) + list(jv)) == \
         sorted(f"line {i}" for i in range(30))
     assert j.fingerprint == jv.fingerprint and j.describe()["documents_all_splits"] == 30
 
@@ -125,7 +115,7 @@ def test_file_sources_read_documents_and_split_by_name(tmp_path):
     import pyarrow.parquet as pq
     pq.write_table(pa.table({"body": [f"row {i}" for i in range(20)]}), d / "t.parquet")
     p = FileSource(f"parquet:{d}/t.parquet", "train", text_key="body", val_fraction=0.3)
-    assert all(bytes(x).startswith(b"row ") for x in p._docs) and 0 < len(p) < 20
+    assert all(bytes(x).startswith(b"row ") for x in p) and 0 < len(p) < 20
 
     from array_record.python.array_record_module import ArrayRecordWriter
     w = ArrayRecordWriter(str(d / "r.array_record"), "group_size:1")
@@ -134,7 +124,7 @@ def test_file_sources_read_documents_and_split_by_name(tmp_path):
     w.close()
     a = FileSource(f"arrayrecord:{d}/*.array_record", "train", val_fraction=0.3)
     av = FileSource(f"arrayrecord:{d}/*.array_record", "validation", val_fraction=0.3)
-    assert sorted(bytes(x) for x in a._docs + av._docs) == sorted(
+    assert sorted(bytes(x) for x in list(a) + list(av)) == sorted(
         f"record {i}".encode() for i in range(10))
 
 
@@ -178,5 +168,5 @@ def test_eval_batches_with_a_tokenizer_cover_the_split_once(bpe_path):
     whole = pipeline.eval_batches(src, seq_len=16, local_batch=2, align=4, num_batches=0,
                                   tokenizer=tok)
     n = sum(int((w["segment_ids"] > 0).sum()) for w in whole)
-    assert n == sum(len(t) for t in tok.encode_documents(src.docs))
+    assert n == sum(len(t) for t in tok.encode_documents(list(src)))
     assert packing.packing_efficiency(whole[0]) > 0
