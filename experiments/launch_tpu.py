@@ -336,12 +336,12 @@ def main(argv):
                         "--dry_run rehearses on local workers")
     root = None
     if _DRY_RUN.value:
-        root = Path(_DRY_RUN_DIR.value or tempfile.mkdtemp(prefix="sparse-lm-rehearsal-")).resolve()
         target = resolve_target(_TPU.value, _NUM_SLICES.value)
         if target.workers > REHEARSAL_MAX_WORKERS:
             raise UserError(f"--dry_run: --tpu={_TPU.value} x --num_slices={target.num_slices} "
                             f"has {target.workers} hosts; a rehearsal starts at most "
                             f"{REHEARSAL_MAX_WORKERS} local workers (e.g. --tpu=v5p-16: 2 hosts)")
+        root = Path(_DRY_RUN_DIR.value or tempfile.mkdtemp(prefix="sparse-lm-rehearsal-")).resolve()
     cmds = tpu_commands(_NAME.value, _TPU.value, _ZONE.value, project=_PROJECT.value,
                         spot=_SPOT.value,
                         steps=[s.strip() for s in _STEPS.value.split(",") if s.strip()],

@@ -2,10 +2,15 @@
 (nothing is run; tests/sharding/test_launch_rehearsal.py runs them against local workers)."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from experiments import launch_tpu
 from sparse_lm.sharding.mesh import ShardingError
+from tests.conftest import subprocess_env
+from tests.sharding.helpers import ROOT
 
 
 def test_steps_in_order_with_the_runtime_of_the_generation():
@@ -96,3 +101,18 @@ def test_bad_multi_slice_combinations_name_the_flag():
     # without the start step nothing about the training is checked
     assert [s for s, _ in launch_tpu.tpu_commands("r", "v5p-128", "z", num_slices=2,
                                                   steps=["create"])] == ["create"]
+    # a rehearsal's local workers share a run directory only by an absolute path
+    with pytest.raises(ValueError, match=r"--workdir=runs/x: the 2 local workers of a --dry_run"):
+        _train(tpu="v5p-16", workdir="runs/x", rehearsal=True)
+
+
+def test_a_rehearsal_too_large_for_this_machine_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "experiments.launch_tpu", "--dry_run",
+                        f"--dry_run_dir={tmp_path / 'reh'}", "--tpu=v5p-128", "--zone=z"],
+                       cwd=ROOT, env=subprocess_env(tmp_path / "cache"), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip().splitlines() == [
+        "error: --dry_run: --tpu=v5p-128 x --num_slices=1 has 16 hosts; a rehearsal starts at "
+        "most 8 local workers (e.g. --tpu=v5p-16: 2 hosts)"]
+    assert not (tmp_path / "reh").exists()                   # refused before anything was made
