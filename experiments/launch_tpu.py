@@ -10,8 +10,8 @@ Steps (each one gcloud command; `--steps` picks a subset, in this order):
            N slices (--num_slices=N or --tpu=v5p-128x2): a queued resource of N nodes
            (gcloud compute tpus queued-resources create --node-count=N --node-prefix=NAME),
            waited for until it is ACTIVE; --spot optional
-  copy     git archive of HEAD -> tarball, scp to every worker (of every slice), unpack into
-           --remote_dir (~/sparse-lm)
+  copy     git archive of --ref (HEAD) -> tarball, scp to every worker (of every slice), unpack
+           into --remote_dir (~/sparse-lm)
   install  `make .venv/.installed` (the Makefile's venv with the pinned requirements) on every
            worker; without a Python 3.12 there, tools/bootstrap.sh brings one (uv); says if
            nothing was to do
@@ -88,6 +88,8 @@ _TRAIN_ARGS = flags.DEFINE_string("train_args", f"--config={TRAIN_CONFIG}",
 _WORKDIR = flags.DEFINE_string("workdir", "", "Run directory, the same for every worker (gs://... "
                                "so that all hosts see it and checkpoints survive the VMs).")
 _REMOTE_DIR = flags.DEFINE_string("remote_dir", "~/sparse-lm", "Code directory on the workers.")
+_REF = flags.DEFINE_string("ref", "HEAD", "Git revision whose files the copy step ships "
+                           "(uncommitted changes are not shipped).")
 _RUN = flags.DEFINE_bool("run", False, "Execute the commands (default: only print them).")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Rehearse: execute the commands against local "
                              "workers (processes with CPU devices, one directory each) with gcloud "
@@ -224,10 +226,12 @@ def check_training(target: Target, train_args: str, workdir: str, *, rehearsal: 
 def tpu_commands(name: str, tpu: str, zone: str, *, project: str = "", spot: bool = False,
                  steps=STEPS, train_args: str = "", workdir: str = "",
                  remote_dir: str = "~/sparse-lm", num_slices: int | None = None,
-                 tarball: str = "", rehearsal: bool = False) -> list[tuple[str, list[str] | str]]:
+                 tarball: str = "", ref: str = "HEAD",
+                 rehearsal: bool = False) -> list[tuple[str, list[str] | str]]:
     """[(step, command)] for the chosen steps; a command is an argv list or a shell string.
 
-    tarball: the local path `copy` writes the code archive to (default /tmp/NAME-code.tar.gz).
+    tarball: the local path `copy` writes the code archive to (default /tmp/NAME-code.tar.gz);
+    ref: the git revision archived.
     rehearsal: the workers are local (--dry_run): the run directory may be a local absolute path.
     """
     target = resolve_target(tpu, num_slices)
@@ -267,7 +271,7 @@ def tpu_commands(name: str, tpu: str, zone: str, *, project: str = "", spot: boo
         " --distributed=on" if target.workers > 1 else "")
     cmds = {
         "create": create,
-        "copy": (f"git archive --format=tar.gz -o {shlex.quote(tarball)} HEAD && "
+        "copy": (f"git archive --format=tar.gz -o {shlex.quote(tarball)} {shlex.quote(ref)} && "
                  + shlex.join(base + ["scp", tarball, f"{name}:{REMOTE_TARBALL}"] + where + every)
                  + " && " + shlex.join(ssh + every + [
                      "--command", f"mkdir -p {remote_dir} && tar -xzf {REMOTE_TARBALL} -C {remote_dir}"])),
@@ -347,7 +351,7 @@ def main(argv):
                         steps=[s.strip() for s in _STEPS.value.split(",") if s.strip()],
                         train_args=_TRAIN_ARGS.value, workdir=_WORKDIR.value,
                         remote_dir=_REMOTE_DIR.value, num_slices=_NUM_SLICES.value,
-                        tarball=str(root / "code.tar.gz") if root else "",
+                        tarball=str(root / "code.tar.gz") if root else "", ref=_REF.value,
                         rehearsal=root is not None)
     if root is not None:
         env = rehearsal_env(root, _REMOTE_DIR.value, _DRY_RUN_DEVICES.value)

@@ -30,10 +30,20 @@ def env(tmp_path_factory):
     return subprocess_env(tmp_path_factory.mktemp("jax_cache"))   # shared by all the workers
 
 
+# The commit shipped, fixed before any worker image exists: the image's venv stamp is then newer
+# than every file of the archive (a commit made meanwhile by someone else would not be).
+REF = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                     check=True).stdout.strip()
+
+
+def _rehearse(root: Path, *flags: str) -> list[str]:
+    return [sys.executable, "-m", "experiments.launch_tpu", "--dry_run", f"--dry_run_dir={root}",
+            "--zone=local", f"--ref={REF}", *flags]
+
+
 def _launch(env, root: Path, *flags: str) -> str:
     """Run the launcher's rehearsal; its output (the steps, then worker 0's log)."""
-    r = subprocess.run([sys.executable, "-m", "experiments.launch_tpu", "--dry_run",
-                        f"--dry_run_dir={root}", "--zone=local", *flags],
+    r = subprocess.run(_rehearse(root, *flags),
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     out = r.stdout + r.stderr
     assert r.returncode == 0, "\n".join(out.splitlines()[-40:])
@@ -102,11 +112,10 @@ def test_two_slices_start_one_jax_job_as_a_queued_resource(env, tmp_path):
     numbered slice by slice); the run then refuses its schedule before compiling anything, and
     the logs step ends with the run's exit status (2, a user error)."""
     root = tmp_path / "rehearsal"
-    r = subprocess.run([sys.executable, "-m", "experiments.launch_tpu", "--dry_run",
-                        f"--dry_run_dir={root}", "--zone=local", "--name=ms", "--tpu=v5p-8",
-                        "--num_slices=2", f"--workdir={tmp_path / 'run'}",
-                        f"--train_args={TRAIN} --config.train.steps=2 "
-                        "--config.schedule.decay_steps=5"],
+    r = subprocess.run(_rehearse(root, "--name=ms", "--tpu=v5p-8", "--num_slices=2",
+                                 f"--workdir={tmp_path / 'run'}",
+                                 f"--train_args={TRAIN} --config.train.steps=2 "
+                                 "--config.schedule.decay_steps=5"),
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     lines = (r.stdout + r.stderr).splitlines()
     assert r.returncode == 2, "\n".join(lines[-40:])
