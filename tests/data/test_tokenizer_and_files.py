@@ -7,9 +7,13 @@
 - bad inputs (missing file, empty source, wrong text key, bad tokenizer path, a tokenizer larger
   than the model's vocabulary) are errors naming the field.
 
-~5 s on 2 cores (the BPE trains on a few kilobytes).
+~5 s on 2 cores (the BPE trains on a few kilobytes), plus one refused `experiments.train` start
+(its imports, ~10-40 s on a busy machine).
 """
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -170,3 +174,16 @@ def test_eval_batches_with_a_tokenizer_cover_the_split_once(bpe_path):
     n = sum(int((w["segment_ids"] > 0).sum()) for w in whole)
     assert n == sum(len(t) for t in tok.encode_documents(list(src)))
     assert packing.packing_efficiency(whole[0]) > 0
+
+
+def test_train_refuses_a_tokenizer_larger_than_the_model_before_starting(bpe_path, tmp_path):
+    root = Path(__file__).resolve().parents[2]
+    wd = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "experiments.train",
+                        "--config=tests/train/tiny_train_config.py", f"--workdir={wd}",
+                        f"--config.data.tokenizer={bpe_path}"], cwd=root, capture_output=True,
+                       text=True, timeout=300, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 2, r.stderr[-2000:]
+    line, = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+    assert "has 300 tokens but model.vocab_size=256" in line and "data.tokenizer=" in line
+    assert not wd.exists()                   # refused before anything was written
