@@ -8,11 +8,12 @@ not run.
 
 The config defaults to the one the run recorded in <workdir>/config.json. "dense" means the CSA
 layers attend every visible compressed entry instead of the indexer's top-k (HCA and the window
-are the same in both). Results are printed as a table and written to <workdir>/eval.json.
+are the same in both). Results are printed as a table and written to <workdir>/eval.json and,
+as a record of kind "evaluate", by the run's metrics writer (metrics.jsonl + TensorBoard).
 
-Reads only (eval.json is the one file written): a missing workdir, a workdir without checkpoints,
-an unreadable config.json or a step that does not exist (the steps there are listed) is one line,
-exit status 2; --verbose adds the traceback.
+Reads only (eval.json and that record are all it writes): a missing workdir, a workdir without
+checkpoints, an unreadable config.json or a step that does not exist (the steps there are listed)
+is one line, exit status 2; --verbose adds the traceback.
 """
 from __future__ import annotations
 

@@ -26,22 +26,23 @@ tokenizer.json (and tokenizer_config.json / special_tokens_map.json beside it) i
 """
 from __future__ import annotations
 
-import json
+import logging
 import os
 import shutil
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
-from absl import app, flags, logging
+from absl import app, flags
 
 from sparse_lm.config import ModelConfig
 from sparse_lm.convert.core import USER_ERRORS, CheckpointLeaves, atomic_directory, write_hf
 from sparse_lm.train.checkpoint import Checkpointer, CheckpointError, UnreadableCheckpoint
 from sparse_lm.train.config_check import exit_with, run_main
+from sparse_lm.train.evaluation import config_from_workdir
+from sparse_lm.train.loop import run_tokenizer
 
-# data.tokenizer's value for the byte-level vocabulary (sparse_lm/data/tokenizer.py): no file.
-BYTE_LEVEL = "bytes"
+log = logging.getLogger(__name__)
 # Files of a Hugging Face tokenizer directory copied beside tokenizer.json when present.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -137,28 +138,16 @@ class TrainingCheckpointLeaves(CheckpointLeaves):
 
 
 def run_tokenizer_files(workdir: str | os.PathLike) -> list[str]:
-    """The tokenizer files of a training run: those of `data.tokenizer` in its recorded
-    config.json (a tokenizer.json file, or a directory holding one), [] when it names none
-    or "bytes" (byte-level). A relative path is looked up from the current directory, then the workdir."""
-    p = Path(workdir) / "config.json"
-    if not p.exists():
+    """The tokenizer files of a training run: its data.tokenizer as the run resolves it
+    (`loop.run_tokenizer`: the named tokenizer.json, else the copy in the workdir; checked
+    against model.vocab_size) plus the tokenizer_config.json / special_tokens_map.json beside
+    it; [] for the byte-level vocabulary ("bytes")."""
+    tokenizer = run_tokenizer(config_from_workdir(workdir), workdir)
+    path = getattr(tokenizer, "path", None)          # None: byte-level, no file
+    if path is None:
         return []
-    try:
-        named = ((json.loads(p.read_text()).get("config") or {}).get("data") or {}).get("tokenizer")
-    except (ValueError, AttributeError):
-        return []
-    if not named or named == BYTE_LEVEL:
-        return []
-    named = Path(str(named))
-    candidates = [named] if named.is_absolute() else [named, Path(workdir) / named]
-    for c in candidates:
-        if c.is_file():
-            return [str(c)]
-        if c.is_dir() and (c / "tokenizer.json").is_file():
-            return [str(c / f) for f in TOKENIZER_FILES if (c / f).is_file()]
-    raise FileNotFoundError(f"data.tokenizer={str(named)!r} of the run {workdir} is neither a "
-                            f"tokenizer.json file nor a directory holding one (looked in "
-                            f"{', '.join(str(c) for c in candidates)})")
+    return [str(path)] + [str(path.parent / f) for f in TOKENIZER_FILES[1:]
+                          if (path.parent / f).is_file()]
 
 
 def export_run(workdir: str | os.PathLike, out: str, *, step: int | None = None,
@@ -172,9 +161,13 @@ def export_run(workdir: str | os.PathLike, out: str, *, step: int | None = None,
     if not Path(workdir).is_dir():
         raise FileNotFoundError(f"--workdir={workdir} does not exist: give the workdir of a "
                                 f"training run (python -m experiments.train --workdir=...)")
-    tokenizer = run_tokenizer_files(workdir)
-    leaves = TrainingCheckpointLeaves(workdir, step)
-    logging.info("exporting step %d of %s (%s)", leaves.step, workdir,
+    leaves = TrainingCheckpointLeaves(workdir, step)      # checkpoints first: the clearer error
+    try:
+        tokenizer = run_tokenizer_files(workdir)
+    except BaseException:
+        leaves.close()
+        raise
+    log.info("exporting step %d of %s (%s)", leaves.step, workdir,
                  f"tokenizer {tokenizer[0]}" if tokenizer else "byte-level, no tokenizer")
     return _write(leaves, out, scheme=scheme, dtype=dtype, max_shard_bytes=max_shard_bytes,
                   progress=progress, drop_mtp=drop_mtp, extra_files=tokenizer)

@@ -20,6 +20,7 @@ from sparse_lm.data.synthetic import make_examples
 from sparse_lm.config import ConfigError
 from sparse_lm.data.tfds_source import DataError
 from sparse_lm.data.tokenizer import ByteTokenizer
+from sparse_lm.train import metrics as metrics_lib
 from sparse_lm.train.loop import _atomic_write, _open_source, load_for_eval
 
 LN2 = math.log(2.0)
@@ -163,7 +164,8 @@ def config_from_workdir(workdir):
 
 def evaluate(config, workdir, step=None, *, log=print) -> dict:
     """Validation bits/byte and needle accuracy by length, sparse vs dense, of a checkpoint;
-    printed as a table and written to <workdir>/eval.json."""
+    printed as a table, written to <workdir>/eval.json and, as a record of kind "evaluate", by
+    the run's metrics writer (metrics.jsonl + TensorBoard)."""
     run, model, step = load_for_eval(config, workdir, step)
     e = config.eval
     src, batches = validation_batches(config, run, int(e.batches))
@@ -202,4 +204,9 @@ def evaluate(config, workdir, step=None, *, log=print) -> dict:
         log(f"  {'needle @' + str(n) + ' exact / bytes':24s}{s['exact']:5.2f}/{s['bytes']:4.2f}"
             f"{d['exact']:5.2f}/{d['bytes']:4.2f}")
     _atomic_write(Path(workdir) / "eval.json", json.dumps(res, indent=1))
+    scalars = {k: res[k] for k in ("bits_per_byte", "bits_per_token", "needle",
+                                   "validation_tokens", "validation_bytes") if k in res}
+    with metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0,
+                                   tensorboard=bool(config.train.get("tensorboard", True))) as w:
+        w.write(step, scalars, kind="evaluate")     # beside the run's own metrics
     return res

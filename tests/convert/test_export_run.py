@@ -17,9 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tokenizers import Tokenizer, models
 
 from sparse_lm.convert import core, load_hf
 from sparse_lm.convert.orbax_to_hf import export_run
+from sparse_lm.data.tokenizer import TokenizerError, train_bpe
 from sparse_lm.train.checkpoint import CheckpointError
 from sparse_lm.train.evaluation import config_from_workdir
 from sparse_lm.train.loop import load_for_eval, train
@@ -81,23 +83,37 @@ def test_steps_differ_so_the_step_is_really_chosen(exports):
     assert np.abs(exports[None][2] - exports[1][2]).max() > 1e-4
 
 
-def test_the_runs_tokenizer_is_copied(workdir, tmp_path):
-    """data.tokenizer in the run's recorded config (a tokenizer.json) is copied beside the
-    weights, byte for byte."""
-    wd = tmp_path / "run_with_tokenizer"
+def _with_tokenizer(workdir, tmp_path, tokenizer_path):
+    """A copy of the run whose recorded config names `tokenizer_path` as data.tokenizer."""
+    wd = tmp_path / f"run_{tokenizer_path.stem}"
     shutil.copytree(workdir, wd)
-    tok = tmp_path / "tokenizer.json"
-    tok.write_text(json.dumps({"version": "1.0", "model": {"type": "BPE"}}))
     doc = json.loads((wd / "config.json").read_text())
-    doc["config"]["data"]["tokenizer"] = str(tok)
+    doc["config"]["data"]["tokenizer"] = str(tokenizer_path)
     (wd / "config.json").write_text(json.dumps(doc))
-    export_run(wd, str(tmp_path / "hf"), progress=False)
-    assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == tok.read_bytes()
-    doc["config"]["data"]["tokenizer"] = str(tmp_path / "missing.json")
-    (wd / "config.json").write_text(json.dumps(doc))
-    with pytest.raises(FileNotFoundError, match="data.tokenizer="):
-        export_run(wd, str(tmp_path / "hf2"), progress=False)
-    assert not (tmp_path / "hf2").exists()
+    return wd
+
+
+def test_the_runs_tokenizer_is_copied(workdir, tmp_path):
+    """data.tokenizer's tokenizer.json and the tokenizer_config.json beside it are copied
+    beside the weights, byte for byte; a tokenizer with more ids than the model's vocabulary,
+    or one that does not exist, is an error naming data.tokenizer, and nothing is written."""
+    (tmp_path / "tok").mkdir()
+    small = tmp_path / "tok" / "tokenizer.json"
+    Tokenizer(models.WordLevel({"[UNK]": 0, "def": 1, "return": 2}, unk_token="[UNK]")).save(
+        str(small))
+    (tmp_path / "tok" / "tokenizer_config.json").write_text('{"eos_token": "[UNK]"}')
+    export_run(_with_tokenizer(workdir, tmp_path, small), str(tmp_path / "hf"), progress=False)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "hf" / name).read_bytes() == (tmp_path / "tok" / name).read_bytes()
+
+    big = tmp_path / "big.json"
+    train_bpe(["def f(x):\n    return x\n"] * 4, vocab_size=300).save(str(big))
+    with pytest.raises(TokenizerError, match="data.tokenizer=.*model.vocab_size=256"):
+        export_run(_with_tokenizer(workdir, tmp_path, big), str(tmp_path / "hf2"), progress=False)
+    with pytest.raises(TokenizerError, match="data.tokenizer=.*does not exist"):
+        export_run(_with_tokenizer(workdir, tmp_path, tmp_path / "missing.json"),
+                   str(tmp_path / "hf3"), progress=False)
+    assert not (tmp_path / "hf2").exists() and not (tmp_path / "hf3").exists()
 
 
 def test_bad_workdir_step_or_out_are_clear_errors(workdir, tmp_path):
@@ -124,3 +140,21 @@ def test_cli_step_that_does_not_exist_is_one_line_exit_2(workdir, tmp_path):
     assert errors == [f"error: step 9 has no checkpoint in {workdir}/checkpoints; steps there: "
                       "[1, 2]"], r.stderr[-2000:]
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_log_levels_follow_verbosity(workdir, tmp_path):
+    """By default the exporter's own INFO line shows and orbax's INFO lines do not; absl's
+    --verbosity=-1 hides INFO, --verbosity=0 shows every library's."""
+    env = subprocess_env(tmp_path / "cache")
+
+    def export(out, *flags):
+        r = subprocess.run([sys.executable, "-m", "sparse_lm.convert.orbax_to_hf",
+                            f"--workdir={workdir}", f"--out={tmp_path / out}", "--quiet", *flags],
+                           capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.stdout.startswith(f"wrote {tmp_path / out}: config.json + 1 safetensors file")
+        return r.stderr
+    default = export("a")
+    assert "exporting step 2 of" in default and "checkpoint_manager.py" not in default
+    assert "exporting step 2 of" not in export("b", "--verbosity=-1")
+    assert "checkpoint_manager.py" in export("c", "--verbosity=0")
