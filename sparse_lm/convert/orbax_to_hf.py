@@ -83,7 +83,9 @@ class TrainingCheckpointLeaves(CheckpointLeaves):
     """`leaves(paths) -> arrays` of one step of a training run: the model's parameters and
     buffers read from the step's `state` item (TrainState: params / buffers / opt_state / step,
     each model variable stored as `<path>/value`), one group at a time; the optimizer state is
-    not read. `cfg` is the model config saved with that step."""
+    not read. `cfg` is the model config saved with that step. It sets the attributes the base
+    class reads (path, meta, ckptr, sharding) itself: the base's __init__ reads a converter
+    checkpoint's model_config.json, which a training step does not have."""
 
     def __init__(self, workdir: str | os.PathLike, step: int | None = None):
         ckpt = Checkpointer(workdir, keep=1000, async_save=False)
@@ -168,7 +170,7 @@ def export_run(workdir: str | os.PathLike, out: str, *, step: int | None = None,
         leaves.close()
         raise
     log.info("exporting step %d of %s (%s)", leaves.step, workdir,
-                 f"tokenizer {tokenizer[0]}" if tokenizer else "byte-level, no tokenizer")
+             f"tokenizer {tokenizer[0]}" if tokenizer else "byte-level, no tokenizer")
     return _write(leaves, out, scheme=scheme, dtype=dtype, max_shard_bytes=max_shard_bytes,
                   progress=progress, drop_mtp=drop_mtp, extra_files=tokenizer)
 
