@@ -11,7 +11,10 @@ and a table reports per device: parameter / optimizer / activation memory and th
 peak against HBM, compiled FLOPs (loop trip counts included) against the analytic count,
 collectives by kind, and an analytic step-time estimate. Also written: <out>/compare.csv,
 <out>/compare.json and <out>/compare.png. `--measured=FILE` (JSON list of {preset, topology,
-step_time_s}) merges step times measured on hardware into the table.
+step_time_s}) merges step times measured on hardware into the table. `--decode_batch=1,32
+[--decode_context=131072]` adds decode rows: a step of the sharded Decoder per preset x topology
+x batch, with weights and cache per device, the compiler's peak and a step estimate
+(`--notrain` for those alone).
 
 Presets take overrides after a colon (`fsdp_ep:expert=16`); topologies are Cloud TPU names
 (`v5p-128`, `v6e-256`, `v5e-8`; `x2` for two slices) or topology strings (`v5e:2x2`).
@@ -61,6 +64,14 @@ _DENSE = flags.DEFINE_bool("dense", False, "Compile the indexer warm-up stage (C
 _OUT = flags.DEFINE_string("out", "runs/compare_sharding", "Output directory.")
 _MEASURED = flags.DEFINE_string("measured", "", "JSON file of measured step times to merge.")
 _KEEP_HLO = flags.DEFINE_bool("keep_hlo", False, "Also write each compiled HLO text to <out>/hlo/.")
+_TRAIN = flags.DEFINE_bool("train", True, "Compile the train step of each preset (--notrain: "
+                           "decode rows only).")
+_DECODE_BATCH = flags.DEFINE_string("decode_batch", "", "Comma-separated decode batch sizes: "
+                                    "adds a decode row per preset x topology x batch (a step of "
+                                    "the sharded Decoder: weights + cache per device, peak, "
+                                    "step estimate). Empty = no decode rows.")
+_DECODE_CONTEXT = flags.DEFINE_integer("decode_context", 131072, "Context (cache length in "
+                                       "tokens) of the decode rows.")
 
 
 def split_presets(text: str) -> list[str]:
@@ -93,6 +104,17 @@ def main(argv):
         raise UserError(f"--seq_len={_SEQ.value} is invalid: must be >= 1")
     if not _BPD.value > 0:
         raise UserError(f"--batch_per_device={_BPD.value} is invalid: must be > 0")
+    try:
+        decode_batches = [int(b) for b in _DECODE_BATCH.value.split(",") if b.strip()]
+    except ValueError:
+        raise UserError(f"--decode_batch={_DECODE_BATCH.value!r} is invalid: give comma-separated "
+                        "integers >= 1, e.g. 1,32") from None
+    if any(b < 1 for b in decode_batches):
+        raise UserError(f"--decode_batch={_DECODE_BATCH.value!r} is invalid: batch sizes must be >= 1")
+    if _DECODE_CONTEXT.value < 1:
+        raise UserError(f"--decode_context={_DECODE_CONTEXT.value} is invalid: must be >= 1")
+    if not _TRAIN.value and not decode_batches:
+        raise UserError("--notrain without --decode_batch leaves nothing to compile")
     measured = None
     if _MEASURED.value:             # read before hours of compilation, not after
         mp = Path(_MEASURED.value)
@@ -126,11 +148,13 @@ def main(argv):
         f"{'Muon + AdamW (sparse_lm.train.optimizer)' if opts.optimizer == 'report' else 'optax.adamw stand-in'}")
     rows = []
     t_start = time.perf_counter()
-    jobs = [(p, t) for t in topos for p in presets]
+    jobs = ([(p, t, 0) for t in topos for p in presets] if _TRAIN.value else []) + \
+        [(p, t, b) for t in topos for p in presets for b in decode_batches]
     bar = tqdm(jobs, desc="compile", dynamic_ncols=True)
     out = Path(_OUT.value)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"model": cfg.to_dict(), "options": vars(opts), "presets": presets,
+            "decode_batch": decode_batches, "decode_context": _DECODE_CONTEXT.value,
             "topologies": [t.name for t in topos], "jax": jax.__version__}
 
     def save():          # after every row: a long run keeps what it has
@@ -139,19 +163,29 @@ def main(argv):
                                                      default=str))
         compare.write_csv(rows, out / "compare.csv")
 
-    for p, t in bar:
-        bar.set_postfix_str(f"{p} @ {t.name}")
-        row = compare.analyze(p, t, cfg, opts)
+    for p, t, b in bar:
+        bar.set_postfix_str(f"{p} @ {t.name}" + (f" decode batch {b}" if b else ""))
+        if b:
+            row = compare.analyze_decode(p, t, cfg, batch=b, context=_DECODE_CONTEXT.value,
+                                         sparse=not _DENSE.value, keep_hlo=opts.keep_hlo)
+        else:
+            row = compare.analyze(p, t, cfg, opts)
         rows.append(row)
-        bar.write(f"  {p} @ {t.name}: {row['status']} ({row.get('compile_s', 0):.0f} s) "
-                  f"{row.get('reason', '')}")
+        bar.write(f"  {p} @ {t.name}{f' decode batch {b}' if b else ''}: {row['status']} "
+                  f"({row.get('compile_s', 0):.0f} s) {row.get('reason', '')}")
         save()
+    train_rows = [r for r in rows if r.get("kind") != "decode"]
+    decode_rows = [r for r in rows if r.get("kind") == "decode"]
     if measured is not None:
-        compare.merge_measured(rows, measured)
+        compare.merge_measured(train_rows, measured)
     save()
-    compare.plot(rows, out / "compare.png")
-    print()
-    print(compare.format_table(rows))
+    if train_rows:
+        compare.plot(train_rows, out / "compare.png")
+        print()
+        print(compare.format_table(train_rows))
+    if decode_rows:
+        print(f"\ndecode: one token per row, cache of {_DECODE_CONTEXT.value} tokens")
+        print(compare.format_table(decode_rows, compare.DECODE_COLUMNS))
     print(f"\n[compare_sharding] {len(rows)} rows in {meta['wall_s']:.0f} s; wrote {out}/compare.csv, "
           f"compare.json, compare.png")
 

@@ -32,12 +32,15 @@ from typing import Any
 import jax
 import numpy as np
 import optax
+from flax import nnx
 
 from sparse_lm.analysis import accounting
 from sparse_lm.aot import hlo_stats
 from sparse_lm.aot.topology import (TopologySpec, collective_seconds, resolve_topology,
                                     topology_devices)
 from sparse_lm.config import ModelConfig
+from sparse_lm.inference import Decoder
+from sparse_lm.model import build_model
 from sparse_lm.sharding import partition
 from sparse_lm.sharding.expert_parallel import buffer_rows
 from sparse_lm.sharding.mesh import ShardingError, describe
@@ -123,19 +126,24 @@ def analytic_flops(cfg: ModelConfig, seq_len: int, sparse: bool, *, tokens_per_d
             "expected_compiled_per_token": expected + (factor - 1.0) * (3.0 + recompute) * routed}
 
 
+def _topology_row(topo: str | TopologySpec, preset_spec: str):
+    """(spec, devices, devices per chip, HBM bytes per device, the row's first fields)."""
+    spec = resolve_topology(topo) if isinstance(topo, str) else topo
+    devices = topology_devices(spec)
+    per_chip = len(devices) / (spec.chips * spec.slices)
+    hbm = spec.chip.hbm_bytes / per_chip
+    row: dict[str, Any] = {"preset": preset_spec, "topology": spec.name, "generation": spec.generation,
+                           "topology_str": spec.topology + (f" x{spec.slices}" if spec.slices > 1 else ""),
+                           "devices": len(devices), "hbm_gb": hbm / GB}
+    return spec, devices, per_chip, hbm, row
+
+
 def analyze(preset_spec: str, topo: str | TopologySpec, model_cfg: ModelConfig,
             opts: Options = Options(), schedule=None, loss_cfg=None) -> dict[str, Any]:
     """One row of the comparison (a dict; `status` is ok / does not fit / invalid / error)."""
-    spec = resolve_topology(topo) if isinstance(topo, str) else topo
-    chip = spec.chip
-    row: dict[str, Any] = {"preset": preset_spec, "topology": spec.name, "generation": spec.generation,
-                           "topology_str": spec.topology + (f" x{spec.slices}" if spec.slices > 1 else ""),
-                           "seq_len": opts.seq_len, "optimizer": opts.optimizer}
-    devices = topology_devices(spec)
-    n = len(devices)
-    per_chip = n / (spec.chips * spec.slices)
-    hbm = chip.hbm_bytes / per_chip
-    row.update(devices=n, hbm_gb=hbm / GB)
+    spec, devices, per_chip, hbm, row = _topology_row(topo, preset_spec)
+    chip, n = spec.chip, len(devices)
+    row.update(kind="train", seq_len=opts.seq_len, optimizer=opts.optimizer)
     schedule = schedule or Schedule(peak_lr=1e-3, total_steps=1000)
     loss_cfg = loss_cfg or LossConfig()
     tx = make_tx(opts.optimizer, schedule)
@@ -158,9 +166,81 @@ def analyze(preset_spec: str, topo: str | TopologySpec, model_cfg: ModelConfig,
     rep = partition.replication_report(abstract.params, sizes, preset.rules)
     row["replicated_frac"] = rep["replicated_fraction"]
     step = plan.train_step(schedule, loss_cfg, sparse=opts.sparse, donate=True)
+    compiled = _compile(row, lambda: step.lower(plan.abstract_state(), batch), preset_spec, hbm)
+    if compiled is None:
+        return row
+    hs = _costs(row, compiled, n, opts.keep_hlo, f"{_slug(preset_spec)}__{_slug(spec.name)}")
+    row["flops_forward"] = hs.flops.get("forward", 0.0)
+    row["flops_backward"] = hs.flops.get("backward", 0.0)
+    row["flops_unattributed"] = hs.flops.get("unattributed", 0.0)
+    row["flops_other"] = hs.flops.get("other", 0.0)
+    row["unknown_loops"] = len(hs.unknown_loops)
+    an = analytic_flops(cfg, opts.seq_len, opts.sparse, tokens_per_device=row["tokens_per_device"],
+                        n_ep=sizes.get("expert", 1))
+    expected = an["expected_compiled_per_token"] * row["tokens_per_device"]
+    row["flops_model_analytic"] = expected
+    row["flops_useful"] = an["expected_per_token"] * row["tokens_per_device"]
+    row["expert_buffer_factor"] = an["expert_buffer_factor"]
+    model = row["flops_forward"] + row["flops_backward"] + row["flops_unattributed"]
+    row["flops_ratio"] = model / expected if expected else float("nan")
+    _times(row, hs, plan.mesh, chip, per_chip)
+    tokens = global_batch * opts.seq_len
+    row["est_tokens_per_s"] = tokens / row["est_step_s"] if row["est_step_s"] else float("nan")
+    row["est_mfu"] = (an["per_token"] * tokens / row["est_step_s"] / (chip.peak_flops * n / per_chip)
+                      if row["est_step_s"] else float("nan"))
+    row["reason"] = explain(row)
+    return row
+
+
+def analyze_decode(preset_spec: str, topo: str | TopologySpec, model_cfg: ModelConfig, *,
+                   batch: int, context: int, sparse: bool = True,
+                   keep_hlo: str = "") -> dict[str, Any]:
+    """One decode row: a step of the sharded `Decoder` (one new token per row; the cache
+    allocated for `context` tokens) compiled for the topology. Per device: the weights the
+    decoder holds (the layers once, no MTP block) and the cache (from their shardings), the
+    compiler's peak against HBM, FLOPs and HBM bytes of the step and its time estimate.
+
+    The step attends the whole allocated cache whatever its fill (the decode path's cost is flat
+    in position today), so the estimate is that of a step at `context`.
+    """
+    spec, devices, per_chip, hbm, row = _topology_row(topo, preset_spec)
+    row.update(kind="decode", batch=batch, context=context)
+    try:
+        preset = load_preset(preset_spec)
+        mesh = preset.make_mesh(devices)
+        cfg = preset.with_moe_dispatch(model_cfg)
+        dec = Decoder(nnx.eval_shape(lambda: build_model(cfg)), sparse=sparse, sharding=preset,
+                      mesh=mesh)
+        cache = dec.abstract_cache(batch, context)
+    except (ShardingError, ValueError) as e:
+        row.update(status="invalid", reason=str(e))
+        return row
+    sizes = dec.layout.sizes
+
+    def per_device(tree):
+        return _tree_bytes(tree, jax.tree.map(lambda x: x.sharding, tree), sizes)
+    row.update(mesh=describe(mesh), moe_dispatch=cfg.moe_dispatch, dtype=cfg.dtype,
+               params_gb=(per_device(dec.params) + per_device(dec.block_params)) / GB,
+               cache_gb=per_device(cache) / GB)
+    tokens, n_new = dec.row_struct((batch, 1)), dec.row_struct((batch,))
+    compiled = _compile(row, lambda: dec.lower(cache, tokens, n_new, logits="last"), preset_spec,
+                        hbm)
+    if compiled is None:
+        return row
+    hs = _costs(row, compiled, len(devices), keep_hlo,
+                f"decode__{_slug(preset_spec)}__{_slug(spec.name)}__b{batch}")
+    _times(row, hs, mesh, spec.chip, per_chip)
+    row["est_tokens_per_s"] = batch / row["est_step_s"] if row["est_step_s"] else float("nan")
+    row["reason"] = explain(row)
+    return row
+
+
+def _compile(row: dict, lower, preset_spec: str, hbm: float):
+    """lower().compile(), with the compiler's memory analysis in `row`; None (and the row's
+    status says why) when it fails: out of HBM, unsupported collectives, any other error."""
     t0 = time.perf_counter()
     try:
-        lowered = step.lower(plan.abstract_state(), batch)
+        lowered = lower()
         row["lower_s"] = time.perf_counter() - t0
         compiled = lowered.compile()
     except Exception as e:       # noqa: BLE001 - every compile failure becomes a row
@@ -180,7 +260,7 @@ def analyze(preset_spec: str, topo: str | TopologySpec, model_cfg: ModelConfig,
         else:
             row.update(status="error", reason=msg.splitlines()[0][:300] if msg else repr(e),
                        traceback=traceback.format_exc()[-2000:])
-        return row
+        return None
     row["compile_s"] = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     arg, out, alias, temp = (float(getattr(mem, k, 0) or 0) for k in (
@@ -190,37 +270,34 @@ def analyze(preset_spec: str, topo: str | TopologySpec, model_cfg: ModelConfig,
                fits=peak <= hbm, required_gb=peak / GB, available_gb=hbm / GB)
     if not row["fits"]:
         row["status"] = "does not fit"
+    return compiled
+
+
+def _costs(row: dict, compiled, n_devices: int, keep_hlo: str, name: str):
+    """FLOPs and HBM bytes per device of a compiled program (loop trip counts included) into
+    `row`; returns the HLO statistics (collectives, FLOPs by pass)."""
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     text = compiled.as_text()
-    if opts.keep_hlo:
-        p = pathlib.Path(opts.keep_hlo)
+    if keep_hlo:
+        p = pathlib.Path(keep_hlo)
         p.mkdir(parents=True, exist_ok=True)
-        (p / f"{_slug(preset_spec)}__{_slug(spec.name)}.hlo.txt").write_text(text)
-    hs = hlo_stats.summarize(text, n)
+        (p / f"{name}.hlo.txt").write_text(text)
+    hs = hlo_stats.summarize(text, n_devices)
     del text
     raw_flops = float(cost.get("flops", 0.0))
     raw_bytes = float(cost.get("bytes accessed", 0.0))
     row["flops_raw"] = raw_flops
     row["flops"] = raw_flops + hs.matmul_flops - hs.matmul_flops_once
     row["bytes_hbm"] = raw_bytes + hs.bytes - hs.bytes_once
-    row["flops_forward"] = hs.flops.get("forward", 0.0)
-    row["flops_backward"] = hs.flops.get("backward", 0.0)
-    row["flops_unattributed"] = hs.flops.get("unattributed", 0.0)
-    row["flops_other"] = hs.flops.get("other", 0.0)
-    row["unknown_loops"] = len(hs.unknown_loops)
-    an = analytic_flops(cfg, opts.seq_len, opts.sparse, tokens_per_device=row["tokens_per_device"],
-                        n_ep=sizes.get("expert", 1))
-    expected = an["expected_compiled_per_token"] * row["tokens_per_device"]
-    row["flops_model_analytic"] = expected
-    row["flops_useful"] = an["expected_per_token"] * row["tokens_per_device"]
-    row["expert_buffer_factor"] = an["expert_buffer_factor"]
-    model = row["flops_forward"] + row["flops_backward"] + row["flops_unattributed"]
-    row["flops_ratio"] = model / expected if expected else float("nan")
-    # Communication.
+    return hs
+
+
+def _times(row: dict, hs, mesh, chip, per_chip: float) -> None:
+    """Collectives by kind and the compute / HBM / ICI / DCN time estimates into `row`."""
     t_ici = t_dcn = 0.0
     by_kind: dict[str, dict] = {}
-    flat = list(plan.mesh.devices.flat)
+    flat = list(mesh.devices.flat)
     for c in hs.collectives:
         t, link = collective_seconds(c.kind, c.bytes, c.groups[0] if c.groups else None,
                                      c.group_size, flat, chip)
@@ -242,12 +319,6 @@ def analyze(preset_spec: str, topo: str | TopologySpec, model_cfg: ModelConfig,
     row["bound"] = max(parts, key=parts.get)
     row["est_step_s"] = max(parts.values())
     row["est_step_serial_s"] = max(row["t_compute_s"], row["t_hbm_s"]) + t_ici + t_dcn
-    tokens = global_batch * opts.seq_len
-    row["est_tokens_per_s"] = tokens / row["est_step_s"] if row["est_step_s"] else float("nan")
-    row["est_mfu"] = (an["per_token"] * tokens / row["est_step_s"] / (chip.peak_flops * n / per_chip)
-                      if row["est_step_s"] else float("nan"))
-    row["reason"] = explain(row)
-    return row
 
 
 def _slug(s: str) -> str:
@@ -256,12 +327,14 @@ def _slug(s: str) -> str:
 
 def explain(row: dict) -> str:
     """A one-line why for a row, from its numbers."""
-    state = row.get("params_gb", 0) + row.get("opt_gb", 0) + row.get("buffers_gb", 0)
+    state = (row.get("params_gb", 0) + row.get("opt_gb", 0) + row.get("buffers_gb", 0)
+             + row.get("cache_gb", 0))
+    what_state = "weights + cache" if row.get("kind") == "decode" else "parameters + optimizer state"
     hbm = row.get("available_gb") or row.get("hbm_gb") or 0
     if row.get("status") == "does not fit":
         need = row.get("required_gb", float("nan"))
         if state > hbm:
-            return (f"parameters + optimizer state alone are {state:.1f} GB/device "
+            return (f"{what_state} alone are {state:.1f} GB/device "
                     f"(> {hbm:.1f} GB HBM): the preset does not shard them enough")
         what = ("temporaries" if "temporaries" in row.get("compiler_message", "")
                 else "the program")
@@ -289,6 +362,16 @@ COLUMNS = [("preset", "preset", "{}"), ("topology", "topology", "{}"), ("mesh", 
            ("compile_s", "compile s", "{:.0f}")]
 
 
+DECODE_COLUMNS = [("preset", "preset", "{}"), ("topology", "topology", "{}"), ("mesh", "mesh", "{}"),
+                  ("batch", "batch", "{}"), ("context", "context", "{}"),
+                  ("status", "status", "{}"), ("required_gb", "peak/needs GB", "{:.1f}"),
+                  ("hbm_gb", "HBM GB", "{:.1f}"), ("params_gb", "weights GB", "{:.2f}"),
+                  ("cache_gb", "cache GB", "{:.2f}"), ("temp_gb", "temp GB", "{:.2f}"),
+                  ("bytes_hbm", "HBM GB/step", "{:.1f}", 1e-9), ("comm_gb", "comm GB", "{:.2f}"),
+                  ("est_step_s", "est step ms", "{:.1f}", 1e3),
+                  ("est_tokens_per_s", "est tok/s", "{:.0f}"), ("compile_s", "compile s", "{:.0f}")]
+
+
 def _cell(row, col) -> str:
     key, _, fmt = col[:3]
     v = row.get(key)
@@ -302,15 +385,19 @@ def _cell(row, col) -> str:
         return str(v)
 
 
-def format_table(rows: list[dict]) -> str:
-    cols = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+def format_table(rows: list[dict], columns=None) -> str:
+    """Train rows (COLUMNS, the default) or decode rows (DECODE_COLUMNS) as a text table, one
+    line of explanation per row below it."""
+    cols = [c for c in (columns or COLUMNS) if any(r.get(c[0]) is not None for r in rows)]
     cells = [[c[1] for c in cols]] + [[_cell(r, c) for c in cols] for r in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(cols))]
     lines = ["  ".join(v.rjust(w) if j > 3 else v.ljust(w) for j, (v, w) in enumerate(zip(line, widths)))
              for line in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.append("")
-    lines.extend(f"{r['preset']} @ {r['topology']}: {r.get('reason', '')}" for r in rows)
+    lines.extend(f"{r['preset']} @ {r['topology']}"
+                 + (f" batch {r['batch']}" if r.get("kind") == "decode" else "")
+                 + f": {r.get('reason', '')}" for r in rows)
     return "\n".join(lines)
 
 
