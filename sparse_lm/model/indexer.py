@@ -77,6 +77,13 @@ class Indexer(nnx.Module):
             topk = indexer_topk(q, w, keys, valid, k, ratio=self.ratio, segment_ids=segment_ids,
                                 implementation=implementation)
             return None, limit_picks(topk, limit), recorded
+        if stage == "sparse" and not record:
+            # the selection (no gradient) by the fused score + top-k: no [B, S, N] scores
+            sg = jax.lax.stop_gradient
+            topk = limit_picks(indexer_topk(sg(q), sg(w), sg(keys), valid, k, ratio=self.ratio,
+                                            segment_ids=segment_ids,
+                                            implementation=implementation), limit)
+            return indexer_scores_selected(q, w, keys, topk), topk, recorded
         visible = masks.sequence_entry_visible(s, self.ratio, valid, segment_ids)
         full = indexer_scores(q, w, keys, visible)
         topk = limit_picks(select_topk(jax.lax.stop_gradient(full), k), limit)
