@@ -4,8 +4,9 @@ step and at an earlier one, in transformers' tensor names; the run's tokenizer f
 it; a workdir without checkpoints, a step that does not exist and an --out that exists are
 clear errors that leave nothing behind.
 
-One in-process run of the tiny training config (2 steps, a checkpoint after each), ~1 min on an
-idle 2-core machine (the train step's compile)."""
+One in-process run of the tiny training config (2 steps, a checkpoint after each; its compile
+is most of the time) and two CLI runs: 3.7 min for the file on the shared 2-core machine under
+a load of ~12, about 1.7 min of CPU time."""
 import functools
 import json
 import shutil
@@ -144,7 +145,7 @@ def test_cli_step_that_does_not_exist_is_one_line_exit_2(workdir, tmp_path):
 
 def test_cli_log_levels_follow_verbosity(workdir, tmp_path):
     """By default the exporter's own INFO line shows and orbax's INFO lines do not; absl's
-    --verbosity=-1 hides INFO, --verbosity=0 shows every library's."""
+    --verbosity=-1 hides INFO."""
     env = subprocess_env(tmp_path / "cache")
 
     def export(out, *flags):
@@ -157,4 +158,3 @@ def test_cli_log_levels_follow_verbosity(workdir, tmp_path):
     default = export("a")
     assert "exporting step 2 of" in default and "checkpoint_manager.py" not in default
     assert "exporting step 2 of" not in export("b", "--verbosity=-1")
-    assert "checkpoint_manager.py" in export("c", "--verbosity=0")
