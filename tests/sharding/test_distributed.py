@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import socket
 import subprocess
 import sys
@@ -23,7 +24,8 @@ def _free_port() -> int:
 def test_two_process_train_save_restore_onto_another_mesh(tmp_path):
     port, n = _free_port(), 2
     env = worker_env(devices=2)
-    env.pop("XLA_FLAGS", None)            # the worker sets jax_num_cpu_devices itself
+    # The worker sets jax_num_cpu_devices itself: no device-count flag, the others kept.
+    env["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "")
     procs, outs = [], []
     for pid in range(n):
         out = tmp_path / f"p{pid}.json"
