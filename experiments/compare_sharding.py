@@ -70,6 +70,9 @@ _DECODE_BATCH = flags.DEFINE_string("decode_batch", "", "Comma-separated decode 
                                     "adds a decode row per preset x topology x batch (a step of "
                                     "the sharded Decoder: weights + cache per device, peak, "
                                     "step estimate). Empty = no decode rows.")
+_DECODE_COMPILE = flags.DEFINE_bool("decode_compile", True, "Compile the decode rows "
+                                    "(--nodecode_compile: weights + cache per device from the "
+                                    "shardings only, no compile; status 'state only').")
 _DECODE_CONTEXT = flags.DEFINE_integer("decode_context", 131072, "Context (cache length in "
                                        "tokens) of the decode rows.")
 
@@ -167,7 +170,8 @@ def main(argv):
         bar.set_postfix_str(f"{p} @ {t.name}" + (f" decode batch {b}" if b else ""))
         if b:
             row = compare.analyze_decode(p, t, cfg, batch=b, context=_DECODE_CONTEXT.value,
-                                         sparse=not _DENSE.value, keep_hlo=opts.keep_hlo)
+                                         sparse=not _DENSE.value, keep_hlo=opts.keep_hlo,
+                                         compile=_DECODE_COMPILE.value)
         else:
             row = compare.analyze(p, t, cfg, opts)
         rows.append(row)

@@ -193,7 +193,7 @@ def analyze(preset_spec: str, topo: str | TopologySpec, model_cfg: ModelConfig,
 
 
 def analyze_decode(preset_spec: str, topo: str | TopologySpec, model_cfg: ModelConfig, *,
-                   batch: int, context: int, sparse: bool = True,
+                   batch: int, context: int, sparse: bool = True, compile: bool = True,
                    keep_hlo: str = "") -> dict[str, Any]:
     """One decode row: a step of the sharded `Decoder` (one new token per row; the cache
     allocated for `context` tokens) compiled for the topology. Per device: the weights the
@@ -201,7 +201,9 @@ def analyze_decode(preset_spec: str, topo: str | TopologySpec, model_cfg: ModelC
     compiler's peak against HBM, FLOPs and HBM bytes of the step and its time estimate.
 
     The step attends the whole allocated cache whatever its fill (the decode path's cost is flat
-    in position today), so the estimate is that of a step at `context`.
+    in position today), so the estimate is that of a step at `context`. compile=False stops
+    after the shardings: status "state only", weights + cache per device against HBM (a lower
+    bound of the peak: no activations or workspace), in seconds instead of a compile.
     """
     spec, devices, per_chip, hbm, row = _topology_row(topo, preset_spec)
     row.update(kind="decode", batch=batch, context=context)
@@ -222,6 +224,13 @@ def analyze_decode(preset_spec: str, topo: str | TopologySpec, model_cfg: ModelC
     row.update(mesh=describe(mesh), moe_dispatch=cfg.moe_dispatch, dtype=cfg.dtype,
                params_gb=(per_device(dec.params) + per_device(dec.block_params)) / GB,
                cache_gb=per_device(cache) / GB)
+    if not compile:
+        state = row["params_gb"] + row["cache_gb"]
+        row.update(status="state only", state_fits=state <= hbm / GB,
+                   reason=(f"weights + cache {state:.1f} GB/device "
+                           f"{'<=' if state <= hbm / GB else '>'} {hbm / GB:.1f} GB HBM "
+                           f"(not compiled: activations and workspace not counted)"))
+        return row
     tokens, n_new = dec.row_struct((batch, 1)), dec.row_struct((batch,))
     compiled = _compile(row, lambda: dec.lower(cache, tokens, n_new, logits="last"), preset_spec,
                         hbm)

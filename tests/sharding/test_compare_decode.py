@@ -64,3 +64,21 @@ def test_notrain_without_decode_rows_is_an_error(tmp_path):
                         "--decode_batch=1,x"], cwd=ROOT, env=worker_env(1), capture_output=True,
                        text=True, timeout=600)
     assert p.returncode == 2 and "--decode_batch='1,x' is invalid" in p.stderr, p.stderr[-2000:]
+
+
+def test_state_only_decode_rows_need_no_compile(tmp_path):
+    """--nodecode_compile: the same weights and cache per device, from the shardings alone."""
+    p = subprocess.run([sys.executable, "-m", "experiments.compare_sharding", f"--out={tmp_path}",
+                        "--config=configs/tiny.py", "--config.model.num_layers=3",
+                        "--config.model.num_hash_layers=1", "--presets=fsdp_tp",
+                        "--topology=v5e:2x2", "--notrain", "--decode_batch=4",
+                        f"--decode_context={CONTEXT}", "--nodecode_compile"], cwd=ROOT,
+                       env=worker_env(1), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    (row,) = json.loads((tmp_path / "compare.json").read_text())["rows"]
+    cfg = tiny_config(num_layers=3, num_hash_layers=1)
+    one_row = (sum(d["state"] + d["entries"] for d in cache_bytes(
+        cfg, jax.eval_shape(lambda: init_cache(cfg, 1, CONTEXT))).values()) + 4) / 1e9
+    assert row["status"] == "state only" and row["state_fits"] and "compile_s" not in row
+    assert row["cache_gb"] == pytest.approx(4 * one_row, rel=1e-9)
+    assert "not compiled" in row["reason"]
