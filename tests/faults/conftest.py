@@ -19,8 +19,8 @@ BASE = ("--config.train.steps=8", "--config.train.checkpoint_every=4")
 
 
 @pytest.fixture(scope="session")
-def env(tmp_path_factory):
-    e = subprocess_env(tmp_path_factory.mktemp("jax_cache"))
+def env(jax_cache_dir):
+    e = subprocess_env(jax_cache_dir)
     for k in ("SPARSE_LM_FAULT_KILL_IN_SAVE", "SPARSE_LM_FAULT_EVAL_ERROR"):
         e.pop(k, None)
     return e

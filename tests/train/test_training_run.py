@@ -27,8 +27,8 @@ CONFIG = "tests/train/tiny_train_config.py"
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    return subprocess_env(tmp_path_factory.mktemp("jax_cache"))
+def env(jax_cache_dir):
+    return subprocess_env(jax_cache_dir)
 
 
 def _cmd(workdir, *overrides):
