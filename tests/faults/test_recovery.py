@@ -7,7 +7,9 @@ not interrupted:
   back to the newest readable step (the damaged one is moved aside, not deleted) and the loss
   curve equals the uninterrupted run's; evaluate falls back the same way;
 * an evaluation that fails during training costs no checkpoint (saved first);
-* a diverged run writes metrics.jsonl that is strict JSON on every line (no bare NaN).
+* a diverged run (a NaN injected at step 6) stops naming the step and the metric, keeps the last
+  good checkpoint (finite) and writes metrics.jsonl that is strict JSON on every line (no bare
+  NaN).
 """
 import json
 from pathlib import Path
@@ -112,7 +114,11 @@ def test_diverged_run_metrics_are_strict_json(env, tmp_path):
     wd = tmp_path / "nan"
     r = train(env, wd, "--config.train.inject_nan_at_step=6")
     line = one_line_error(r, code=1)
-    assert "TrainingDiverged" in line and "step 6" in line and "last good checkpoint is step 4" in line
+    assert "TrainingDiverged" in line and "step 6" in line and "loss=nan" in line, line
+    assert "last good checkpoint is step 4" in line
     lines = (wd / "metrics.jsonl").read_text().splitlines()
     assert lines and all(isinstance(_strict(l), dict) for l in lines)
     assert sorted(int(p.name) for p in (wd / "checkpoints").iterdir()) == [4]
+    # The checkpoint kept is the last good one: every float in it is finite.
+    leaves = jax.tree.leaves(_state(wd, 4))
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in leaves if np.asarray(x).dtype.kind == "f")
