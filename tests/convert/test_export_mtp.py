@@ -22,7 +22,7 @@ def _mtp_names(d):
 
 
 def test_model_with_mtp_exports_its_mtp_block_and_says_so(tmp_path):
-    cfg = tiny_config()
+    cfg = tiny_config(num_layers=3)           # swa, csa, hca + MTP: 3 layers are enough
     assert cfg.mtp_depth == 1
     core.save_checkpoint(str(tmp_path / "ckpt"), random_state(cfg, seed=5), cfg)
     for scheme in ("transformers", "official"):
