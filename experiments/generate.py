@@ -106,16 +106,33 @@ def load_model(workdir: str | None = None, config=None, step: int | None = None,
     if not recorded.exists():
         raise GenerateError(f"{recorded} does not exist: the checkpoints in {workdir} need the "
                             "run's recorded config (written by experiments.train)")
-    try:
-        run_config = ml_collections.ConfigDict(json.loads(recorded.read_text())["config"])
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise GenerateError(f"{recorded} is not a valid run config (expected JSON with a 'config' "
-                            f"object, as experiments.train writes it): {type(e).__name__}: "
-                            f"{' '.join(str(e).split())[:200]}") from None
+    run_config = _run_config(recorded)
     if config is not None:
         run_config.model = config.model
     _, model, step = load_for_eval(run_config, workdir, step)
     return model, f"{workdir} step {step}"
+
+
+def _run_config(recorded: Path) -> ml_collections.ConfigDict:
+    """The run config a training run recorded in <workdir>/config.json."""
+    try:
+        return ml_collections.ConfigDict(json.loads(recorded.read_text())["config"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise GenerateError(f"{recorded} is not a valid run config (expected JSON with a 'config' "
+                            f"object, as experiments.train writes it): {type(e).__name__}: "
+                            f"{' '.join(str(e).split())[:200]}") from None
+
+
+def _hf_config(hf_dir: str) -> dict:
+    path = Path(hf_dir) / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise GenerateError(f"{path} is not valid JSON (a Hugging Face config.json): "
+                            f"{type(e).__name__}: {' '.join(str(e).split())[:200]}") from None
+    if not isinstance(cfg, dict):
+        raise GenerateError(f"{path} holds a {type(cfg).__name__}, expected a JSON object")
+    return cfg
 
 
 def load_tokenizer_for(workdir: str | None = None, config=None, hf_dir: str | None = None):
@@ -124,7 +141,7 @@ def load_tokenizer_for(workdir: str | None = None, config=None, hf_dir: str | No
     else bytes."""
     if hf_dir is not None:
         path = Path(hf_dir) / "tokenizer.json"
-        hf_cfg = json.loads((Path(hf_dir) / "config.json").read_text())
+        hf_cfg = _hf_config(hf_dir)
         if not path.is_file():
             if hf_cfg.get("vocab_size") == 256:
                 return ByteTokenizer()
@@ -135,9 +152,7 @@ def load_tokenizer_for(workdir: str | None = None, config=None, hf_dir: str | No
         return HFTokenizer(path, field="--hf-dir", **{f"{k}_id": v for k, v in ids.items()
                                                      if isinstance(v, int)})
     if workdir is not None and (Path(workdir) / "config.json").exists():
-        run_config = ml_collections.ConfigDict(
-            json.loads((Path(workdir) / "config.json").read_text())["config"])
-        return run_tokenizer(run_config, workdir)
+        return run_tokenizer(_run_config(Path(workdir) / "config.json"), workdir)
     if config is not None and "data" in config:
         return run_tokenizer(config, workdir or ".")
     return ByteTokenizer()
