@@ -52,7 +52,7 @@ class InferenceLayout:
         return axis_sizes(self.mesh)
 
     def rules_context(self):
-        return use_rules(self.mesh, self.preset.rules, self.preset.moe_dispatch)
+        return use_rules(self.mesh, self.preset.rules, self.preset.moe_dispatch, self.preset.name)
 
     def spec(self, names: Sequence[str | None], shape) -> PartitionSpec:
         return spec_for(names, shape, self.sizes, self.preset.rules)

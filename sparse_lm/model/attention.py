@@ -12,10 +12,14 @@ calls; only where keys and entries come from differs:
 """
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from kernels_pallas.registry import log_once
 
 from sparse_lm.config import ModelConfig
 from sparse_lm.model.compressor import Compressor
@@ -23,11 +27,13 @@ from sparse_lm.model.indexer import Indexer
 from sparse_lm.model.layers import RMSNorm, constant, param
 from sparse_lm.ops import kv_cache, masks
 from sparse_lm.ops.attention import attention_mass_split, cached_attention
-from sparse_lm.ops.implementations import sparse_attention
+from sparse_lm.ops.implementations import SPARSE_ATTENTION, sparse_attention
 from sparse_lm.ops.indexer import (compressed_attention_mass, indexer_objective,
                                    indexer_objective_selected, selected_attention_mass,
                                    sparse_stage_recall)
 from sparse_lm.ops.norms import rms_norm
+from sparse_lm.sharding import kernels
+from sparse_lm.sharding.kernels import kernel_call
 from sparse_lm.ops.rope import Yarn, apply_rope, inv_frequencies
 from sparse_lm.sharding.constraints import constrain
 
@@ -96,10 +102,43 @@ class Attention(nnx.Module):
                                               topk=topk, topk_limit=topk_limit, record=record)
         return self.project_output(o, positions), stats, None, recorded
 
+    def _sparse_attention(self, q, kv, segment_ids, entries, valid, picks, implementation):
+        """`sparse_attention` of a packed row -> (out, lse). Under sharding rules a Pallas
+        kernel runs inside `shard_map` (`sharding.kernels`); where the preset splits the queries
+        along the sequence the kernels cannot run, and the target's preference (no explicit
+        kernel asked for) becomes the "xla" form, logged once."""
+        cfg = self.cfg
+        impl = implementation or cfg.attention_impl
+        b, s, h, d = q.shape
+        q_names = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+
+        def attend(q, kv, sink, segment_ids, entries, valid, picks, impl=impl):
+            return sparse_attention(q, kv, sink, window=cfg.sliding_window,
+                                    scale=self.softmax_scale, segment_ids=segment_ids,
+                                    compressed=entries, compressed_valid=valid, ratio=self.ratio,
+                                    topk_idx=picks, implementation=impl, return_lse=True)
+        sink = self.sink[...]
+        if not kernels.uses_kernel(SPARSE_ATTENTION, impl):
+            return attend(q, kv, sink, segment_ids, entries, valid, picks)
+        if impl is None and kernels.sequence_split(q_names, q.shape):
+            log_once(logging.WARNING, ("attention", "sequence split"),
+                     "sparse attention: the preset splits queries along the sequence, where the "
+                     "kernels cannot run; using the 'xla' form (set model.attention_impl='xla' "
+                     "to silence this)")
+            return attend(q, kv, sink, segment_ids, entries, valid, picks, impl="xla")
+        rows = ("activation_batch", "activation_length")
+        keys = ("activation_batch", "activation_kv_length", "activation_kv")
+        return kernel_call(
+            attend, [("q", q, q_names), ("kv", kv, keys), ("sink", sink, ("activation_heads",)),
+                     ("segment_ids", segment_ids, rows), ("entries", entries, keys),
+                     ("entries_valid", valid, ("activation_batch", "activation_kv_length")),
+                     ("topk", picks, rows + (None,))],
+            [((b, s, h, d), q.dtype, q_names), ((b, s, h), jnp.float32, q_names[:3])],
+            what=f"sparse attention ({impl or 'the target preference'})")
+
     # ------------------------------------------------------------------ the two key sources
     def _attend_row(self, x, q, q_latent, kv, positions, segment_ids, *, sparse, implementation,
                     topk, topk_limit, record):
-        cfg = self.cfg
         s = x.shape[1]
         inv_freq = self.inv_freq
         q = constrain(q, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
@@ -113,13 +152,9 @@ class Attention(nnx.Module):
                 scores, picks, recorded = self.indexer(
                     x, q_latent, positions, inv_freq, segment_ids,
                     stage="sparse" if sparse else "dense", k=topk, limit=topk_limit,
-                    record=record)
-        o, lse = sparse_attention(q, kv, self.sink[...], window=cfg.sliding_window,
-                                  scale=self.softmax_scale, segment_ids=segment_ids,
-                                  compressed=entries, compressed_valid=valid, ratio=self.ratio,
-                                  topk_idx=picks if sparse else None,
-                                  implementation=implementation or cfg.attention_impl,
-                                  return_lse=True)
+                    implementation=implementation or self.cfg.attention_impl, record=record)
+        o, lse = self._sparse_attention(q, kv, segment_ids, entries, valid,
+                                        picks if sparse else None, implementation)
         stats = _zero_stats()
         sg = jax.lax.stop_gradient
         if scores is not None and scores.shape[-1] > 0 and sparse:
@@ -203,11 +238,8 @@ class Attention(nnx.Module):
         if has_entries:
             dense_lse = lse
             if picks is not None:      # the dense softmax's lse: every visible entry attended
-                _, dense_lse = sparse_attention(
-                    q, kv, self.sink[...], window=cfg.sliding_window, scale=self.softmax_scale,
-                    segment_ids=segment_ids, compressed=entries, compressed_valid=valid,
-                    ratio=self.ratio, implementation=implementation or cfg.attention_impl,
-                    return_lse=True)
+                _, dense_lse = self._sparse_attention(q, kv, segment_ids, entries, valid, None,
+                                                      implementation)
             out["dense_mass"] = compressed_attention_mass(q, entries, dense_lse, out["visible"],
                                                           self.softmax_scale)
         return out

@@ -7,18 +7,24 @@ chunk against the cached keys; both use `ops.indexer.indexer_scores` over `ops.m
 """
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from kernels_pallas.registry import log_once
 
 from sparse_lm.config import ModelConfig
 from sparse_lm.model.compressor import Compressor
 from sparse_lm.model.layers import param
 from sparse_lm.ops import masks
-from sparse_lm.ops.implementations import indexer_topk
+from sparse_lm.ops.implementations import INDEXER_TOPK, indexer_topk
 from sparse_lm.ops.indexer import (indexer_head_scores, indexer_scores, indexer_scores_selected,
                                    select_topk)
 from sparse_lm.ops.rope import apply_rope
+from sparse_lm.sharding import kernels
+from sparse_lm.sharding.kernels import kernel_call
 
 
 def limit_picks(topk: jax.Array, limit) -> jax.Array:
@@ -74,15 +80,13 @@ class Indexer(nnx.Module):
         keys, valid = self.keys(x, positions, inv_freq, segment_ids)
         recorded = {}
         if stage == "select" and not record:
-            topk = indexer_topk(q, w, keys, valid, k, ratio=self.ratio, segment_ids=segment_ids,
-                                implementation=implementation)
+            topk = self._select(q, w, keys, valid, k, segment_ids, implementation)
             return None, limit_picks(topk, limit), recorded
         if stage == "sparse" and not record:
             # the selection (no gradient) by the fused score + top-k: no [B, S, N] scores
             sg = jax.lax.stop_gradient
-            topk = limit_picks(indexer_topk(sg(q), sg(w), sg(keys), valid, k, ratio=self.ratio,
-                                            segment_ids=segment_ids,
-                                            implementation=implementation), limit)
+            topk = limit_picks(self._select(sg(q), sg(w), sg(keys), valid, k, segment_ids,
+                                            implementation), limit)
             return indexer_scores_selected(q, w, keys, topk), topk, recorded
         visible = masks.sequence_entry_visible(s, self.ratio, valid, segment_ids)
         full = indexer_scores(q, w, keys, visible)
@@ -93,6 +97,32 @@ class Indexer(nnx.Module):
         if stage == "sparse":
             return indexer_scores_selected(q, w, keys, topk), topk, recorded
         return full, topk, recorded
+
+    def _select(self, q, w, keys, valid, k, segment_ids, implementation):
+        """The fused score + top-k [B, S, min(k, N)]; under sharding rules a Pallas kernel runs
+        inside `shard_map` split by batch only (the score sums over every indexer head), and
+        where the preset splits the queries along the sequence the target's preference becomes
+        the "xla" form (logged once)."""
+        b, s = q.shape[:2]
+        n = keys.shape[1]
+        rows = ("activation_batch", "activation_length")
+
+        def pick(q, w, keys, valid, segment_ids, impl=implementation):
+            return indexer_topk(q, w, keys, valid, k, ratio=self.ratio, segment_ids=segment_ids,
+                                implementation=impl)
+        if n == 0 or not kernels.uses_kernel(INDEXER_TOPK, implementation):
+            return pick(q, w, keys, valid, segment_ids)
+        if implementation is None and kernels.sequence_split(rows, (b, s)):
+            log_once(logging.WARNING, ("indexer", "sequence split"),
+                     "indexer top-k: the preset splits queries along the sequence, where the "
+                     "kernels cannot run; using the 'xla' form")
+            return pick(q, w, keys, valid, segment_ids, impl="xla")
+        entries = ("activation_batch", "activation_kv_length")
+        return kernel_call(pick, [("q", q, rows + (None, None)), ("weights", w, rows + (None,)),
+                                  ("keys", keys, entries + (None,)), ("valid", valid, entries),
+                                  ("segment_ids", segment_ids, rows)],
+                           [((b, s, min(k, n)), jnp.int32, rows + (None,))],
+                           what=f"indexer top-k ({implementation or 'the target preference'})")
 
     def cached(self, cache, x, q_latent, positions, inv_freq, lengths, n_new, *, select: bool,
                k: int | None = None):

@@ -30,6 +30,7 @@ class ShardingContext:
     mesh: Mesh
     rules: Rules
     moe_dispatch: str = ""            # dispatcher override of the active preset ("" = model's)
+    preset: str = ""                  # the preset's name, for error messages
 
     @property
     def sizes(self) -> dict[str, int]:
@@ -41,9 +42,10 @@ _ACTIVE: contextvars.ContextVar[ShardingContext | None] = contextvars.ContextVar
 
 
 @contextlib.contextmanager
-def use_rules(mesh: Mesh, rules: Rules, moe_dispatch: str = ""):
-    """Make `mesh` + `rules` the active sharding context (constraints, EP dispatchers)."""
-    token = _ACTIVE.set(ShardingContext(mesh, tuple(rules), moe_dispatch))
+def use_rules(mesh: Mesh, rules: Rules, moe_dispatch: str = "", preset: str = ""):
+    """Make `mesh` + `rules` the active sharding context (constraints, EP dispatchers, kernels
+    under `shard_map`); `preset` names it in error messages."""
+    token = _ACTIVE.set(ShardingContext(mesh, tuple(rules), moe_dispatch, preset))
     try:
         yield _ACTIVE.get()
     finally:

@@ -48,7 +48,7 @@ class ShardingPlan:
 
     # ------------------------------------------------------------------ context
     def rules_context(self):
-        return use_rules(self.mesh, self.preset.rules)
+        return use_rules(self.mesh, self.preset.rules, preset=self.preset.name)
 
     @property
     def sizes(self) -> dict[str, int]:
@@ -117,11 +117,11 @@ class ShardingPlan:
     # ------------------------------------------------------------------ steps
     def shard_step(self, fn, in_shardings, out_shardings, donate_argnums=()):
         """jit(fn) with explicit shardings; fn is traced inside this plan's rules context."""
-        mesh, rules = self.mesh, self.preset.rules
+        mesh, rules, name = self.mesh, self.preset.rules, self.preset.name
 
         @functools.wraps(fn)
         def traced(*args):
-            with use_rules(mesh, rules):
+            with use_rules(mesh, rules, preset=name):
                 return fn(*args)
         return jax.jit(traced, in_shardings=in_shardings, out_shardings=out_shardings,
                        donate_argnums=donate_argnums)

@@ -1,0 +1,103 @@
+"""Pallas kernels inside sharded steps: each kernel call under `jax.shard_map` over the active
+mesh, its operands split by the logical rules of the active preset.
+
+Mosaic (TPU) and Triton (GPU) calls cannot be partitioned by XLA: inside `jit` with shardings
+they must sit in a `shard_map`, where each device runs the kernel on its own block. The model's
+attention and indexer call `kernel_call(fn, operands, outputs, what=...)` with every operand's
+logical names; outside `use_rules` (one device) it is `fn(*operands)`.
+
+Layout (from the preset's rules, per array as `rules.spec_for` resolves it):
+  attention  q [B, S, H, D] batch over the batch axes, heads over `tensor`; kv [B, S, D] and
+             the compressed entries [B, N, D] whole per batch shard (one shared KV head, MQA);
+             sink [H] with q's heads; top-k lists [B, S, K] with q's rows.
+  indexer    every operand by batch only: its top-k needs the score summed over all indexer
+             heads, so the heads are never split.
+Per-shard shapes then meet the kernels' tile rules; when they do not, the error names the
+preset, the operand's split and the kernel's rule.
+
+Context parallelism (queries split along the sequence: `cp`, `ep_as_cp`) is not supported by
+the kernels, which number query rows from 0 and need the whole key range of their rows:
+`kernel_call` raises `ShardingError` for it, and `sequence_split` lets the caller choose the
+`xla` path instead when no kernel was asked for.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+from jax.sharding import PartitionSpec
+
+from sparse_lm.sharding import constraints
+from sparse_lm.sharding.mesh import ShardingError
+from sparse_lm.sharding.rules import spec_for
+
+Names = tuple  # one logical name (or None) per dimension
+
+
+def _spec(names: Names, shape) -> PartitionSpec:
+    ctx = constraints.active()
+    return spec_for(names, shape, ctx.sizes, ctx.rules)
+
+
+def sequence_split(names: Names, shape) -> tuple[str, ...]:
+    """The mesh axes (size > 1) the active rules split the query-length dim of an array with
+    logical `names` over (names must include "activation_length"); () without active rules."""
+    if constraints.active() is None:
+        return ()
+    spec = _spec(names, shape)
+    entry = tuple(spec) + (None,) * (len(shape) - len(spec))
+    axis = entry[list(names).index("activation_length")]
+    return () if axis is None else ((axis,) if isinstance(axis, str) else tuple(axis))
+
+
+def _describe(spec: PartitionSpec, sizes) -> str:
+    axes = [a for e in spec if e is not None for a in ((e,) if isinstance(e, str) else e)]
+    return f"{spec} over " + (", ".join(f"{a}={sizes[a]}" for a in axes) or "no axis")
+
+
+def uses_kernel(op, implementation: str | None) -> bool:
+    """Whether `op` (a `kernels_pallas.registry.Op`) runs a Pallas kernel for `implementation`
+    on the target platform (None = its preference there)."""
+    name = op.canonical(implementation) or op.default_implementation()
+    return name.startswith("pallas")
+
+
+def kernel_call(fn: Callable, operands: Sequence[tuple], outputs: Sequence[tuple], *,
+                what: str):
+    """fn(*arrays) for operands [(label, array or None, names)], under `shard_map` when sharding
+    rules are active. outputs [(shape, dtype, names)] describe fn's results (global shapes). A None
+    operand is passed to fn as None. Returns fn's results (a tuple if several)."""
+    ctx = constraints.active()
+    arrays = [x for _, x, _ in operands]
+    if ctx is None:
+        return fn(*arrays)
+    labels = [label for label, _, _ in operands]
+    present = [(i, x, names) for i, (_, x, names) in enumerate(operands) if x is not None]
+    in_specs = tuple(_spec(names, x.shape) for _, x, names in present)
+    out_specs = tuple(_spec(names, shape) for shape, _, names in outputs)
+    for (_, x, names), spec in zip(present, in_specs):
+        if "activation_length" in names and sequence_split(names, x.shape):
+            raise ShardingError(
+                f"{what}: preset {ctx.preset or '(active rules)'} splits the queries along the "
+                f"sequence ({_describe(spec, ctx.sizes)}); the kernels take whole query rows "
+                f"from position 0 (no query offset under context parallelism): use "
+                f"model.attention_impl='xla' with this preset")
+    sizes = ctx.sizes
+
+    def body(*local):
+        args = list(arrays)
+        for (i, _, _), x in zip(present, local):
+            args[i] = x
+        try:
+            out = fn(*args)
+        except ValueError as e:
+            split = "; ".join(f"{labels[i]} {tuple(x.shape)} split "
+                              f"{_describe(s, sizes)} -> {tuple(lx.shape)}"
+                              for (i, x, names), s, lx in zip(present, in_specs, local))
+            raise ShardingError(f"{what} under preset {ctx.preset or '(active rules)'}: the "
+                                f"per-device shapes do not meet the kernel's rules ({e}); "
+                                f"operands {split}") from None
+        return out if isinstance(out, tuple) else (out,)
+    result = jax.shard_map(body, mesh=ctx.mesh, in_specs=in_specs, out_specs=out_specs,
+                           check_vma=False)(*(x for _, x, _ in present))
+    return result if len(outputs) > 1 else result[0]
