@@ -60,8 +60,11 @@ def validate_inputs(q, weights, keys, *, k, ratio, key_valid=None, segment_ids=N
         if n * ratio > s:
             raise ValueError(f"keys has N={n} entries but S={s} // ratio={ratio} = {s // ratio}: "
                              "with segment_ids every entry must have its window in the sequence")
-        if compat.is_concrete(segment_ids) and segment_ids.size and int(np.min(segment_ids)) <= QUERY_PAD:
-            raise ValueError(f"segment_ids holds {int(np.min(segment_ids))}: ids must be > "
+        # on the host (np.asarray): a jnp reduction inside an outer trace would be traced too
+        low = int(np.asarray(segment_ids).min()) if compat.is_concrete(segment_ids) and \
+            segment_ids.size else QUERY_PAD + 1
+        if low <= QUERY_PAD:
+            raise ValueError(f"segment_ids holds {low}: ids must be > "
                              f"{QUERY_PAD} (the two smallest int32 values are sentinels)")
 
 

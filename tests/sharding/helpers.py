@@ -25,9 +25,11 @@ def worker_env(devices: int = 8) -> dict:
     return env
 
 
-def run_worker(task: str, args: dict | None = None, *, devices: int = 8, timeout: float = 900) -> dict:
-    """Run one task of tests/sharding/workers.py; return its RESULT json (fail with its output)."""
-    cmd = [sys.executable, "-m", "tests.sharding.workers", task, json.dumps(args or {})]
+def run_worker(task: str, args: dict | None = None, *, devices: int = 8, timeout: float = 900,
+               module: str = "tests.sharding.workers") -> dict:
+    """Run one task of a worker module (default tests/sharding/workers.py) with `devices` fake
+    CPU devices; return its RESULT json (fail with its output)."""
+    cmd = [sys.executable, "-m", module, task, json.dumps(args or {})]
     p = subprocess.run(cmd, cwd=ROOT, env=worker_env(devices), capture_output=True, text=True,
                        timeout=timeout)
     for line in reversed(p.stdout.splitlines()):

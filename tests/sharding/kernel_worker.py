@@ -47,20 +47,10 @@ def equal(args: dict) -> dict:
     from flax import nnx
 
     from sparse_lm.model import build_model
-    from sparse_lm.train.losses import total_loss
     from sparse_lm.train.plan import make_plan
-    from sparse_lm.train.steps import _forward
-    from tests.sharding.workers import packed_batch, small_config
+    from tests.sharding.workers import loss_and_grads_fn, packed_batch, small_config
     batch = packed_batch(8, 32)
-
-    def make_fn(graphdef):
-        def loss_and_grads(params, buffers, batch):
-            def f(p):
-                out = _forward(graphdef, p, buffers, batch, sparse=True)
-                return total_loss(out, batch, mtp_weight=0.3, balance_alpha=1e-2,
-                                  indexer_weight=1.0)[0]
-            return jax.value_and_grad(f)(params)
-        return loss_and_grads
+    make_fn = loss_and_grads_fn
 
     cfg = small_config(attention_impl="xla")
     graphdef, params, buffers = nnx.split(build_model(cfg, seed=0), nnx.Param, ...)

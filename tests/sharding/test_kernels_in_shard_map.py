@@ -5,27 +5,17 @@ unsharded "xla" model (fp32); presets that split queries along the sequence refu
 kernel with an error naming the preset and the split."""
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
 
 from sparse_lm.sharding.presets import PRESETS
-from tests.sharding.helpers import ROOT, worker_env
+from tests.sharding.helpers import run_worker
 
 RUN = [p + (":moe_dispatch=a2a_padded" if p in ("fsdp_ep", "ep_as_cp") else "") for p in PRESETS]
 SEQUENCE_SPLIT = ("cp", "ep_as_cp")
 
 
 def _worker(task: str, args: dict) -> dict:
-    p = subprocess.run([sys.executable, "-m", "tests.sharding.kernel_worker", task,
-                        json.dumps(args)], cwd=ROOT, env=worker_env(8), capture_output=True,
-                       text=True, timeout=1800)
-    for line in p.stdout.splitlines():
-        if line.startswith("RESULT ") and p.returncode == 0:
-            return json.loads(line[len("RESULT "):])
-    raise AssertionError(f"worker {task} failed (exit {p.returncode}):\n{p.stderr[-4000:]}")
+    return run_worker(task, args, module="tests.sharding.kernel_worker", timeout=1800)
 
 
 def test_every_kernel_of_the_sharded_train_step_sits_inside_a_shard_map():

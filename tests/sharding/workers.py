@@ -39,6 +39,20 @@ def packed_batch(b: int, s: int, seed: int = 0) -> dict:
 
 
 # ----------------------------------------------------------------------------- presets
+def loss_and_grads_fn(graphdef):
+    """(params, buffers, batch) -> (loss, gradients) of the full training objective."""
+    from sparse_lm.train.losses import total_loss
+    from sparse_lm.train.steps import _forward
+
+    def loss_and_grads(params, buffers, batch):
+        def f(p):
+            out = _forward(graphdef, p, buffers, batch, sparse=True)
+            return total_loss(out, batch, mtp_weight=0.3, balance_alpha=1e-2,
+                              indexer_weight=1.0)[0]
+        return jax.value_and_grad(f)(params)
+    return loss_and_grads
+
+
 def task_presets(args):
     """Loss and gradients of every preset on 8 devices vs one device; placement of parameters."""
     from flax import nnx
@@ -46,19 +60,9 @@ def task_presets(args):
     from sparse_lm.model import build_model
     from sparse_lm.sharding import partition
     from sparse_lm.train.plan import make_plan
-    from sparse_lm.train.losses import total_loss
-    from sparse_lm.train.steps import _forward
     cfg = small_config()
     batch = packed_batch(args.get("batch", 8), args.get("seq", 32))
-
-    def make_fn(graphdef):
-        def loss_and_grads(params, buffers, batch):
-            def f(p):
-                out = _forward(graphdef, p, buffers, batch, sparse=True)
-                return total_loss(out, batch, mtp_weight=0.3, balance_alpha=1e-2,
-                                  indexer_weight=1.0)[0]
-            return jax.value_and_grad(f)(params)
-        return loss_and_grads
+    make_fn = loss_and_grads_fn
 
     t0 = time.perf_counter()
     graphdef, params, buffers = nnx.split(build_model(cfg, seed=0), nnx.Param, ...)
