@@ -9,8 +9,8 @@
 
 The model's layers are split once per layer (`layer_blocks`: the scanned cycle's stacked
 parameters sliced per cycle, a copy of the cycle's weights held by the Decoder), the rest of it
-(embedding, mHC head, norm, LM head) once; every step is a `jax.jit` function of `(params, per-layer params, cache, tokens, n_new)`
-with the cache donated and updated in place: a decode step writes only the new rows of each
+(embedding, mHC head, norm, LM head) once; every step is a `jax.jit` function of
+`(params, per-layer params, cache, tokens, n_new)` with the cache donated and updated in place: a decode step writes only the new rows of each
 layer's cache, so its work outside attention does not grow with the context. The layers are
 unrolled in the step (see `sparse_lm.inference.step`), so compilation time grows with the number
 of layers. One compilation per distinct chunk length: prefill pads every chunk to the same

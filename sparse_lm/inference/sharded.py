@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import jax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
 from sparse_lm.config import ModelConfig
 from sparse_lm.inference.cache import cache_logical_axes
@@ -54,11 +54,8 @@ class InferenceLayout:
     def rules_context(self):
         return use_rules(self.mesh, self.preset.rules, self.preset.moe_dispatch, self.preset.name)
 
-    def spec(self, names: Sequence[str | None], shape) -> PartitionSpec:
-        return spec_for(names, shape, self.sizes, self.preset.rules)
-
     def named(self, names: Sequence[str | None], shape) -> NamedSharding:
-        return NamedSharding(self.mesh, self.spec(names, shape))
+        return NamedSharding(self.mesh, spec_for(names, shape, self.sizes, self.preset.rules))
 
     def state(self, state) -> Any:
         """NamedShardings of an nnx.State (the model's, or one layer's sliced parameters)."""
@@ -77,12 +74,6 @@ class InferenceLayout:
     def constrain_cache(self, cache) -> Any:
         return jax.lax.with_sharding_constraint(cache, self.cache(cache))
 
-    def bytes_per_device(self, tree, shardings) -> int:
-        """Bytes one device holds of `tree` (arrays or ShapeDtypeStructs) laid out as given."""
-        leaves = jax.tree.leaves(tree)
-        shards = jax.tree.leaves(shardings, is_leaf=lambda s: isinstance(s, NamedSharding))
-        return sum(partition.shard_bytes(x.shape, x.dtype, s.spec, self.sizes)
-                   for x, s in zip(leaves, shards))
 
 
 def inference_layout(sharding: str | ShardingPreset, model_cfg: ModelConfig,

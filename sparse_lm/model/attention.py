@@ -12,14 +12,10 @@ calls; only where keys and entries come from differs:
 """
 from __future__ import annotations
 
-import logging
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-
-from kernels_pallas.registry import log_once
 
 from sparse_lm.config import ModelConfig
 from sparse_lm.model.compressor import Compressor
@@ -32,9 +28,8 @@ from sparse_lm.ops.indexer import (compressed_attention_mass, indexer_objective,
                                    indexer_objective_selected, selected_attention_mass,
                                    sparse_stage_recall)
 from sparse_lm.ops.norms import rms_norm
-from sparse_lm.sharding import kernels
-from sparse_lm.sharding.kernels import kernel_call
 from sparse_lm.ops.rope import Yarn, apply_rope, inv_frequencies
+from sparse_lm.sharding import kernels
 from sparse_lm.sharding.constraints import constrain
 
 
@@ -118,17 +113,12 @@ class Attention(nnx.Module):
                                     compressed=entries, compressed_valid=valid, ratio=self.ratio,
                                     topk_idx=picks, implementation=impl, return_lse=True)
         sink = self.sink[...]
-        if not kernels.uses_kernel(SPARSE_ATTENTION, impl):
-            return attend(q, kv, sink, segment_ids, entries, valid, picks)
-        if impl is None and kernels.sequence_split(q_names, q.shape):
-            log_once(logging.WARNING, ("attention", "sequence split"),
-                     "sparse attention: the preset splits queries along the sequence, where the "
-                     "kernels cannot run; using the 'xla' form (set model.attention_impl='xla' "
-                     "to silence this)")
-            return attend(q, kv, sink, segment_ids, entries, valid, picks, impl="xla")
         rows = ("activation_batch", "activation_length")
+        wrap, impl = kernels.choose(SPARSE_ATTENTION, impl, rows, (b, s), "sparse attention")
+        if not wrap:
+            return attend(q, kv, sink, segment_ids, entries, valid, picks, impl=impl)
         keys = ("activation_batch", "activation_kv_length", "activation_kv")
-        return kernel_call(
+        return kernels.kernel_call(
             attend, [("q", q, q_names), ("kv", kv, keys), ("sink", sink, ("activation_heads",)),
                      ("segment_ids", segment_ids, rows), ("entries", entries, keys),
                      ("entries_valid", valid, ("activation_batch", "activation_kv_length")),

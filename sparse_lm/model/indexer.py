@@ -7,13 +7,9 @@ chunk against the cached keys; both use `ops.indexer.indexer_scores` over `ops.m
 """
 from __future__ import annotations
 
-import logging
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
-
-from kernels_pallas.registry import log_once
 
 from sparse_lm.config import ModelConfig
 from sparse_lm.model.compressor import Compressor
@@ -24,7 +20,6 @@ from sparse_lm.ops.indexer import (indexer_head_scores, indexer_scores, indexer_
                                    select_topk)
 from sparse_lm.ops.rope import apply_rope
 from sparse_lm.sharding import kernels
-from sparse_lm.sharding.kernels import kernel_call
 
 
 def limit_picks(topk: jax.Array, limit) -> jax.Array:
@@ -110,15 +105,11 @@ class Indexer(nnx.Module):
         def pick(q, w, keys, valid, segment_ids, impl=implementation):
             return indexer_topk(q, w, keys, valid, k, ratio=self.ratio, segment_ids=segment_ids,
                                 implementation=impl)
-        if n == 0 or not kernels.uses_kernel(INDEXER_TOPK, implementation):
-            return pick(q, w, keys, valid, segment_ids)
-        if implementation is None and kernels.sequence_split(rows, (b, s)):
-            log_once(logging.WARNING, ("indexer", "sequence split"),
-                     "indexer top-k: the preset splits queries along the sequence, where the "
-                     "kernels cannot run; using the 'xla' form")
-            return pick(q, w, keys, valid, segment_ids, impl="xla")
+        wrap, impl = kernels.choose(INDEXER_TOPK, implementation, rows, (b, s), "indexer top-k")
+        if n == 0 or not wrap:
+            return pick(q, w, keys, valid, segment_ids, impl=impl)
         entries = ("activation_batch", "activation_kv_length")
-        return kernel_call(pick, [("q", q, rows + (None, None)), ("weights", w, rows + (None,)),
+        return kernels.kernel_call(pick, [("q", q, rows + (None, None)), ("weights", w, rows + (None,)),
                                   ("keys", keys, entries + (None,)), ("valid", valid, entries),
                                   ("segment_ids", segment_ids, rows)],
                            [((b, s, min(k, n)), jnp.int32, rows + (None,))],

@@ -149,9 +149,8 @@ def local_experts(experts, u, idx, weights, w_gate, w_up, w_down, *, limit: floa
         return experts(u, idx, weights, w_gate, w_up, w_down, limit)
     fn = jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, P(), P(), P()), out_specs=tok,
                        check_vma=False)
-    y = fn(u, idx.astype(jnp.int32), weights.astype(jnp.float32), w_gate.astype(dt),
-           w_up.astype(dt), w_down.astype(dt))
-    return y
+    return fn(u, idx.astype(jnp.int32), weights.astype(jnp.float32), w_gate.astype(dt),
+              w_up.astype(dt), w_down.astype(dt))
 
 
 def _combine(y_sorted, order, weights, t, k):

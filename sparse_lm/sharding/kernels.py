@@ -17,36 +17,28 @@ preset, the operand's split and the kernel's rule.
 
 Context parallelism (queries split along the sequence: `cp`, `ep_as_cp`) is not supported by
 the kernels, which number query rows from 0 and need the whole key range of their rows:
-`kernel_call` raises `ShardingError` for it, and `sequence_split` lets the caller choose the
-`xla` path instead when no kernel was asked for.
+`kernel_call` raises `ShardingError` for it, and `choose` gives the `xla` path instead when no
+kernel was asked for.
 """
 from __future__ import annotations
 
+import logging
 from typing import Callable, Sequence
 
 import jax
 from jax.sharding import PartitionSpec
 
+from kernels_pallas.registry import log_once
 from sparse_lm.sharding import constraints
 from sparse_lm.sharding.mesh import ShardingError
-from sparse_lm.sharding.rules import spec_for
 
 Names = tuple  # one logical name (or None) per dimension
 
 
-def _spec(names: Names, shape) -> PartitionSpec:
-    ctx = constraints.active()
-    return spec_for(names, shape, ctx.sizes, ctx.rules)
-
-
-def sequence_split(names: Names, shape) -> tuple[str, ...]:
-    """The mesh axes (size > 1) the active rules split the query-length dim of an array with
-    logical `names` over (names must include "activation_length"); () without active rules."""
-    if constraints.active() is None:
-        return ()
-    spec = _spec(names, shape)
-    entry = tuple(spec) + (None,) * (len(shape) - len(spec))
-    axis = entry[list(names).index("activation_length")]
+def _length_axes(spec: PartitionSpec, names: Names) -> tuple[str, ...]:
+    """The mesh axes `spec` splits the query-length dim (`activation_length`) of `names` over."""
+    i = list(names).index("activation_length")
+    axis = tuple(spec)[i] if i < len(spec) else None
     return () if axis is None else ((axis,) if isinstance(axis, str) else tuple(axis))
 
 
@@ -55,11 +47,22 @@ def _describe(spec: PartitionSpec, sizes) -> str:
     return f"{spec} over " + (", ".join(f"{a}={sizes[a]}" for a in axes) or "no axis")
 
 
-def uses_kernel(op, implementation: str | None) -> bool:
-    """Whether `op` (a `kernels_pallas.registry.Op`) runs a Pallas kernel for `implementation`
-    on the target platform (None = its preference there)."""
+def choose(op, implementation: str | None, row_names: Names, row_shape, what: str):
+    """(whether to run `op` through `kernel_call`, the implementation to ask for). A kernel
+    (explicit, or the target platform's preference for None) runs under `shard_map` when
+    sharding rules are active; where they split the queries along the sequence, the
+    preference becomes "xla" (logged once) and an explicit kernel is left to `kernel_call`'s
+    error. row_names / row_shape: the logical names and shape of the query rows [B, S]."""
     name = op.canonical(implementation) or op.default_implementation()
-    return name.startswith("pallas")
+    if not name.startswith("pallas"):
+        return False, implementation
+    if implementation is None and constraints.active() is not None and _length_axes(
+            constraints.spec(row_names, row_shape), row_names):
+        log_once(logging.WARNING, (what, "sequence split"),
+                 "%s: the preset splits queries along the sequence, where the kernels cannot "
+                 "run; using the 'xla' form (model.attention_impl='xla' silences this)", what)
+        return False, "xla"
+    return True, implementation
 
 
 def kernel_call(fn: Callable, operands: Sequence[tuple], outputs: Sequence[tuple], *,
@@ -73,10 +76,10 @@ def kernel_call(fn: Callable, operands: Sequence[tuple], outputs: Sequence[tuple
         return fn(*arrays)
     labels = [label for label, _, _ in operands]
     present = [(i, x, names) for i, (_, x, names) in enumerate(operands) if x is not None]
-    in_specs = tuple(_spec(names, x.shape) for _, x, names in present)
-    out_specs = tuple(_spec(names, shape) for shape, _, names in outputs)
+    in_specs = tuple(constraints.spec(names, x.shape) for _, x, names in present)
+    out_specs = tuple(constraints.spec(names, shape) for shape, _, names in outputs)
     for (_, x, names), spec in zip(present, in_specs):
-        if "activation_length" in names and sequence_split(names, x.shape):
+        if "activation_length" in names and _length_axes(spec, names):
             raise ShardingError(
                 f"{what}: preset {ctx.preset or '(active rules)'} splits the queries along the "
                 f"sequence ({_describe(spec, ctx.sizes)}); the kernels take whole query rows "
