@@ -14,7 +14,10 @@ collectives by kind, and an analytic step-time estimate. Also written: <out>/com
 step_time_s}) merges step times measured on hardware into the table. `--decode_batch=1,32
 [--decode_context=131072]` adds decode rows: a step of the sharded Decoder per preset x topology
 x batch, with weights and cache per device, the compiler's peak and a step estimate
-(`--notrain` for those alone).
+(`--notrain` for those alone). `--attention=xla,pallas` compiles every row once per attention
+path (the XLA math; the TPU kernels inside `shard_map`); each row says its path and counts the
+kernel calls in its compiled HLO, and a train row lists any buffer shaped like the indexer's
+[B, S, N] scores (`index_score_shapes`).
 
 Presets take overrides after a colon (`fsdp_ep:expert=16`); topologies are Cloud TPU names
 (`v5p-128`, `v6e-256`, `v5e-8`; `x2` for two slices) or topology strings (`v5e:2x2`).
@@ -61,6 +64,11 @@ _BPD = flags.DEFINE_float("batch_per_device", 1.0, "Rows of seq_len per device (
 _OPT = flags.DEFINE_enum("optimizer", "report", ["report", "adamw"],
                          "report = Muon + AdamW of sparse_lm.train.optimizer; adamw = optax.adamw.")
 _DENSE = flags.DEFINE_bool("dense", False, "Compile the indexer warm-up stage (CSA dense).")
+_ATTENTION = flags.DEFINE_string(
+    "attention", "", "Comma-separated attention paths to compile side by side: xla (the XLA "
+    "math), pallas (the TPU kernels inside shard_map; refused under presets that split the "
+    "sequence), auto (the target's preference: kernels where per-device tiles fit). Empty: "
+    "the config's model.attention_impl. Each row says its path and counts its kernel calls.")
 _OUT = flags.DEFINE_string("out", "runs/compare_sharding", "Output directory.")
 _MEASURED = flags.DEFINE_string("measured", "", "JSON file of measured step times to merge.")
 _KEEP_HLO = flags.DEFINE_bool("keep_hlo", False, "Also write each compiled HLO text to <out>/hlo/.")
@@ -100,6 +108,10 @@ def main(argv):
         raise app.UsageError("the config has no `model` field (expected get_config() with a "
                              "`model` section of ModelConfig values)")
     cfg = ModelConfig.from_dict(_CONFIG.value.model.to_dict())
+    try:
+        cfgs = compare.attention_variants(_ATTENTION.value, cfg)
+    except ValueError as e:
+        raise UserError(f"--attention: {e}") from None
     presets = split_presets(_PRESETS.value)
     if not presets:
         raise UserError(f"--presets={_PRESETS.value!r} is empty: give comma-separated presets")
@@ -151,12 +163,14 @@ def main(argv):
         f"{'Muon + AdamW (sparse_lm.train.optimizer)' if opts.optimizer == 'report' else 'optax.adamw stand-in'}")
     rows = []
     t_start = time.perf_counter()
-    jobs = ([(p, t, 0) for t in topos for p in presets] if _TRAIN.value else []) + \
-        [(p, t, b) for t in topos for p in presets for b in decode_batches]
+    jobs = ([(p, t, 0, c) for t in topos for p in presets for c in cfgs] if _TRAIN.value
+            else []) + [(p, t, b, c) for t in topos for p in presets for b in decode_batches
+                        for c in cfgs]
     bar = tqdm(jobs, desc="compile", dynamic_ncols=True)
     out = Path(_OUT.value)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"model": cfg.to_dict(), "options": vars(opts), "presets": presets,
+            "attention": [c.attention_impl or "auto" for c in cfgs],
             "decode_batch": decode_batches, "decode_context": _DECODE_CONTEXT.value,
             "topologies": [t.name for t in topos], "jax": jax.__version__}
 
@@ -166,17 +180,19 @@ def main(argv):
                                                      default=str))
         compare.write_csv(rows, out / "compare.csv")
 
-    for p, t, b in bar:
-        bar.set_postfix_str(f"{p} @ {t.name}" + (f" decode batch {b}" if b else ""))
+    for p, t, b, c in bar:
+        what = f"{p} @ {t.name}" + (f" decode batch {b}" if b else "") + (
+            f" [{c.attention_impl or 'auto'}]" if len(cfgs) > 1 else "")
+        bar.set_postfix_str(what)
         if b:
-            row = compare.analyze_decode(p, t, cfg, batch=b, context=_DECODE_CONTEXT.value,
+            row = compare.analyze_decode(p, t, c, batch=b, context=_DECODE_CONTEXT.value,
                                          sparse=not _DENSE.value, keep_hlo=opts.keep_hlo,
                                          compile=_DECODE_COMPILE.value)
         else:
-            row = compare.analyze(p, t, cfg, opts)
+            row = compare.analyze(p, t, c, opts)
         rows.append(row)
-        bar.write(f"  {p} @ {t.name}{f' decode batch {b}' if b else ''}: {row['status']} "
-                  f"({row.get('compile_s', 0):.0f} s) {row.get('reason', '')}")
+        bar.write(f"  {what}: {row['status']} ({row.get('compile_s', 0):.0f} s) "
+                  f"{row.get('reason', '')}")
         save()
     train_rows = [r for r in rows if r.get("kind") != "decode"]
     decode_rows = [r for r in rows if r.get("kind") == "decode"]

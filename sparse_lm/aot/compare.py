@@ -45,6 +45,7 @@ from sparse_lm.sharding import partition
 from sparse_lm.sharding.expert_parallel import buffer_rows
 from sparse_lm.sharding.mesh import ShardingError, describe
 from sparse_lm.sharding.presets import load_preset
+from sparse_lm.sharding.rules import spec_for
 from sparse_lm.train import optimizer as opt_lib
 from sparse_lm.train.plan import make_plan
 from sparse_lm.train.schedule import Schedule
@@ -60,6 +61,22 @@ class Options:
     optimizer: str = "report"          # "report" (Muon + AdamW, sparse_lm.train.optimizer) | "adamw"
     sparse: bool = True
     keep_hlo: str = ""                 # directory to write the compiled HLO text into
+
+
+ATTENTION_PATHS = {"xla": "xla", "pallas": "pallas_tpu", "auto": None}
+
+
+def attention_variants(text: str, cfg: ModelConfig) -> list[ModelConfig]:
+    """One model config per attention path in a comma-separated list ("xla": the XLA math,
+    "pallas": the TPU kernels, "auto": the target's preference); [cfg] for an empty list."""
+    names = [a.strip() for a in text.split(",") if a.strip()]
+    bad = [a for a in names if a not in ATTENTION_PATHS]
+    if bad:
+        raise ValueError(f"{text!r} has unknown path(s) {bad}: allowed values "
+                         f"{sorted(ATTENTION_PATHS)}, comma-separated")
+    if len(set(names)) != len(names):
+        raise ValueError(f"{text!r} names a path twice")
+    return [cfg.replace(attention_impl=ATTENTION_PATHS[a]) for a in names] or [cfg]
 
 
 def make_tx(kind: str, schedule):
@@ -138,12 +155,25 @@ def _topology_row(topo: str | TopologySpec, preset_spec: str):
     return spec, devices, per_chip, hbm, row
 
 
+def _score_dims(plan, batch: int, seq_len: int) -> tuple[int, int] | None:
+    """(query rows per device, CSA entries per row) of the indexer's scores; None without CSA."""
+    cfg = plan.model_cfg
+    if "csa" not in cfg.layer_kinds or seq_len < cfg.compress_ratio_csa:
+        return None
+    rows = ("activation_batch", "activation_length")
+    length = tuple(spec_for(rows, (batch, seq_len), plan.sizes, plan.preset.rules))[1:2]
+    axes = () if not length or length[0] is None else (
+        (length[0],) if isinstance(length[0], str) else tuple(length[0]))
+    return seq_len // math.prod(plan.sizes[a] for a in axes), seq_len // cfg.compress_ratio_csa
+
+
 def analyze(preset_spec: str, topo: str | TopologySpec, model_cfg: ModelConfig,
             opts: Options = Options(), schedule=None, loss_cfg=None) -> dict[str, Any]:
     """One row of the comparison (a dict; `status` is ok / does not fit / invalid / error)."""
     spec, devices, per_chip, hbm, row = _topology_row(topo, preset_spec)
     chip, n = spec.chip, len(devices)
-    row.update(kind="train", seq_len=opts.seq_len, optimizer=opts.optimizer)
+    row.update(kind="train", seq_len=opts.seq_len, optimizer=opts.optimizer,
+               attention=model_cfg.attention_impl or "auto")
     schedule = schedule or Schedule(peak_lr=1e-3, total_steps=1000)
     loss_cfg = loss_cfg or LossConfig()
     tx = make_tx(opts.optimizer, schedule)
@@ -169,7 +199,8 @@ def analyze(preset_spec: str, topo: str | TopologySpec, model_cfg: ModelConfig,
     compiled = _compile(row, lambda: step.lower(plan.abstract_state(), batch), preset_spec, hbm)
     if compiled is None:
         return row
-    hs = _costs(row, compiled, n, opts.keep_hlo, f"{_slug(preset_spec)}__{_slug(spec.name)}")
+    hs = _costs(row, compiled, n, opts.keep_hlo, f"{_slug(preset_spec)}__{_slug(spec.name)}__{row['attention']}",
+                score_dims=_score_dims(plan, global_batch, opts.seq_len))
     row["flops_forward"] = hs.flops.get("forward", 0.0)
     row["flops_backward"] = hs.flops.get("backward", 0.0)
     row["flops_unattributed"] = hs.flops.get("unattributed", 0.0)
@@ -206,7 +237,8 @@ def analyze_decode(preset_spec: str, topo: str | TopologySpec, model_cfg: ModelC
     bound of the peak: no activations or workspace), in seconds instead of a compile.
     """
     spec, devices, per_chip, hbm, row = _topology_row(topo, preset_spec)
-    row.update(kind="decode", batch=batch, context=context)
+    row.update(kind="decode", batch=batch, context=context,
+               attention=model_cfg.attention_impl or "auto")
     try:
         preset = load_preset(preset_spec)
         mesh = preset.make_mesh(devices)
@@ -252,6 +284,9 @@ def _compile(row: dict, lower, preset_spec: str, hbm: float):
         lowered = lower()
         row["lower_s"] = time.perf_counter() - t0
         compiled = lowered.compile()
+    except ShardingError as e:   # e.g. a kernel asked for under a preset it cannot run in
+        row.update(status="invalid", reason=str(e), compile_s=time.perf_counter() - t0)
+        return None
     except Exception as e:       # noqa: BLE001 - every compile failure becomes a row
         msg = str(e)
         row["compile_s"] = time.perf_counter() - t0
@@ -282,12 +317,18 @@ def _compile(row: dict, lower, preset_spec: str, hbm: float):
     return compiled
 
 
-def _costs(row: dict, compiled, n_devices: int, keep_hlo: str, name: str):
-    """FLOPs and HBM bytes per device of a compiled program (loop trip counts included) into
-    `row`; returns the HLO statistics (collectives, FLOPs by pass)."""
+def _costs(row: dict, compiled, n_devices: int, keep_hlo: str, name: str,
+           score_dims: tuple[int, int] | None = None):
+    """FLOPs and HBM bytes per device of a compiled program (loop trip counts included), its
+    Pallas kernel calls (`kernel_calls`: which attention path the row ran) and, with
+    score_dims = (query rows per device, CSA entries), the buffers shaped like indexer scores
+    [.., S, (H,) N] (`index_score_shapes`) into `row`; returns the HLO statistics."""
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     text = compiled.as_text()
+    row["kernel_calls"] = sum(hlo_stats.kernel_calls(text).values())
+    if score_dims is not None:
+        row["index_score_shapes"] = hlo_stats.shapes_with_dims(text, score_dims)
     if keep_hlo:
         p = pathlib.Path(keep_hlo)
         p.mkdir(parents=True, exist_ok=True)
@@ -361,6 +402,7 @@ def explain(row: dict) -> str:
 
 # ----------------------------------------------------------------------------- output
 COLUMNS = [("preset", "preset", "{}"), ("topology", "topology", "{}"), ("mesh", "mesh", "{}"),
+           ("attention", "attention", "{}"), ("kernel_calls", "kernels", "{}"),
            ("status", "status", "{}"), ("required_gb", "peak/needs GB", "{:.1f}"), ("hbm_gb", "HBM GB", "{:.1f}"),
            ("params_gb", "param GB", "{:.2f}"), ("opt_gb", "opt GB", "{:.2f}"),
            ("temp_gb", "temp GB", "{:.1f}"), ("flops", "TFLOP/dev", "{:.1f}", 1e-12),
@@ -373,6 +415,7 @@ COLUMNS = [("preset", "preset", "{}"), ("topology", "topology", "{}"), ("mesh", 
 
 DECODE_COLUMNS = [("preset", "preset", "{}"), ("topology", "topology", "{}"), ("mesh", "mesh", "{}"),
                   ("batch", "batch", "{}"), ("context", "context", "{}"),
+                  ("attention", "attention", "{}"), ("kernel_calls", "kernels", "{}"),
                   ("status", "status", "{}"), ("required_gb", "peak/needs GB", "{:.1f}"),
                   ("hbm_gb", "HBM GB", "{:.1f}"), ("params_gb", "weights GB", "{:.2f}"),
                   ("cache_gb", "cache GB", "{:.2f}"), ("temp_gb", "temp GB", "{:.2f}"),

@@ -12,7 +12,11 @@ as one layer. This module reads the compiled HLO text and:
     (`transpose(jvp(`) and the rest (optimizer, loss);
   * lists the collectives (all-gather, all-reduce, reduce-scatter, all-to-all,
     ragged-all-to-all, collective-permute; async `-start` forms counted once) with their bytes,
-    replica groups and execution counts;
+    replica groups and execution counts. Instructions that share a `channel_id` are one
+    collective, counted once at the least-repeated place it appears: the TPU compiler splits
+    a collective it overlaps with a loop into pieces (`async_collective_fusion`s inside the loop
+    body, each printed with the whole output shape), and counting every piece as a whole
+    collective once per iteration made a 1.6 MB all-gather look like 2.8 GB;
   * sums the bytes that non-fused instructions read and write (an HBM-traffic estimate).
 
 Shapes: instruction names are unique in a module, so operand shapes come from a name table.
@@ -44,6 +48,42 @@ def array_shapes(text: str) -> list[tuple[str, tuple[int, ...]]]:
     """Every array type in a shape string, e.g. '(f32[2,3]{1,0}, s32[])' -> [(f32,(2,3)), (s32,())]."""
     return [(m.group(1), tuple(int(x) for x in m.group(2).split(",") if x))
             for m in _ARRAY.finditer(text)]
+
+
+_CUSTOM_TARGET = re.compile(r'custom_call_target="([^"]+)"')
+KERNEL_TARGETS = {"tpu_custom_call": "mosaic", "__gpu$xla.gpu.triton": "triton"}
+
+
+def kernel_calls(text: str) -> dict[str, int]:
+    """Pallas kernel calls in an HLO text by backend ({"mosaic": n, "triton": n}; absent = 0):
+    the custom calls a TPU (Mosaic) or GPU (Triton) kernel lowers to."""
+    counts: dict[str, int] = {}
+    for m in _CUSTOM_TARGET.finditer(text):
+        kind = KERNEL_TARGETS.get(m.group(1))
+        if kind:
+            counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
+def shapes_with_dims(text: str, dims: tuple[int, ...], max_gap: int = 1) -> list[str]:
+    """Distinct array types in an HLO text whose dimensions hold `dims` in order, at most
+    `max_gap` other dimensions between two of them (e.g. dims (S, N) with max_gap 1 finds
+    [B, S, N] scores and [B, S, H, N] per-head scores), as 'f32[1,1024,256]' strings."""
+    found = set()
+    for dtype, shape in array_shapes(text):
+        for start in (i for i, d in enumerate(shape) if d == dims[0]):
+            at, ok = start, True
+            for want in dims[1:]:
+                nxt = [j for j in range(at + 1, min(len(shape), at + 2 + max_gap))
+                       if shape[j] == want]
+                if not nxt:
+                    ok = False
+                    break
+                at = nxt[0]
+            if ok:
+                found.add(f"{dtype}[{','.join(map(str, shape))}]")
+                break
+    return sorted(found)
 
 
 def shape_bytes(text: str) -> float:
@@ -377,6 +417,7 @@ def summarize(text: str, n_devices: int) -> HloSummary:
     once = defaultdict(float)
     nbytes = nbytes_once = 0.0
     colls = []
+    by_channel: dict[tuple[str, str], Collective] = {}
     skip = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while",
             "conditional", "call", "after-all", "partition-id", "replica-id", "opt-barrier"}
     for cname, instrs in mod.computations.items():
@@ -400,10 +441,18 @@ def summarize(text: str, n_devices: int) -> HloSummary:
                 gsize = len(groups[0]) if groups else n_devices
                 if kind == "reduce-scatter":
                     b *= gsize
-                colls.append(Collective(kind, b, gsize, groups, m, ins.op_name))
+                channel = re.search(r"channel_id=(\d+)", ins.args)
+                if channel is None:
+                    colls.append(Collective(kind, b, gsize, groups, m, ins.op_name))
+                else:           # one collective, however many pieces carry its channel
+                    key = (kind, channel.group(1))
+                    prev = by_channel.get(key)
+                    if prev is None or m < prev.count:
+                        by_channel[key] = Collective(kind, b, gsize, groups, m, ins.op_name)
             if cname not in fused and ins.opcode not in skip:
                 b = shape_bytes(ins.shape) + sum(shape_bytes(mod.shapes.get(o, ""))
                                                  for o in ins.operands())
                 nbytes += b * m
                 nbytes_once += b
+    colls.extend(by_channel.values())
     return HloSummary(dict(flops), dict(once), nbytes, nbytes_once, colls, unknown)

@@ -87,3 +87,17 @@ def test_ragged_all_to_all_on_limited_ici_routing_is_an_unsupported_row(tmp_path
     row = json.loads((tmp_path / "compare.json").read_text())["rows"][0]
     assert row["status"] == "unsupported", row
     assert "fsdp_ep:moe_dispatch=a2a_padded" in row["reason"]
+
+
+def test_attention_paths_are_rows_side_by_side_and_bad_names_are_refused():
+    from sparse_lm.aot.compare import attention_variants
+    from tests.conftest import tiny_config
+    cfg = tiny_config()
+    assert [c.attention_impl for c in attention_variants("xla, pallas,auto", cfg)] == [
+        "xla", "pallas_tpu", None]
+    assert attention_variants("", cfg) == [cfg]
+    with pytest.raises(ValueError, match=r"unknown path\(s\) \['triton'\]: allowed values "
+                                         r"\['auto', 'pallas', 'xla'\]"):
+        attention_variants("xla,triton", cfg)
+    with pytest.raises(ValueError, match="names a path twice"):
+        attention_variants("xla,xla", cfg)

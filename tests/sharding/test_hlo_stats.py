@@ -69,3 +69,61 @@ def test_compile_time_hbm_oom_messages():
                            "memory in memory space hbm. Used 150.00G of 95.74G hbm.")
     assert math.isclose(req, 150 * 2 ** 30) and math.isclose(avail, 95.74 * 2 ** 30)
     assert parse_oom("INVALID_ARGUMENT: shapes do not match") is None
+
+
+def test_kernel_calls_counted_by_backend():
+    """Which attention path a compiled row ran: Mosaic (TPU) and Triton (GPU) custom calls are
+    counted, other custom calls (e.g. a TopK) are not."""
+    text = "\n".join([
+        '  %a = bf16[1,64,128]{2,1,0} custom-call(%x), custom_call_target="tpu_custom_call"',
+        '  %b = f32[1,64]{1,0} custom-call(%y), custom_call_target="tpu_custom_call"',
+        '  %c = f32[8]{0} custom-call(%z), custom_call_target="__gpu$xla.gpu.triton"',
+        '  %d = f32[8]{0} custom-call(%z), custom_call_target="TopK"'])
+    assert hlo_stats.kernel_calls(text) == {"mosaic": 2, "triton": 1}
+    assert hlo_stats.kernel_calls("  %d = f32[8]{0} add(%a, %b)") == {}
+
+
+def test_index_score_shapes_found_with_at_most_one_dim_between():
+    text = ("%s = f32[1,1024,256]{2,1,0} fusion(), %h = bf16[1,1024,16,256]{3,2,1,0} dot(), "
+            "%w = f32[1024,8,8,256]{3,2,1,0} dot(), %t = f32[256,1024]{1,0} transpose(), "
+            "%k = s32[1,1024,16]{2,1,0} custom-call()")
+    assert hlo_stats.shapes_with_dims(text, (1024, 256)) == ["bf16[1,1024,16,256]",
+                                                            "f32[1,1024,256]"]
+    assert hlo_stats.shapes_with_dims(text, (1024, 256), max_gap=2) == [
+        "bf16[1,1024,16,256]", "f32[1,1024,256]", "f32[1024,8,8,256]"]
+
+
+def test_a_collective_split_into_pieces_inside_a_loop_is_counted_once():
+    """The TPU compiler overlaps an all-gather with a loop by running it in pieces inside the
+    body (each piece printed with the whole output shape, all with the collective's channel_id):
+    one 4 KB all-gather, not 3 pieces x 10 iterations. A collective without a shared channel
+    inside the loop still runs once per iteration."""
+    gather = ('f32[8,128]{1,0} all-gather(%x), channel_id=7, replica_groups=[1,8]<=[8], '
+              'dimensions={0}')
+    text = f"""HloModule m
+%body (p: (s32[], f32[1,128])) -> (s32[], f32[1,128]) {{
+  %p = (s32[], f32[1,128]) parameter(0)
+  %x = f32[1,128]{{1,0}} get-tuple-element(%p), index=1
+  %g1 = {gather}
+  %g2 = {gather}
+  %g3 = {gather}
+  %r = f32[1,128]{{1,0}} all-reduce(%x), channel_id=9, replica_groups=[1,8]<=[8], to_apply=%add
+  ROOT %t = (s32[], f32[1,128]) tuple(%i, %r)
+}}
+%cond (c: (s32[], f32[1,128])) -> pred[] {{
+  %c = (s32[], f32[1,128]) parameter(0)
+  %n = s32[] constant(10)
+  %i = s32[] get-tuple-element(%c), index=0
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}}
+ENTRY %main (a: f32[1,128]) -> (s32[], f32[1,128]) {{
+  %a = f32[1,128]{{1,0}} parameter(0)
+  %z = s32[] constant(0)
+  %init = (s32[], f32[1,128]) tuple(%z, %a)
+  %final = f32[8,128]{{1,0}} all-gather(%a), channel_id=7, replica_groups=[1,8]<=[8], dimensions={{0}}
+  ROOT %w = (s32[], f32[1,128]) while(%init), condition=%cond, body=%body
+}}
+"""
+    table = hlo_stats.summarize(text, 8).collective_table()
+    assert table["all-gather"]["count"] == 1 and table["all-gather"]["bytes"] == 8 * 128 * 4
+    assert table["all-reduce"]["count"] == 10
