@@ -226,9 +226,9 @@ class MLPRouterSelector(_Selector):
         hr = cfg.selector_hidden
         self.w_query = param(rngs, (cfg.q_lora_rank, hr), ("q_lora", None), cfg.init_std)
         self.w_entry = param(rngs, (cfg.head_dim, hr), ("kv", None), cfg.init_std)
-        self.hidden_bias = param(rngs, (hr,), (None,), 0.0)
-        self.out_w = param(rngs, (hr,), (None,), hr ** -0.5)
-        self.out_bias = param(rngs, (), (), 0.0)
+        self.pair_bias = param(rngs, (hr,), (None,), 0.0)
+        self.pair_out = param(rngs, (hr,), (None,), hr ** -0.5)
+        self.pair_offset = param(rngs, (), (), 0.0)
         self.clock = SelectorClock(jnp.zeros((), jnp.int32))
         self.noise_seed = SelectorClock(jax.random.randint(rngs.params(), (), 0, 2 ** 30))
 
@@ -245,7 +245,7 @@ class MLPRouterSelector(_Selector):
         sg = jax.lax.stop_gradient
         qf = sg(q_latent).astype(jnp.float32) @ self.w_query[...]
         ef = sg(entries).astype(jnp.float32) @ self.w_entry[...]
-        return sel_ops.pair_mlp_scores(qf, ef, self.hidden_bias[...], self.out_w[...]) + self.out_bias[...]
+        return sel_ops.pair_mlp_scores(qf, ef, self.pair_bias[...], self.pair_out[...]) + self.pair_offset[...]
 
     def select(self, layer, x, q_latent, positions, segment_ids, entries, valid, *, k):
         c = self.cfg
