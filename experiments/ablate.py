@@ -29,6 +29,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import subprocess
 import time
 from pathlib import Path
 
@@ -265,14 +266,14 @@ def plot(table: dict, path: Path) -> None:
     names = list(table)
     panels = [("bits_per_byte", "validation bits/byte"), ("mass_recall", "dense-mass recall"),
               ("load_cv", "expert-load CV")]
-    fig = plots.new_figure(12, 3.6, "ablation grid: mean ± spread over seeds", ncols=3)
-    for ax, (m, title) in zip(fig.axes, panels):
+    fig, axes = plots.new_figure(12, 3.6, "ablation grid: mean ± half-range over seeds",
+                                 ncols=3, grid=True)
+    for ax, (m, title) in zip(axes[0], panels):
         means = [table[n][m][0] if m in table[n] else float("nan") for n in names]
         errs = [table[n][m][1] if m in table[n] else 0.0 for n in names]
         ax.bar(range(len(names)), means, yerr=errs, capsize=3, color="#4c72b0")
         ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
         ax.set_title(title, fontsize=9)
-    fig.tight_layout()
     plots.save(fig, path)
 
 
@@ -284,17 +285,29 @@ def write_tables(workdir: Path, grid, results: list[dict], wall_s: float) -> dic
                "dropped_share", "tokens_per_s"]
     md = markdown(table, columns)
     seeds = tuple(int(s) for s in grid.seeds)
+    runs_s = sum(r["train_wall_s"] + r["measure_wall_s"] for r in results)
     header = (f"Ablation grid {grid_name(grid)}: {len(table)} variants x seeds {seeds}, "
               f"{grid.base.train.steps} steps of {grid.base.train.batch_size} x "
               f"{grid.base.train.seq_len} tokens each; mean ± half-range over seeds; "
-              f"grid wall time {wall_s / 60:.1f} min (this invocation).")
+              f"runs' wall time {runs_s / 60:.1f} min in all (training + measurement, "
+              f"compilation included).")
     (workdir / "ablation.md").write_text(header + "\n\n" + md + "\n")
     (workdir / "claims.md").write_text(claims(table, grid.reference) + "\n")
     doc = {"grid": grid_name(grid), "seeds": list(seeds), "columns": columns,
-           "table": table, "runs": results, "wall_s_this_invocation": wall_s}
+           "table": table, "runs": results, "runs_wall_s": runs_s,
+           "wall_s_this_invocation": wall_s, "commit": _commit()}
     (workdir / "ablation.json").write_text(json.dumps(doc, indent=1, default=float))
     plot(table, workdir / "ablation.png")
     return table
+
+
+def _commit() -> str | None:
+    """The git commit of the code that ran (None outside a checkout)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def grid_name(grid) -> str:

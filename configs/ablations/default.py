@@ -17,10 +17,10 @@ def get_grid() -> ml_collections.ConfigDict:
     c.model.update(dict(num_layers=3, layer_prefix=("swa",), layer_cycle=("csa", "hca"),
                         layer_tail=(), num_hash_layers=1, mtp_depth=0, index_topk=4,
                         attention_impl="xla", moe_impl="xla"))
-    c.train.update(dict(steps=150, batch_size=8, seq_len=128, log_every=25, eval_every=150,
-                        eval_batches=8, checkpoint_every=150, keep_checkpoints=1,
+    c.train.update(dict(steps=200, batch_size=8, seq_len=128, log_every=25, eval_every=200,
+                        eval_batches=8, checkpoint_every=200, keep_checkpoints=1,
                         async_checkpoint=False, tensorboard=False))
-    c.schedule.update(dict(warmup_steps=15, decay_steps=120))
+    c.schedule.update(dict(warmup_steps=20, decay_steps=170))
     selector = {
         "lightning": {},
         "dense": {"selector": "dense"},
@@ -32,7 +32,7 @@ def get_grid() -> ml_collections.ConfigDict:
                            "selector_k_fraction": 0.25, "selector_sparsity_weight": 0.01},
     }
     router = {"router_capacity": {"moe_router": "capacity",
-                                  "router_capacity_range": (1.0, 1.5)},
+                                  "router_capacity_range": (1.0, 2.0)},
               "router_top2_softmax": {"moe_router": "top2_softmax"}}
     return ml_collections.ConfigDict(dict(
         base=c, seeds=(0, 1), variants={**selector, **router},

@@ -16,8 +16,8 @@ def get_grid() -> ml_collections.ConfigDict:
         "mlp_ste_fixed_k": dict(router, selector_estimator="ste"),
         "mlp_ste_adaptive": dict(router, selector_estimator="ste", selector_k_fraction=0.25),
         "mlp_gumbel_fixed_k": dict(router, selector_estimator="gumbel",
-                                   selector_temperature=(2.0, 0.3), selector_anneal_steps=150),
+                                   selector_temperature=(2.0, 0.3), selector_anneal_steps=200),
         "mlp_gumbel_adaptive": dict(router, selector_estimator="gumbel", selector_k_fraction=0.25,
-                                    selector_temperature=(2.0, 0.3), selector_anneal_steps=150),
+                                    selector_temperature=(2.0, 0.3), selector_anneal_steps=200),
     }
     return g
