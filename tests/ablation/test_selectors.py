@@ -63,10 +63,14 @@ def test_adaptive_k_keeps_the_fraction_of_visible_entries_capped_and_padded():
     b, s = 2, 40
     x = jax.random.normal(jax.random.key(1), (b, s, cfg.hidden_size))
     pos = masks.row_positions(b, s)
-    _, q_latent = layer.project_queries(x, pos)
     seg = jnp.asarray(np.where(np.arange(s) < 22, 1, 2)[None].repeat(b, 0).astype(np.int32))
-    entries, valid = layer.compressor(x, pos, layer.inv_freq, seg)
-    out = layer.indexer.select(layer, x, q_latent, pos, seg, entries, valid, k=2)
+
+    @nnx.jit       # one compiled program: eager layers cost several times more CPU here
+    def select(layer, x):
+        _, q_latent = layer.project_queries(x, pos)
+        entries, valid = layer.compressor(x, pos, layer.inv_freq, seg)
+        return layer.indexer.select(layer, x, q_latent, pos, seg, entries, valid, k=2)
+    out = select(layer, x)
     vis, picks = np.asarray(out["visible"]), np.asarray(out["picks"])
     assert picks.shape[-1] == 2
     count = vis.sum(-1)
@@ -112,11 +116,12 @@ def _loss_through_unselected(params, q, kv, entries, vis, *, estimator, selected
 @pytest.mark.parametrize("estimator", ["ste", "gumbel"])
 def test_the_gradient_reaches_the_router_through_an_unselected_entry(estimator):
     q, kv, entries, vis, params = _gated_problem()
-    g = jax.grad(lambda p: _loss_through_unselected(p, q, kv, entries, vis,
-                                                    estimator=estimator)[0])(params)
+    def grad(selected_only):
+        return jax.jit(jax.grad(lambda p: _loss_through_unselected(
+            p, q, kv, entries, vis, estimator=estimator, selected_only=selected_only)[0]))(params)
+    g = grad(False)
     assert float(jnp.abs(g["w"]).max()) > 1e-4
-    g0 = jax.grad(lambda p: _loss_through_unselected(p, q, kv, entries, vis, estimator=estimator,
-                                                     selected_only=True)[0])(params)
+    g0 = grad(True)
     assert all(float(jnp.abs(v).max()) == 0.0 for v in jax.tree.leaves(g0))
 
 
@@ -140,15 +145,20 @@ def test_dense_selector_equals_the_dense_reference():
     b, s = 2, 32
     x = jax.random.normal(jax.random.key(2), (b, s, cfg.hidden_size))
     pos = masks.row_positions(b, s)
-    out, stats, _, _ = layer(x, pos)
-    q, _ = layer.project_queries(x, pos)
-    kv = layer.project_kv(x, pos)
-    entries, valid = layer.compressor(x, pos, layer.inv_freq, None)
-    o_ref, _ = attention_reference(q, kv, layer.sink[...], window=cfg.sliding_window,
-                                   scale=layer.softmax_scale, compressed=entries,
-                                   compressed_valid=valid, ratio=layer.ratio)
-    np.testing.assert_allclose(out, layer.project_output(o_ref, pos), atol=1e-5)
-    np.testing.assert_allclose(stats["indexer_recall"], 1.0, rtol=1e-6)
+
+    @nnx.jit
+    def both(layer, x):
+        out, stats, _, _ = layer(x, pos)
+        q, _ = layer.project_queries(x, pos)
+        kv = layer.project_kv(x, pos)
+        entries, valid = layer.compressor(x, pos, layer.inv_freq, None)
+        o_ref, _ = attention_reference(q, kv, layer.sink[...], window=cfg.sliding_window,
+                                       scale=layer.softmax_scale, compressed=entries,
+                                       compressed_valid=valid, ratio=layer.ratio)
+        return out, layer.project_output(o_ref, pos), stats["indexer_recall"]
+    out, want, recall = both(layer, x)
+    np.testing.assert_allclose(out, want, atol=1e-5)
+    np.testing.assert_allclose(recall, 1.0, rtol=1e-6)
 
 
 def test_dsa_tokens_picks_tokens_outside_the_window_and_runs_every_stage():
@@ -157,14 +167,19 @@ def test_dsa_tokens_picks_tokens_outside_the_window_and_runs_every_stage():
     b, s = 1, 32
     x = jax.random.normal(jax.random.key(4), (b, s, cfg.hidden_size))
     pos = masks.row_positions(b, s)
-    _, _, _, rec = layer(x, pos, record=True)
-    picks = np.asarray(rec["topk"])
+
+    @nnx.jit
+    def run(layer, x):
+        picks = layer(x, pos, record=True)[3]["topk"]
+        dense_kl = layer(x, pos, sparse=False)[1]["indexer_kl"]                  # dense stage
+        grad = nnx.grad(lambda m: m(x, pos)[1]["indexer_kl"])(layer)             # sparse stage
+        return picks, dense_kl, jnp.abs(grad.indexer.wk[...]).max()
+    picks, dense_kl, grad = run(layer, x)
+    picks = np.asarray(picks)
     t = np.arange(s)[None, :, None]
     assert ((picks == -1) | (picks <= t - cfg.sliding_window)).all()
     assert (picks >= 0).sum(-1).max() == cfg.index_topk
-    assert float(layer(x, pos, sparse=False)[1]["indexer_kl"]) > 0          # dense stage
-    grad = nnx.grad(lambda m: m(x, pos)[1]["indexer_kl"])(layer)              # sparse stage
-    assert float(jnp.abs(grad.indexer.wk[...]).max()) > 0
+    assert float(dense_kl) > 0 and float(grad) > 0
 
 
 def test_cached_path_of_a_learned_selector_is_a_clear_error():
