@@ -139,12 +139,15 @@ def test_the_gated_forward_is_the_sparse_attention_of_the_picks():
     np.testing.assert_allclose(lse, lse_ref, atol=2e-5)
 
 
+def _csa_layer(selector, b, s, seed):
+    """(cfg, a CSA attention layer with `selector`, input x [B, S, d], positions [B, S])."""
+    cfg = _cfg(selector=selector)
+    x = jax.random.normal(jax.random.key(seed), (b, s, cfg.hidden_size))
+    return cfg, Attention(cfg, "csa", rngs=nnx.Rngs(0)), x, masks.row_positions(b, s)
+
+
 def test_dense_selector_equals_the_dense_reference():
-    cfg = _cfg(selector="dense")
-    layer = Attention(cfg, "csa", rngs=nnx.Rngs(0))
-    b, s = 2, 32
-    x = jax.random.normal(jax.random.key(2), (b, s, cfg.hidden_size))
-    pos = masks.row_positions(b, s)
+    cfg, layer, x, pos = _csa_layer("dense", 2, 32, 2)
 
     @nnx.jit
     def both(layer, x):
@@ -162,11 +165,8 @@ def test_dense_selector_equals_the_dense_reference():
 
 
 def test_dsa_tokens_picks_tokens_outside_the_window_and_runs_every_stage():
-    cfg = _cfg(selector="dsa_tokens")
-    layer = Attention(cfg, "csa", rngs=nnx.Rngs(0))
-    b, s = 1, 32
-    x = jax.random.normal(jax.random.key(4), (b, s, cfg.hidden_size))
-    pos = masks.row_positions(b, s)
+    s = 32
+    cfg, layer, x, pos = _csa_layer("dsa_tokens", 1, s, 4)
 
     @nnx.jit
     def run(layer, x):
