@@ -3,7 +3,8 @@
     nice -n 5 python -m experiments.ablate --grid=configs/ablations/default.py --workdir=DIR
 
 A grid file (configs/ablations/*.py) defines get_grid(): a base training config, seeds, and
-variants ({name: {model field: value}}; e.g. the token selector or the MoE router). Each
+variants ({name: {model field: value, section: {field: value}}}; e.g. the token selector,
+the MoE router, {"loss": {"balance_alpha": 1e-2}}). Each
 (variant, seed) trains in DIR/<variant>/seed<N> with `sparse_lm.train.loop.train` (same data
 order: data.seed is the base's; the seed sets the initialisation), is evaluated, and leaves
 DIR/<variant>/seed<N>/ablation.json. Resumable: a run with that file is not retrained; a
@@ -78,15 +79,31 @@ def load_grid(path: str):
 def model_config(grid, name):
     from sparse_lm.config import ModelConfig   # noqa: PLC0415 - after flag parsing
     m = grid.base.model.to_dict()
-    m.update(grid.variants[name].to_dict())
+    m.update(split_overrides(grid, grid.variants[name].to_dict())[0])
+    run_config(grid, name, 0)      # the other sections' fields exist
     return ModelConfig.from_dict(m)
 
 
+def split_overrides(grid, overrides: dict) -> tuple[dict, dict]:
+    """A variant's overrides -> (model fields, {section: {field: value}} for the base's other
+    sections, e.g. {"loss": {"balance_alpha": 1e-2}})."""
+    sections = {k for k, v in grid.base.items() if k != "model" and hasattr(v, "keys")}
+    model = {k: v for k, v in overrides.items() if k not in sections}
+    return model, {k: v for k, v in overrides.items() if k in sections}
+
+
 def run_config(grid, name: str, seed: int):
-    """The base training config with the variant's model overrides and the seed."""
+    """The base training config with the variant's overrides and the seed."""
     c = grid.base.copy_and_resolve_references()
+    model, other = split_overrides(grid, grid.variants[name].to_dict())
     with c.unlocked():
-        c.model.update(grid.variants[name].to_dict())
+        c.model.update(model)
+        for section, fields in other.items():
+            unknown = sorted(set(fields) - set(c[section]))
+            if unknown:
+                raise UserError(f"variant {name!r}: {section}.{unknown[0]} names no config "
+                                f"field; {section} fields: {sorted(c[section])}")
+            c[section].update(fields)
         c.seed = int(seed)
     return c
 
@@ -277,7 +294,8 @@ def plot(table: dict, path: Path) -> None:
     plots.save(fig, path)
 
 
-def write_tables(workdir: Path, grid, results: list[dict], wall_s: float) -> dict:
+def write_tables(workdir: Path, grid, results: list[dict], wall_s: float,
+                 commit: str | None) -> dict:
     table = aggregate(results, list(grid.variants))
     recall_cols = sorted({k for r in results for k in r if k.startswith("recall_")})
     columns = ["bits_per_byte", *recall_cols, "mass_recall", "critical_recall",
@@ -295,7 +313,7 @@ def write_tables(workdir: Path, grid, results: list[dict], wall_s: float) -> dic
     (workdir / "claims.md").write_text(claims(table, grid.reference) + "\n")
     doc = {"grid": grid_name(grid), "seeds": list(seeds), "columns": columns,
            "table": table, "runs": results, "runs_wall_s": runs_s,
-           "wall_s_this_invocation": wall_s, "commit": _commit()}
+           "wall_s_this_invocation": wall_s, "commit": commit}
     (workdir / "ablation.json").write_text(json.dumps(doc, indent=1, default=float))
     plot(table, workdir / "ablation.png")
     return table
@@ -326,6 +344,7 @@ def main(argv):
     grid = load_grid(_GRID.value)
     workdir = Path(_WORKDIR.value)
     workdir.mkdir(parents=True, exist_ok=True)
+    commit = _commit()        # of the code that runs (read now: later commits do not count)
     jobs = [(n, int(s)) for n in grid.variants for s in grid.seeds]
     results, t0 = [], time.perf_counter()
     bar = tqdm(jobs, desc="grid", dynamic_ncols=True, position=0)
@@ -343,7 +362,7 @@ def main(argv):
                   f"mass recall {result['mass_recall']:.3f}, load CV {result['load_cv']:.3f} "
                   f"({result['train_wall_s'] + result['measure_wall_s']:.0f} s)")
     wall = time.perf_counter() - t0
-    write_tables(workdir, grid, results, wall)
+    write_tables(workdir, grid, results, wall, commit)
     print((workdir / "ablation.md").read_text())
     print((workdir / "claims.md").read_text())
     print(f"[ablate] {len(jobs)} runs in {wall / 60:.1f} min; tables: {workdir}/ablation.md, "
