@@ -26,6 +26,10 @@ MOE_IMPLEMENTATIONS = ("reference", "xla", "pallas_tpu", "pallas_gpu", "tokamax"
 MOE_ALIASES = {"ragged_dot": "reference", "blocked": "xla", "grouped": None,
                "pallas": registry.pallas_for}
 MOE_DISPATCHES = ("local", "a2a_padded", "ragged_a2a")
+# Ablation options (issue 23): token selectors of CSA layers and MoE routers of score layers.
+SELECTORS = ("lightning", "dense", "fixed", "dsa_tokens", "mlp_router")
+SELECTOR_ESTIMATORS = ("ste", "gumbel")
+MOE_ROUTERS = ("v4", "capacity", "top2_softmax")
 
 
 class ConfigError(ValueError):
@@ -139,6 +143,32 @@ class ModelConfig:
     remat: str = "none"
     init_std: float = 0.02
     hc_alpha_init: float = 0.1         # spec §3: gating factors start small (value unpublished)
+    # Ablation options (issue 23): how CSA layers select what they attend and how score-routed
+    # MoE layers route; the defaults are the V4 mechanisms. Checked by `_check_ablation`.
+    # Token selector of CSA layers (sparse_lm/model/selectors.py): "lightning" (the indexer over
+    # compressed entries), "dense" (every visible entry), "fixed" (local + global + strided
+    # entries), "dsa_tokens" (V3.2: indexer top-k over raw tokens outside the window),
+    # "mlp_router" (a learned two-layer MLP over (query, entry) pairs).
+    selector: str = "lightning"
+    selector_estimator: str = "ste"     # mlp_router: "ste" | "gumbel"
+    # mlp_router: k = ceil(fraction * visible entries), capped by index_topk (0 = fixed k)
+    selector_k_fraction: float = 0.0
+    selector_hidden: int = 32           # mlp_router: hidden width of the pair MLP
+    # mlp_router gumbel: temperature annealed exponentially from start to end over anneal steps
+    # (None = no temperature: the ste estimator has none)
+    selector_temperature: tuple[float, float] | None = None
+    selector_anneal_steps: int = 1000
+    selector_sparsity_weight: float = 0.0   # mlp_router: weight of the mean relaxed mask
+    # fixed: the last `local` entries, the first `global` entries, and every entry whose index
+    # mod `stride` is < `block` (strided blocks); picks capped by index_topk, newest first
+    fixed_local: int = 2
+    fixed_global: int = 1
+    fixed_stride: int = 8
+    fixed_block: int = 1
+    # MoE router of score layers (sparse_lm/ops/moe.py ROUTERS): "v4" | "capacity" |
+    # "top2_softmax"; capacity: the batch capacity factor's range (f_min, f_max).
+    moe_router: str = "v4"
+    router_capacity_range: tuple[float, float] = (1.0, 2.0)
 
     # ------------------------------------------------------------------ derived properties
     @property
@@ -251,6 +281,62 @@ class ModelConfig:
             _fail("remat", self.remat, f"allowed values: {REMAT_POLICIES}")
         if self.yarn and (self.yarn_factor <= 0 or self.yarn_original_max_position < 1):
             _fail("yarn_factor", self.yarn_factor, "YaRN needs factor > 0 and an original length >= 1")
+        self._check_ablation()
+
+    def _check_ablation(self):
+        """The selector and router fields: names, ranges and combinations that make sense."""
+        for name in ("selector_temperature", "router_capacity_range"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.selector not in SELECTORS:
+            _fail("selector", self.selector, f"allowed values: {SELECTORS}")
+        if self.selector_estimator not in SELECTOR_ESTIMATORS:
+            _fail("selector_estimator", self.selector_estimator,
+                  f"allowed values: {SELECTOR_ESTIMATORS}")
+        if not 0.0 <= self.selector_k_fraction <= 1.0:
+            _fail("selector_k_fraction", self.selector_k_fraction, "must be in [0, 1] (0 = fixed k)")
+        if self.selector_k_fraction and self.selector != "mlp_router":
+            _fail("selector_k_fraction", self.selector_k_fraction,
+                  f"adaptive k is an option of selector='mlp_router' only (selector="
+                  f"{self.selector!r}); use 0 with the selectors {SELECTORS}")
+        t = self.selector_temperature
+        if t is not None:
+            if self.selector != "mlp_router" or self.selector_estimator != "gumbel":
+                _fail("selector_temperature", t,
+                      "a temperature belongs to selector='mlp_router' with selector_estimator="
+                      f"'gumbel' only (here selector={self.selector!r}, selector_estimator="
+                      f"{self.selector_estimator!r}); use None, or estimator one of "
+                      f"{SELECTOR_ESTIMATORS}")
+            if len(t) != 2 or not all(v > 0 for v in t):
+                _fail("selector_temperature", t, "must be (start, end), both > 0")
+        if self.selector_anneal_steps < 1:
+            _fail("selector_anneal_steps", self.selector_anneal_steps, "must be >= 1")
+        if self.selector_hidden < 1:
+            _fail("selector_hidden", self.selector_hidden, "must be an integer >= 1")
+        if self.selector_sparsity_weight < 0:
+            _fail("selector_sparsity_weight", self.selector_sparsity_weight, "must be >= 0")
+        if self.selector_sparsity_weight and self.selector != "mlp_router":
+            _fail("selector_sparsity_weight", self.selector_sparsity_weight,
+                  f"the sparsity regulariser is an option of selector='mlp_router' only "
+                  f"(selector={self.selector!r})")
+        for f in ("fixed_local", "fixed_global", "fixed_block"):
+            if getattr(self, f) < 0:
+                _fail(f, getattr(self, f), "must be an integer >= 0")
+        if self.fixed_stride < 1 or self.fixed_block > self.fixed_stride:
+            _fail("fixed_stride", self.fixed_stride,
+                  f"must be >= 1 and >= fixed_block={self.fixed_block}")
+        if self.moe_router not in MOE_ROUTERS:
+            _fail("moe_router", self.moe_router, f"allowed values: {MOE_ROUTERS}")
+        if self.moe_router == "top2_softmax" and self.num_experts_per_tok != 2:
+            _fail("num_experts_per_tok", self.num_experts_per_tok,
+                  "moe_router='top2_softmax' routes every token to 2 experts: must be 2")
+        lo_hi = self.router_capacity_range
+        if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:
+            _fail("router_capacity_range", lo_hi, "must be (f_min, f_max) with 0 < f_min <= f_max")
+        if self.moe_router != "v4" and self.moe_dispatch != "local":
+            _fail("moe_router", self.moe_router,
+                  f"expert-parallel dispatch ({self.moe_dispatch!r}) serves the 'v4' router "
+                  "only; use moe_dispatch='local' with the routers " f"{MOE_ROUTERS}")
 
     # ------------------------------------------------------------------ construction
     @classmethod

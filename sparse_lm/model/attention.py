@@ -21,6 +21,7 @@ from sparse_lm.config import ModelConfig
 from sparse_lm.model.compressor import Compressor
 from sparse_lm.model.indexer import Indexer
 from sparse_lm.model.layers import RMSNorm, constant, param
+from sparse_lm.model.selectors import make_selector
 from sparse_lm.ops import kv_cache, masks
 from sparse_lm.ops.attention import attention_mass_split, cached_attention
 from sparse_lm.ops.implementations import SPARSE_ATTENTION, sparse_attention
@@ -65,7 +66,8 @@ class Attention(nnx.Module):
         self.ratio = cfg.ratio_of(kind)
         self.compressor = (Compressor(d, hd, self.ratio, kind == "csa", eps=cfg.rms_norm_eps,
                                       init_std=std, rngs=rngs) if kind != "swa" else None)
-        self.indexer = Indexer(cfg, rngs=rngs) if kind == "csa" else None
+        # the CSA selector (`cfg.selector`): the lightning Indexer, or one of model/selectors.py
+        self.indexer = make_selector(cfg, rngs=rngs) if kind == "csa" else None
         self.cfg = cfg
 
     def __call__(self, x, positions, segment_ids=None, *, cache: kv_cache.LayerCache | None = None,
@@ -138,6 +140,12 @@ class Attention(nnx.Module):
         if self.compressor is not None:
             entries, valid = self.compressor(x, positions, inv_freq, segment_ids)
             entries = constrain(entries, ("activation_batch", "activation_kv_length", "activation_kv"))
+            if self.indexer is not None and not isinstance(self.indexer, Indexer):
+                # an ablation selector (model/selectors.py) runs the attention over its picks
+                return self.indexer.attend_row(self, x, q, q_latent, kv, positions, segment_ids,
+                                               entries, valid, sparse=sparse,
+                                               implementation=implementation, topk=topk,
+                                               record=record)
             if self.indexer is not None:
                 scores, picks, recorded = self.indexer(
                     x, q_latent, positions, inv_freq, segment_ids,

@@ -229,9 +229,11 @@ def experts_dense_reference(u, idx, weights, w_gate, w_up, w_down, limit: float)
     return jnp.sum(y, axis=1).astype(u.dtype)
 
 
-def expert_counts(idx: jax.Array, num_experts: int) -> jax.Array:
-    """[..., k] expert ids -> [E] float32 number of assignments per expert."""
-    return jnp.bincount(idx.reshape(-1), length=num_experts).astype(jnp.float32)
+def expert_counts(idx: jax.Array, num_experts: int, kept: jax.Array | None = None) -> jax.Array:
+    """[..., k] expert ids -> [E] float32 number of assignments per expert (only those where
+    `kept` [..., k] bool is set, if given)."""
+    w = None if kept is None else kept.reshape(-1).astype(jnp.float32)
+    return jnp.bincount(idx.reshape(-1), weights=w, length=num_experts).astype(jnp.float32)
 
 
 def sequence_balance_loss(scores: jax.Array, idx: jax.Array, k: int) -> jax.Array:
@@ -254,3 +256,69 @@ def balanced_hash_table(vocab: int, num_experts: int, k: int, seed: int = 0):
     slots = np.arange(vocab)[:, None] * k + np.arange(k)[None, :]     # consecutive, wrapping
     table = experts[slots % num_experts]
     return table[rng.permutation(vocab)].astype(np.int32)
+
+
+# ------------------------------------------------------------------ alternative routers (ablation)
+# `ModelConfig.moe_router` (one of `config.MOE_ROUTERS`) picks how score-routed layers choose
+# experts; hash layers are unchanged.
+#   "v4"            sqrt-softplus affinities, aux-loss-free bias, sequence-wise balance loss
+#                   (the functions above; the default).
+#   "capacity"      v4 affinities, plain top-k (no bias), a per-expert capacity that adapts to the
+#                   batch (`batch_capacity`), overflow dropped (`capacity_keep`), and a loss on the
+#                   variance of expert utilisation (`utilisation_variance_loss`).
+#   "top2_softmax"  Mixtral: softmax over the experts, top-2, weights renormalised over the two;
+#                   the Switch load-balancing loss (`switch_balance_loss`).
+
+
+def batch_capacity(counts: jax.Array, factor_range: tuple[float, float]) -> jax.Array:
+    """The per-expert capacity of one batch (the same for every expert), from its routing
+    histogram counts [E] (assignments per expert before any drop, summing to T*k):
+
+        mean = T*k / E,  cv = std(counts) / mean  (population std),
+        factor = clip(1 + cv, f_min, f_max),  capacity = ceil(factor * mean)
+
+    A balanced batch gets buffers near the mean load, an unbalanced one larger buffers, never
+    outside [f_min, f_max] times the mean. -> int32 scalar. The ceil has a 1e-4 slack so that
+    fp32 rounding of an integral product does not add a slot."""
+    counts = counts.astype(jnp.float32)
+    mean = jnp.mean(counts)
+    cv = jnp.std(counts) / jnp.maximum(mean, 1e-20)
+    factor = jnp.clip(1.0 + cv, factor_range[0], factor_range[1])
+    return jnp.ceil(factor * mean - 1e-4).astype(jnp.int32)
+
+
+def capacity_keep(idx: jax.Array, capacity: jax.Array, num_experts: int) -> jax.Array:
+    """[T, k] expert ids, a capacity (int scalar) -> [T, k] bool: an assignment is kept iff fewer
+    than `capacity` earlier assignments went to its expert, in token-major order (token t's slots
+    before token t+1's; the Switch convention: earlier tokens win)."""
+    flat = idx.reshape(-1)
+    hot = jax.nn.one_hot(flat, num_experts, dtype=jnp.int32)           # [T*k, E]
+    rank = jnp.take_along_axis(jnp.cumsum(hot, axis=0) - 1, flat[:, None], axis=1)[:, 0]
+    return (rank < capacity).reshape(idx.shape)
+
+
+def utilisation_variance_loss(scores: jax.Array) -> jax.Array:
+    """Squared coefficient of variation of the soft expert utilisation over the batch:
+    P_e = mean_t s[t,e] / sum_j s[t,j] (sums to 1 over e), loss = Var_e(P) / mean_e(P)^2
+    = E^2 * Var_e(P); 0 when every expert gets the same share. scores [T, E] affinities (>= 0)."""
+    e = scores.shape[-1]
+    p = jnp.mean(scores / (jnp.sum(scores, axis=-1, keepdims=True) + 1e-20), axis=0)
+    return jnp.var(p) * e * e
+
+
+def top2_softmax_route(logits: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Mixtral routing: logits [T, E] -> (probs = softmax(logits) [T, E] fp32, idx [T, 2] int32
+    = the two most probable experts, weights [T, 2] = their probabilities renormalised to sum
+    to 1)."""
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    top, idx = jax.lax.top_k(probs, 2)
+    return probs, idx.astype(jnp.int32), top / jnp.sum(top, axis=-1, keepdims=True)
+
+
+def switch_balance_loss(probs: jax.Array, idx: jax.Array) -> jax.Array:
+    """Switch Transformer load-balancing loss over the batch: E * sum_e f_e P_e, with
+    f_e = (assignments to e) / (T*k) (no gradient) and P_e = mean_t probs[t, e]; 1 when
+    balanced. probs [T, E], idx [T, k]."""
+    t, e = probs.shape
+    f = jnp.sum(jax.nn.one_hot(idx, e, dtype=jnp.float32), axis=(0, 1)) / idx.size
+    return e * jnp.sum(jax.lax.stop_gradient(f) * jnp.mean(probs, axis=0))

@@ -48,6 +48,9 @@ ADAMW_NAMES = {
     "scale": "mHC gating factor",
     "sink": "attention sink",
     "ape": "compressor position bias",
+    "pair_bias": "mlp_router selector hidden bias",
+    "pair_out": "mlp_router selector output weights",
+    "pair_offset": "mlp_router selector output offset",
 }
 _TRAILING = MuonDimensionNumbers(reduction_axis=-2, output_axis=-1)
 

@@ -23,6 +23,7 @@ import optax
 from flax import nnx
 
 from sparse_lm.data.packing import targets_and_masks
+from sparse_lm.model.selectors import advance_selector_clocks
 from sparse_lm.train.losses import has_mtp, head_cross_entropy, total_loss
 
 
@@ -139,6 +140,7 @@ def train_step(state: TrainState, batch, *, graphdef, tx, schedule, loss_cfg: Lo
     model = nnx.merge(graphdef, params, state.buffers)
     if not only_indexer:
         update_router_biases(model, counts, loss_cfg.router_bias_rate)
+    advance_selector_clocks(model)      # learned selectors' temperature schedules (if any)
     _, _, buffers = nnx.split(model, nnx.Param, ...)
     metrics = dict(metrics, grad_norm=optax.global_norm(grads), update_norm=optax.global_norm(updates),
                    param_norm=optax.global_norm(params), lr=schedule.lr(state.step),
