@@ -425,20 +425,20 @@ class InitSource:
         return {"path": str(self.path), "kind": self.kind, "step": self.step}
 
 
-def resolve_init_source(path, model_config: dict, *, step: int = -1) -> InitSource:
-    """The InitSource of `path`, or CheckpointError before anything is read but configs: the
-    path does not exist, holds neither kind of checkpoint, has no (or not that) step, or holds
-    another model architecture (the differing fields are named; execution fields such as dtype
-    may differ). step: a workdir checkpoint step; -1 = its newest."""
+def checkpoint_source(path, *, step: int = -1, field: str = "train.init_from") -> InitSource:
+    """The InitSource of `path` (a training workdir or a converted checkpoint), reading configs
+    only; CheckpointError naming `field` when the path does not exist, holds neither kind of
+    checkpoint or has no (or not that) step. step: a workdir checkpoint step; -1 = its newest."""
     p = Path(path).absolute()
-    where = f"train.init_from={path}"
+    where = f"{field}={path}"
+    step_field = "train.init_from_step" if field == "train.init_from" else "the step"
     if not p.is_dir():
         raise CheckpointError(f"{where}: no such directory; give a training workdir (with "
                               f"checkpoints/) or a converted checkpoint (with {CONVERTED_CONFIG})")
     if (p / CONVERTED_CONFIG).is_file():
         if step >= 0:
             raise CheckpointError(f"{where} is a converted checkpoint (one set of weights): "
-                                  f"train.init_from_step={step} applies to training workdirs only")
+                                  f"{step_field}={step} applies to training workdirs only")
         try:
             meta = json.loads((p / CONVERTED_CONFIG).read_text())
             saved = dict(meta["model_config"])
@@ -461,6 +461,15 @@ def resolve_init_source(path, model_config: dict, *, step: int = -1) -> InitSour
     else:
         raise CheckpointError(f"{where} is neither a training workdir (no checkpoints/ in it) nor "
                               f"a converted checkpoint (no {CONVERTED_CONFIG} in it)")
+    return source
+
+
+def resolve_init_source(path, model_config: dict, *, step: int = -1) -> InitSource:
+    """`checkpoint_source` of train.init_from, and CheckpointError when it holds another model
+    architecture than `model_config` (the differing fields are named; execution fields such as
+    dtype may differ)."""
+    where = f"train.init_from={path}"
+    source = checkpoint_source(path, step=step)
     diff = model_config_diff(source.model, _json_ready(model_config))
     if diff:
         raise CheckpointError(f"{where} holds weights of a different model ({source.kind}"
