@@ -191,16 +191,17 @@ def sampling_seed(seed: int, step: int, domain: int) -> int:
     return int(np.random.SeedSequence([seed, step, domain]).generate_state(1)[0])
 
 
-def step_batch(plan: Plan, step: int, seed: int, samplers: dict) -> dict:
+def step_batch(plan: Plan, step: int, seed: int, sampler) -> dict:
     """The rows of one step: {"tokens" [B, P + N] int32, "mask" [B, N] bool}, domains in order.
-    samplers: domain -> Decoder (on/off-policy) whose model writes the completions."""
+    sampler(domain) -> the Decoder whose model writes that domain's completions (on/off-policy;
+    called right before they are sampled)."""
     rows = []
     for i, dom in enumerate(plan.domains):
         windows = plan.prompts[dom].windows(np.random.default_rng([seed, step, i]), plan.rows)
         if plan.mode == "sft":
             rows.append(windows)
             continue
-        new = generate(samplers[dom], list(windows), max_new_tokens=plan.new_tokens,
+        new = generate(sampler(dom), list(windows), max_new_tokens=plan.new_tokens,
                        temperature=plan.temperature, top_p=plan.top_p,
                        seed=sampling_seed(seed, step, i), chunk_size=plan.prompt_len)
         rows.append(np.concatenate([windows, np.asarray(new, np.int32)], axis=1))
@@ -244,24 +245,48 @@ def validation_windows(config, tokenizer, length: int, count: int, seed: int = 0
 
 
 # ---------------------------------------------------------------------------- the run
+# Jitted functions and Decoders by what their compilation depends on, so that the runs of one
+# process (the recipe's three students, a resumed run in a test) compile each of them once.
+# Bounded by the number of distinct (architecture, shapes, objective) combinations used.
+_COMPILED: dict = {}
+
+
+def _compiled(key, make):
+    if key not in _COMPILED:
+        _COMPILED[key] = make()
+    return _COMPILED[key]
+
+
+def decoder_for(graphdef, model) -> Decoder:
+    """The process's Decoder of `graphdef`'s architecture, holding `model`'s weights."""
+    dec = _COMPILED.get(("decoder", graphdef))
+    if dec is None:
+        return _compiled(("decoder", graphdef), lambda: Decoder(model))
+    dec.load_weights(model)
+    return dec
+
+
 class Distiller:
     """One distillation step at a time for a checked `Plan`: sample the rows (the current
     student's cached Decoder, which takes its new weights every step; or each teacher's), score
     them with each domain's teacher (one jitted forward per teacher architecture, inference
-    mode), update the student (`make_distill_step`, state donated)."""
+    mode), update the student (`make_distill_step`, state donated). `update_key` names what the
+    update's compilation depends on besides the architecture (the optimizer and schedule
+    settings): runs with equal keys share one compiled update."""
 
-    def __init__(self, plan: Plan, teachers: dict, graphdef, tx, schedule, loss_cfg, seed: int):
+    def __init__(self, plan: Plan, teachers: dict, graphdef, tx, schedule, loss_cfg, seed: int,
+                 update_key=None):
         self.plan, self.teachers, self.graphdef, self.seed = plan, teachers, graphdef, seed
-        self.update = make_distill_step(graphdef, tx, schedule, loss_cfg, plan.objective,
-                                        prompt_len=plan.prompt_len)
-        self.forwards = {}
-        for tc in teachers.values():
-            if tc.graphdef not in self.forwards:
-                self.forwards[tc.graphdef] = make_teacher_forward(tc.graphdef, plan.prompt_len,
-                                                                  plan.new_tokens)
-        self.samplers = ({dom: Decoder(teachers[dom].model()) for dom in plan.domains}
-                         if plan.mode == "off_policy" else {})
-        self.student_decoder = None
+        make = lambda: make_distill_step(graphdef, tx, schedule, loss_cfg, plan.objective,
+                                         prompt_len=plan.prompt_len)
+        self.update = (make() if update_key is None else _compiled(
+            ("update", graphdef, update_key, schedule, loss_cfg, plan.objective,
+             plan.prompt_len), make))
+        self.forwards = {tc.graphdef: _compiled(
+            ("teacher", tc.graphdef, plan.prompt_len, plan.new_tokens),
+            lambda g=tc.graphdef: make_teacher_forward(g, plan.prompt_len, plan.new_tokens))
+            for tc in teachers.values()}
+        self.off_policy = plan.mode == "off_policy"
 
     def score(self, tokens: jax.Array) -> jax.Array:
         """Teacher completion logits [B, N, V] of a step's rows, each domain by its teacher."""
@@ -274,16 +299,14 @@ class Distiller:
 
     def __call__(self, state, step: int):
         """(new state, metrics on the host: `distill_step`'s, with the rows in `tokens`)."""
-        samplers = self.samplers
-        if self.plan.mode == "on_policy":          # sample from the student as it is now
-            student = nnx.merge(self.graphdef, state.params, state.buffers)
-            if self.student_decoder is None:
-                self.student_decoder = Decoder(student)
-            else:
-                self.student_decoder.load_weights(student)
-            samplers = {dom: self.student_decoder for dom in self.plan.domains}
+        def sampler(dom):        # called right before the domain's rows are sampled
+            if self.off_policy:
+                tc = self.teachers[dom]
+                return decoder_for(tc.graphdef, tc.model())
+            # on-policy: the student as it is now
+            return decoder_for(self.graphdef, nnx.merge(self.graphdef, state.params, state.buffers))
         batch = {k: jnp.asarray(v)
-                 for k, v in step_batch(self.plan, step, self.seed, samplers).items()}
+                 for k, v in step_batch(self.plan, step, self.seed, sampler).items()}
         if len(self.teachers) == len(self.plan.domains):
             batch["teacher_logits"] = self.score(batch["tokens"])
         state, m = self.update(state, batch)
@@ -353,7 +376,7 @@ def distill(config, workdir) -> dict:
         writer.truncate_after(latest)
 
     run_step = Distiller(plan, teachers, graphdef, tx, make_schedule(config), loss_config(config),
-                         seed)
+                         seed, update_key=json.dumps(config.optimizer.to_dict(), sort_keys=True))
     log_every, ckpt_every = int(t.log_every), int(t.checkpoint_every)
     acc, n_acc, history = {}, 0, []
     progress = (tqdm(total=total, initial=start, desc=f"distill:{plan.mode}", dynamic_ncols=True,
