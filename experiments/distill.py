@@ -35,5 +35,6 @@ def main(argv):
 
 if __name__ == "__main__":
     # imported here so that --help and flag errors do not start jax
-    from sparse_lm.train.loop import USER_ERRORS
-    run_main(main, default_config=DEFAULT_CONFIG, user_errors=USER_ERRORS)
+    from sparse_lm.train.loop import RUN_ERRORS, USER_ERRORS
+    run_main(main, default_config=DEFAULT_CONFIG, user_errors=USER_ERRORS,
+             runtime_errors=RUN_ERRORS)

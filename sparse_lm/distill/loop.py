@@ -43,7 +43,7 @@ from sparse_lm.model import build_model
 from sparse_lm.train import checkpoint as ckpt_lib
 from sparse_lm.train import metrics as metrics_lib
 from sparse_lm.train.losses import LN2, cross_entropy
-from sparse_lm.train.loop import (loss_config, make_schedule, make_tx, resolve_model_config,
+from sparse_lm.train.loop import (TrainingDiverged, loss_config, make_schedule, make_tx, resolve_model_config,
                                   run_tokenizer, validate_train_config, with_init_weights)
 from sparse_lm.train.steps import abstract_train_state, init_train_state
 
@@ -51,6 +51,9 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
+# Settings a resumed run must share with its checkpoints (what the rows of a step depend on).
+RESUME_FIELDS = ("mode", "prompts", "teachers", "prompt_len", "new_tokens", "temperature",
+                 "top_p", "topk", "stop_token")
 MODES = {"on_policy": "reverse_kl", "off_policy": "forward_kl", "sft": "ce"}
 
 
@@ -328,6 +331,13 @@ def distill(config, workdir) -> dict:
     t_wall = time.perf_counter()
     validate_train_config(config)
     t = config.train
+    if config.get("sharding"):
+        raise ConfigError(f"sharding={config.sharding!r}: experiments.distill runs the student "
+                          f"data parallel on one device only (no sharding presets yet); set "
+                          f"--config.sharding=")
+    if jax.device_count() > 1 or jax.process_count() > 1:
+        raise ConfigError(f"experiments.distill runs on one device; this process sees "
+                          f"{jax.device_count()} (set e.g. CUDA_VISIBLE_DEVICES to one device)")
     workdir = Path(workdir)
     student_cfg = resolve_model_config(config)
     tokenizer = run_tokenizer(config, workdir)
@@ -343,7 +353,15 @@ def distill(config, workdir) -> dict:
     existing = ckpt.all_steps()
     init_src = None
     if existing:
-        ckpt_lib.check_model(ckpt.read_meta(existing[-1]), meta["model"], workdir, existing[-1])
+        saved = ckpt.read_meta(existing[-1])
+        ckpt_lib.check_model(saved, meta["model"], workdir, existing[-1])
+        changed = [f"distill.{k}: {saved['distill'].get(k)!r} (checkpoint) vs {meta['distill'][k]!r}"
+                   for k in RESUME_FIELDS if saved.get("distill", {}).get(k) != meta["distill"][k]]
+        if changed:
+            raise ckpt_lib.CheckpointError(
+                f"the workdir {workdir} holds a distillation run with other settings (step "
+                f"{existing[-1]}): " + "; ".join(changed) + ". Use another --workdir or the "
+                "checkpoint's settings")
     elif str(t.get("init_from", "") or ""):
         init_src = ckpt_lib.resolve_init_source(str(t.init_from), meta["model"],
                                                 step=int(t.get("init_from_step", -1)))
@@ -385,7 +403,7 @@ def distill(config, workdir) -> dict:
         for step in range(start, total):
             state, host = run_step(state, step)
             if not np.isfinite(float(host["loss"])):
-                raise RuntimeError(f"step {step}: non-finite loss {float(host['loss'])}; the last "
+                raise TrainingDiverged(f"step {step}: non-finite loss {float(host['loss'])}; the last "
                                    f"checkpoint is step {ckpt.latest_step()}")
             rec = domain_metrics(plan, host)
             for k, v in rec.items():
