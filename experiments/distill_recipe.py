@@ -2,7 +2,7 @@
 
     python -m experiments.distill_recipe --root=runs/distill_recipe \
         [--base_steps=300 --specialist_steps=150 --student_steps=100] \
-        [--record=benchmarks/distill/recipe.json]
+        [--record=benchmarks/distill/recipe.json] [--students_tag=_150]
 
 1. docs corpus: the docstrings and comments of the stdlib, one JSONL line per file;
 2. base: the recipe model trained on the stdlib corpus (experiments.train's loop);
@@ -36,6 +36,8 @@ _BASE = flags.DEFINE_integer("base_steps", 300, "Steps of the base model on the 
 _SPEC = flags.DEFINE_integer("specialist_steps", 150, "Fine-tuning steps of each specialist.")
 _STUDENT = flags.DEFINE_integer("student_steps", 100, "Steps of each student (all three modes).")
 _RECORD = flags.DEFINE_string("record", "benchmarks/distill/recipe.json", "JSON record to write.")
+_TAG = flags.DEFINE_string("students_tag", "", "Suffix of the students' workdirs: other student "
+                           "settings (e.g. --student_steps) beside the same base and specialists.")
 
 MODES = ("on_policy", "off_policy", "sft")
 
@@ -105,7 +107,7 @@ def main(argv):
         c = config(_STUDENT.value, 1e-3, init_from=str(root / "base"))
         c.distill.mode = mode
         results[mode] = stage(f"student_{mode}", lambda c=c, mode=mode: distill(
-            c, root / f"student_{mode}"))
+            c, root / f"student_{mode}{_TAG.value}"))
 
     # The table: every model on the same validation windows of every domain.
     c = config(_STUDENT.value, 1e-3)
