@@ -316,6 +316,12 @@ class Distiller:
         return state, jax.device_get(m)
 
 
+def update_key(config) -> str:
+    """What a run's compiled update depends on besides the architecture, schedule, loss and
+    objective (`Distiller`'s update_key): the optimizer settings."""
+    return json.dumps(config.optimizer.to_dict(), sort_keys=True)
+
+
 def load_teachers(plan: Plan) -> dict:
     """{domain: Teacher} of the plan's (checked) teacher sources."""
     out = {}
@@ -394,7 +400,7 @@ def distill(config, workdir) -> dict:
         writer.truncate_after(latest)
 
     run_step = Distiller(plan, teachers, graphdef, tx, make_schedule(config), loss_config(config),
-                         seed, update_key=json.dumps(config.optimizer.to_dict(), sort_keys=True))
+                         seed, update_key=update_key(config))
     log_every, ckpt_every = int(t.log_every), int(t.checkpoint_every)
     acc, n_acc, history = {}, 0, []
     progress = (tqdm(total=total, initial=start, desc=f"distill:{plan.mode}", dynamic_ncols=True,

@@ -12,7 +12,7 @@ from flax import nnx
 from sparse_lm.config import ConfigError
 from sparse_lm.data.tfds_source import DataError
 from sparse_lm.data.tokenizer import ByteTokenizer
-from sparse_lm.distill.loop import Distiller, distill, load_teachers, plan_run
+from sparse_lm.distill.loop import Distiller, distill, load_teachers, plan_run, update_key
 from sparse_lm.model import build_model
 from sparse_lm.train.checkpoint import CheckpointError
 from sparse_lm.train.loop import loss_config, make_schedule, make_tx
@@ -57,11 +57,15 @@ def test_each_step_trains_on_the_current_students_samples_and_leaves_teachers_un
     tx = make_tx(config)
     graphdef, state = init_train_state(build_model(cfg, seed=0), tx)
     state = jax.device_put(state, jax.devices()[0])
+    # the update compiled here is the one the resume test's runs use (same settings)
     run = Distiller(plan, loaded, graphdef, tx, make_schedule(config), loss_config(config), seed=0,
-                    update_key="test")
+                    update_key=update_key(config))
     p, n = plan.prompt_len, plan.new_tokens
-    student_fwd = _forward(graphdef)
-    teacher_fwd = {d: _forward(t.graphdef) for d, t in loaded.items()}
+    forwards = {}                   # teacher b has the student's architecture: one compilation
+    for g in [graphdef] + [t.graphdef for t in loaded.values()]:
+        forwards.setdefault(g, _forward(g))
+    student_fwd = forwards[graphdef]
+    teacher_fwd = {d: forwards[t.graphdef] for d, t in loaded.items()}
     for step in range(2):
         weights = jax.tree.map(jnp.array, (state.params, state.buffers))    # before the step
         state, host = run(state, step)
@@ -85,6 +89,7 @@ def test_each_step_trains_on_the_current_students_samples_and_leaves_teachers_un
 
 def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, teachers):
     config = distill_config(teachers, temperature=1.0)     # sampled: the keys must resume too
+    # (the temperature is an argument of the compiled sampler: the programs of the test above)
     full = distill(config, tmp_path / "full")
     shutil.copytree(tmp_path / "full", tmp_path / "resumed")
     shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "2")     # as if killed after step 1
