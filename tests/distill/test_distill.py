@@ -100,6 +100,9 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, teachers):
     lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
     assert [__import__("json").loads(l)["step"] for l in lines] == [1, 2]
     assert "kl/a" in lines[-1] and "sample_len/b" in lines[-1] and "teacher_logprob/a" in lines[-1]
+    config.distill.mode = "sft"            # the workdir's rows were the student's samples
+    with pytest.raises(CheckpointError, match=r"distill.mode: 'on_policy' \(checkpoint\) vs 'sft'"):
+        distill(config, tmp_path / "resumed")
 
 
 @pytest.mark.parametrize("change, error, match", [
