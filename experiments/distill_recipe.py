@@ -2,7 +2,8 @@
 
     python -m experiments.distill_recipe --root=runs/distill_recipe \
         [--base_steps=300 --specialist_steps=150 --student_steps=100] \
-        [--record=benchmarks/distill/recipe.json] [--students_tag=_150]
+        [--record=benchmarks/distill/recipe.json] [--students_tag=_150] \
+        [--modes=on_policy,off_policy,sft --topk=0]
 
 1. docs corpus: the docstrings and comments of the stdlib, one JSONL line per file;
 2. base: the recipe model trained on the stdlib corpus (experiments.train's loop);
@@ -27,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from absl import flags
+from absl import app, flags
 
 from sparse_lm.train.config_check import run_main
 
@@ -36,6 +37,9 @@ _BASE = flags.DEFINE_integer("base_steps", 300, "Steps of the base model on the 
 _SPEC = flags.DEFINE_integer("specialist_steps", 150, "Fine-tuning steps of each specialist.")
 _STUDENT = flags.DEFINE_integer("student_steps", 100, "Steps of each student (all three modes).")
 _RECORD = flags.DEFINE_string("record", "benchmarks/distill/recipe.json", "JSON record to write.")
+_MODES = flags.DEFINE_list("modes", "on_policy,off_policy,sft", "The students to train.")
+_TOPK = flags.DEFINE_integer("topk", 0, "On-policy students: reverse KL over the student's top-k "
+                             "(renormalised); 0 = the full vocabulary.")
 _TAG = flags.DEFINE_string("students_tag", "", "Suffix of the students' workdirs: other student "
                            "settings (e.g. --student_steps) beside the same base and specialists.")
 
@@ -102,10 +106,15 @@ def main(argv):
         c = config(_SPEC.value, 1e-3, init_from=str(root / "base"))
         c.data.source = sources[dom]
         stage(f"specialist_{dom}", lambda c=c, dom=dom: train(c, root / f"specialist_{dom}"))
+    modes = list(_MODES.value)
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise app.UsageError(f"--modes={','.join(modes)}: {bad[0]!r} is not one of {MODES}")
     results = {}
-    for mode in MODES:
+    for mode in modes:
         c = config(_STUDENT.value, 1e-3, init_from=str(root / "base"))
         c.distill.mode = mode
+        c.distill.topk = _TOPK.value if mode == "on_policy" else 0
         results[mode] = stage(f"student_{mode}", lambda c=c, mode=mode: distill(
             c, root / f"student_{mode}{_TAG.value}"))
 
@@ -119,7 +128,7 @@ def main(argv):
         for name in ["base"] + [f"specialist_{d}" for d in recipe.DOMAINS]:
             _, g, p, b, _ = load_weights(root / name, field=name)
             table[name] = evaluate_domains((g, p, b), val)
-        for mode in MODES:
+        for mode in modes:
             table[f"student_{mode}"] = results[mode]["validation"]
     stage("evaluation", evaluate_all)
     spec = {d: table[f"specialist_{d}"][d] for d in recipe.DOMAINS}
@@ -144,7 +153,8 @@ def main(argv):
                        "window_tokens": int(c.distill.eval_len)},
         "bits_per_token": table,
         "relative_gap_to_own_specialist": gap,
-        "student_final_train_metrics": {m: (results[m]["history"] or [{}])[-1] for m in MODES},
+        "student_final_train_metrics": {m: (results[m]["history"] or [{}])[-1] for m in modes},
+        "on_policy_topk": _TOPK.value,
         "wall_s": {"stages": stages, "total": round(time.perf_counter() - t0, 1)},
         "runtime": {"jax": jax.__version__, "backend": jax.default_backend(),
                     "cpu_count": os.cpu_count()},
