@@ -33,6 +33,8 @@ FLOORS = {
     "sparse_lm/analysis/accounting.py": 3,
     # 4: ahead-of-time comparison on TPU topologies, analysis for the notebooks
     "sparse_lm/aot": 4, "sparse_lm/analysis": 4,
+    # distillation: samples with inference (the Decoder) and updates with train's pieces
+    "sparse_lm/distill": 4,
     # 5: the package's public face
     "sparse_lm/__init__.py": 5,
 }

@@ -116,16 +116,26 @@ class Decoder:
             raise InferenceError("mesh= is given without sharding=: name the sharding preset "
                                  "that lays the model out on it")
         self.cfg = model.cfg
+        self.graphdef = self.block_defs = None
+        self.load_weights(model)
+        self.sparse = sparse
+        self._step = jax.jit(self._step_fn, static_argnames=("logits",), donate_argnames=("cache",))
+        self._sample = jax.jit(sample_tokens)
+
+    def load_weights(self, model) -> None:
+        """Take `model`'s current weights (a model of this Decoder's architecture, e.g. the
+        student of a training run after an update): the jitted steps are reused, nothing is
+        recompiled."""
         split = [nnx.split(b) for b in model.layer_blocks()]
-        self.graphdef, self.params = nnx.split(_without_layers(model))
-        self.block_defs = [g for g, _ in split]
+        graphdef, self.params = nnx.split(_without_layers(model))
+        if self.graphdef is not None and graphdef != self.graphdef:
+            raise InferenceError("load_weights got a model of another architecture than the "
+                                 "Decoder's")
+        self.graphdef, self.block_defs = graphdef, [g for g, _ in split]
         self.block_params = [p for _, p in split]
         if self.layout is not None:
             self.params = _place(self.params, self.layout.state(self.params))
             self.block_params = [_place(p, self.layout.state(p)) for p in self.block_params]
-        self.sparse = sparse
-        self._step = jax.jit(self._step_fn, static_argnames=("logits",), donate_argnames=("cache",))
-        self._sample = jax.jit(sample_tokens)
 
     def _step_fn(self, params, block_params, cache, tokens, n_new, *, logits):
         def run():

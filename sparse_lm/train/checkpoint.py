@@ -33,8 +33,10 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from flax import nnx
 
 from sparse_lm.config import ModelConfig
+from sparse_lm.convert.core import CONFIG_FILE as CONVERTED_CONFIG, restore_checkpoint
 
 # Model fields that change how the model executes, not what it is: a run may resume with others.
 EXECUTION_FIELDS = frozenset({"dtype", "param_dtype", "attention_impl", "remat", "moe_impl",
@@ -403,3 +405,108 @@ def _fault_hook_kill_in_save(step: int) -> None:
 def with_sharding(abstract: Any, sharding) -> Any:
     """ShapeDtypeStructs of `abstract` placed with `sharding` (e.g. replicated)."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
+
+
+# ---------------------------------------------------------------------------- train.init_from
+# A run may start from the model weights of another run (fine-tuning): `train.init_from` names a
+# training workdir (its newest checkpoint, or `train.init_from_step`) or a checkpoint converted
+# from Hugging Face weights (sparse_lm.convert: <dir>/model_config.json + <dir>/model). Only the
+# model's variables are taken (parameters, router biases, hash tables); the optimizer state is
+# fresh and the step is 0.
+@dataclasses.dataclass(frozen=True)
+class InitSource:
+    """Checked (not yet read) origin of a run's initial weights."""
+    path: Path
+    kind: str                  # "workdir" | "converted"
+    step: int | None           # the workdir's checkpoint step; None for a converted checkpoint
+    model: dict                # the model config the weights belong to
+
+    def describe(self) -> dict:
+        return {"path": str(self.path), "kind": self.kind, "step": self.step}
+
+
+def checkpoint_source(path, *, step: int = -1, field: str = "train.init_from") -> InitSource:
+    """The InitSource of `path` (a training workdir or a converted checkpoint), reading configs
+    only; CheckpointError naming `field` when the path does not exist, holds neither kind of
+    checkpoint or has no (or not that) step. step: a workdir checkpoint step; -1 = its newest."""
+    p = Path(path).absolute()
+    where = f"{field}={path}"
+    step_field = "train.init_from_step" if field == "train.init_from" else "the step"
+    if not p.is_dir():
+        raise CheckpointError(f"{where}: no such directory; give a training workdir (with "
+                              f"checkpoints/) or a converted checkpoint (with {CONVERTED_CONFIG})")
+    if (p / CONVERTED_CONFIG).is_file():
+        if step >= 0:
+            raise CheckpointError(f"{where} is a converted checkpoint (one set of weights): "
+                                  f"{step_field}={step} applies to training workdirs only")
+        try:
+            meta = json.loads((p / CONVERTED_CONFIG).read_text())
+            saved = dict(meta["model_config"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{where}: {p / CONVERTED_CONFIG} is not a converted "
+                                  f"checkpoint's config ({type(e).__name__}: {e})") from None
+        source = InitSource(p, "converted", None, saved)
+    elif (p / "checkpoints").is_dir():
+        ckpt = Checkpointer(p, keep=1000, async_save=False)
+        try:
+            steps = ckpt.all_steps()
+            if not steps:
+                raise CheckpointError(f"{where}: no checkpoint in {ckpt.directory}")
+            chosen = steps[-1] if step < 0 else step
+            ckpt.check_step(chosen)
+            saved = dict(ckpt.read_meta(chosen).get("model") or {})
+        finally:
+            ckpt.close()
+        source = InitSource(p, "workdir", chosen, saved)
+    else:
+        raise CheckpointError(f"{where} is neither a training workdir (no checkpoints/ in it) nor "
+                              f"a converted checkpoint (no {CONVERTED_CONFIG} in it)")
+    return source
+
+
+def resolve_init_source(path, model_config: dict, *, step: int = -1) -> InitSource:
+    """`checkpoint_source` of train.init_from, and CheckpointError when it holds another model
+    architecture than `model_config` (the differing fields are named; execution fields such as
+    dtype may differ)."""
+    where = f"train.init_from={path}"
+    source = checkpoint_source(path, step=step)
+    diff = model_config_diff(source.model, _json_ready(model_config))
+    if diff:
+        raise CheckpointError(f"{where} holds weights of a different model ({source.kind}"
+                              + (f" step {source.step}" if source.step is not None else "")
+                              + "); differing fields: " + "; ".join(diff)
+                              + ". Set the model config to the checkpoint's.")
+    return source
+
+
+def load_init_weights(source: InitSource, abstract_params: Any, abstract_buffers: Any):
+    """(params, buffers) of `source`, in the dtypes and shardings of the abstract states
+    (nnx.State of ShapeDtypeStructs, with .sharding to place them). CheckpointError naming the
+    path when the arrays cannot be read or do not fit."""
+    target = {"params": abstract_params, "buffers": abstract_buffers}
+    try:
+        if source.kind == "workdir":
+            item = jax.tree.map(_placed, target)
+            restored = ocp.PyTreeCheckpointer().restore(
+                source.path / "checkpoints" / str(source.step) / "state",
+                args=ocp.args.PyTreeRestore(item=item,
+                                            restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                            partial_restore=True))
+            return restored["params"], restored["buffers"]
+        model, _ = restore_checkpoint(str(source.path))
+        _, params, buffers = nnx.split(model, nnx.Param, ...)
+        cast = lambda x, a: jax.device_put(x.astype(a.dtype), _placed(a).sharding)
+        return (jax.tree.map(cast, params, abstract_params),
+                jax.tree.map(cast, buffers, abstract_buffers))
+    except CheckpointError:
+        raise
+    except Exception as e:             # noqa: BLE001 - named in one line with the path
+        raise CheckpointError(f"train.init_from={source.path}: the weights cannot be read into "
+                              f"this model ({type(e).__name__}: {' '.join(str(e).split())[:300]})"
+                              ) from e
+
+
+def _placed(x):
+    """A ShapeDtypeStruct with a sharding (the first device's when it has none)."""
+    sharding = getattr(x, "sharding", None) or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)

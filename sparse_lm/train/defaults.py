@@ -60,6 +60,10 @@ def base(model_preset: str = "tiny") -> ml_collections.ConfigDict:
         inject_nan_at_step=-1,      # test hook: poison the parameters before this step
         restore_step=-1,            # resume from this checkpoint step; -1 = the newest readable
         allow_data_change=False,    # resume although batch size / seq_len / data source changed
+        # Fine-tuning: start from the model weights of a training workdir (its newest checkpoint,
+        # or init_from_step) or of a converted Hugging Face checkpoint; fresh optimizer, step 0.
+        init_from="",
+        init_from_step=-1,
     ))
 
     c.schedule = ml_collections.ConfigDict(dict(

@@ -47,8 +47,8 @@ from sparse_lm.train.losses import LN2
 from sparse_lm.train.optimizer import OptimizerConfigError
 from sparse_lm.train.plan import make_plan
 from sparse_lm.train.schedule import Schedule
-from sparse_lm.train.steps import (LossConfig, abstract_train_state, init_train_state,
-                                   make_eval_step, make_train_step)
+from sparse_lm.train.steps import (LossConfig, TrainState, abstract_train_state,
+                                   init_train_state, make_eval_step, make_train_step)
 
 SCALARS = ("loss", "ce", "bits_per_byte", "mtp_ce", "balance_loss", "indexer_kl", "grad_norm",
            "update_norm", "param_norm", "lr", "mtp_weight", "target_tokens")
@@ -390,6 +390,7 @@ def validate_train_config(config) -> None:
         raise ConfigError(f"train.indexer_warmup_steps={warm} is invalid: must be in "
                           f"[0, train.sparse_start_step={sparse}]")
     _int_field(t, "restore_step", -1, -1, " (-1 = the newest readable checkpoint)")
+    _int_field(t, "init_from_step", -1, -1, " (-1 = the newest checkpoint of train.init_from)")
     _int_field(t, "inject_nan_at_step", -1, None)
     if float(t.get("peak_flops", 0.0)) < 0:
         raise ConfigError(f"train.peak_flops={t.peak_flops} is invalid: must be >= 0 (0 = auto)")
@@ -462,6 +463,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     existing = ckpt.all_steps()
     if requested >= 0 and requested not in existing:
         ckpt.check_step(requested)
+    # train.init_from: checked now (path, step, model config), read once the fresh state exists;
+    # a workdir with checkpoints of its own resumes from them instead.
+    init_src = None
+    if str(t.get("init_from", "") or "") and not existing:
+        init_src = ckpt_lib.resolve_init_source(str(t.init_from), meta["model"],
+                                                step=int(t.get("init_from_step", -1)))
+        meta["init_from"] = init_src.describe()
     unreadable, superseded, data_diff = [], [], []
     latest = None
 
@@ -503,6 +511,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     else:
         graphdef, state = init_train_state(model_fn(), tx)
         state = jax.device_put(state, run.replicated)
+    if init_src is not None:
+        state = with_init_weights(state, init_src, tx)
+        _log(f"[init] model weights from {init_src.kind} {init_src.path}"
+             + (f" step {init_src.step}" if init_src.step is not None else "")
+             + "; fresh optimizer state, step 0")
+    elif existing and str(t.get("init_from", "") or ""):
+        _log(f"[init] train.init_from={t.init_from} is not used: the workdir has checkpoints "
+             f"of its own (resuming)")
     start = int(jax.device_get(state.step))
     if start >= total:
         ckpt.close()
@@ -675,6 +691,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     return {"steps": total, "resumed_from": start if start else None, "compile_s": compile_s,
             "last_eval": last_eval, "history": history, "workdir": str(run.workdir),
             "corpus": corpus, "line": "; ".join(parts), "trained_steps": total - start}
+
+
+def with_init_weights(state: TrainState, source, tx) -> TrainState:
+    """`state` (fresh, step 0) with the model variables of `source` (`resolve_init_source`) in
+    the same dtypes and shardings, and the optimizer state initialised for them."""
+    params, buffers = ckpt_lib.load_init_weights(source, state.params, state.buffers)
+    opt_shardings = jax.tree.map(lambda x: x.sharding, state.opt_state)
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+    return TrainState(params, buffers, opt_state, state.step)
 
 
 # ---------------------------------------------------------------------------- restore for eval
