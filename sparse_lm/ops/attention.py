@@ -248,18 +248,18 @@ def cached_attention(q: jax.Array, q_pos: jax.Array, keys: jax.Array, key_pos: j
     q [B, T, H, D] at positions q_pos [B, T]; keys [B, K, D] (the ring buffer followed by the
     chunk's rows) at key_pos [B, K] (negative = empty slot); sink [H]; entries [B, N, D] (the
     whole preallocated entries cache: only entries visible by `masks.entry_visible` take
-    part), either all visible ones (topk_idx None: HCA, dense CSA) or the listed ones (topk_idx
-    [B, T, k], -1 = none). Returns out [B, T, H, D] in q's dtype (and lse [B, T, H] fp32)."""
+    part), either all visible ones (topk_idx None: HCA, dense CSA; `ops.visible` attends them
+    in blocks up to the last visible one) or the listed ones (topk_idx [B, T, k], -1 = none). Returns out [B, T, H, D] in q's dtype (and lse [B, T, H] fp32)."""
+    # function-level: ops.visible builds on this module's parts (an import cycle at the top)
+    from sparse_lm.ops.visible import blocked_entries_part
     qf = q.astype(jnp.float32)
     mask_w = masks.window_visible(q_pos, key_pos, window)
     parts = [_dense_part(qf, keys.astype(jnp.float32), mask_w, scale, jnp.float32, flat=True)]
     if entries is not None and entries.shape[1] > 0:   # max_len < m leaves no room for entries
-        ef = entries.astype(jnp.float32)
-        if topk_idx is None:
-            vis = masks.entry_visible(q_pos, ef.shape[1], ratio)
-            parts.append(_dense_part(qf, ef, vis, scale, jnp.float32, flat=True))
-        elif topk_idx.shape[-1]:
-            parts.append(_gathered_part(qf, ef, topk_idx, scale, jnp.float32))
+        if topk_idx is None:    # the visible blocks only, never [B, T, H, N] logits
+            parts.append(blocked_entries_part(qf, entries, q_pos, ratio=ratio, scale=scale)[:2])
+        elif topk_idx.shape[-1]:   # rows gathered in the cache's dtype, then read in fp32
+            parts.append(_gathered_part(qf, entries, topk_idx, scale, jnp.float32))
     out, lse = _merge(parts, sink, q.dtype)
     return (out, lse) if return_lse else out
 
