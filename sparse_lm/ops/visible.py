@@ -64,12 +64,13 @@ def _block_visible(q_pos, idx, first, ratio):
 
 
 def blocked_indexer_topk(q: jax.Array, weights: jax.Array, keys: jax.Array, q_pos: jax.Array, *,
-                         ratio: int, k: int, block: int = INDEXER_KEY_BLOCK):
+                         ratio: int, k: int, block: int | None = None):
     """`select_topk(indexer_scores(q, weights, keys, masks.entry_visible(q_pos, N, ratio),
     flat=True), k)` over the visible key blocks only.
 
     q [B, T, Hi, Di], weights [B, T, Hi], keys [B, N, Di] (the indexer cache), q_pos [B, T]
     -> (topk [B, T, min(k, N)] int32, -1 where fewer are visible; blocks run, int32 scalar).
+    block: entries per step (None = INDEXER_KEY_BLOCK, read at trace time).
     Same picks in the same order: the running list is kept sorted (value, then lower index) and
     each block's entries have higher indices than every earlier one, so `lax.top_k` over
     [running | block] breaks ties exactly as over the whole row.
@@ -79,7 +80,7 @@ def blocked_indexer_topk(q: jax.Array, weights: jax.Array, keys: jax.Array, q_po
     k_eff = min(k, n)
     if k_eff == 0:
         return jnp.zeros((b, t, 0), jnp.int32), jnp.zeros((), jnp.int32)
-    block = min(block, n)
+    block = min(block or INDEXER_KEY_BLOCK, n)
 
     def step(i, carry):
         vals, idx, ran = carry
@@ -98,16 +99,16 @@ def blocked_indexer_topk(q: jax.Array, weights: jax.Array, keys: jax.Array, q_po
 
 
 def blocked_entries_part(q: jax.Array, entries: jax.Array, q_pos: jax.Array, *, ratio: int,
-                         scale: float, block: int = ENTRIES_BLOCK):
+                         scale: float, block: int | None = None):
     """The part of every visible cached entry (`_dense_part` over `masks.entry_visible`) over
     the visible blocks only, merged by lse (online softmax).
 
     q [B, T, H, D] fp32, entries [B, N, D] (any dtype; each block is read in fp32), q_pos
     [B, T] -> (out [B, T, H, D] fp32, lse [B, T, H] fp32, -inf where nothing is visible;
-    blocks run, int32 scalar)."""
+    blocks run, int32 scalar). block: entries per step (None = ENTRIES_BLOCK)."""
     b, t, h, d = q.shape
     n = entries.shape[1]
-    block = min(block, n)
+    block = min(block or ENTRIES_BLOCK, n)
 
     def step(i, carry):
         out, lse, ran = carry
