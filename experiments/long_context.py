@@ -49,11 +49,10 @@ from sparse_lm.config import ModelConfig
 from sparse_lm.inference import Decoder, cache_bytes, full_attention_config, init_full_kv_cache
 from sparse_lm.inference.dense import full_kv_cache_bytes
 from sparse_lm.model.transformer import build_model
-from sparse_lm.ops import masks
 from sparse_lm.ops.attention import cached_attention
 from sparse_lm.ops.indexer import indexer_scores
 from sparse_lm.ops.kv_cache import ring_positions
-from sparse_lm.ops.visible import (INDEXER_KEY_BLOCK, blocked_indexer_topk, visible_blocks)
+from sparse_lm.ops.visible import INDEXER_KEY_BLOCK, blocked_indexer_topk, fold_visible_blocks
 from sparse_lm.train.config_check import UserError, run_main
 
 ARMS = ("sparse", "dense")
@@ -143,19 +142,12 @@ def _timed(fn, args, runs: int = 2) -> float:
 
 
 def _scores_only(q, w, keys, q_pos, ratio, block):
-    """The indexer's scoring alone over the visible key blocks (as `blocked_indexer_topk`
-    without the top-k merge): the block loop's scores reduced to one max per query."""
-    n = keys.shape[1]
-    block = min(block, n)
-
-    def step(i, best):
-        start = jnp.minimum(i * block, n - block)
-        rows = jax.lax.dynamic_slice_in_dim(keys, start, block, axis=1)
-        idx = start + jnp.arange(block)
-        vis = (idx < masks.visible_entry_count(q_pos, ratio)[..., None]) & (idx >= i * block)
+    """The indexer's scoring alone over the visible key blocks (`blocked_indexer_topk` without
+    the top-k merge): each block's scores reduced to one max per query."""
+    def step(best, rows, row_idx, vis):
         return jnp.maximum(best, jnp.max(indexer_scores(q, w, rows, vis, flat=True), axis=-1))
-    return jax.lax.fori_loop(0, visible_blocks(q_pos, n, ratio, block), step,
-                             jnp.full(q.shape[:2], -jnp.inf))
+    return fold_visible_blocks(keys, q_pos, ratio, min(block, keys.shape[1]), step,
+                               jnp.full(q.shape[:2], -jnp.inf))[0]
 
 
 def part_seconds(cfg: ModelConfig, max_len: int, chunk: int, position: int, seed: int = 0):

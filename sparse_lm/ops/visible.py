@@ -20,9 +20,9 @@ visible work); the work is exactly the visible blocks, rounded up to one block. 
 one block of masked work at the edge and a while loop whose per-iteration overhead (tens of
 microseconds on XLA:CPU) is why blocks are thousands of entries wide.
 
-Blocks are read with `dynamic_slice` at start min(i * block, N - block) (an in-bounds slice,
-so the last block may overlap the previous one; entries already seen are masked), so N need
-not be a multiple of the block.
+Both run `fold_visible_blocks`: blocks are read with `dynamic_slice` at start
+min(i * block, N - block) (an in-bounds slice, so the last block may overlap the previous one;
+entries already seen are masked), so N need not be a multiple of the block.
 """
 from __future__ import annotations
 
@@ -46,21 +46,26 @@ def visible_blocks(q_pos: jax.Array, num_entries: int, ratio: int, block: int) -
     return ((count + block - 1) // block).astype(jnp.int32)
 
 
-def _block(x: jax.Array, i, block: int):
-    """Block i of x [B, N, ...] along axis 1 (in-bounds start) -> (rows [B, block, ...],
-    entry index of each row [block], first entry index this block is responsible for)."""
-    n = x.shape[1]
-    first = i * block
-    start = jnp.minimum(first, n - block)
-    rows = jax.lax.dynamic_slice_in_dim(x, start, block, axis=1)
-    return rows, start + jnp.arange(block, dtype=jnp.int32), first
+def fold_visible_blocks(entries: jax.Array, q_pos: jax.Array, ratio: int, block: int, step,
+                        init):
+    """The loop both functions run: for each block of `block` rows of entries [B, N, ...] up to
+    the last one visible at q_pos [B, T], carry = step(carry, rows [B, block, ...], row_idx
+    [block] (entry index of each row), visible [B, T, block] (causally visible and not already
+    covered by an earlier block)). Returns (carry, blocks run: the loop's own counter)."""
+    n = entries.shape[1]
+    count = masks.visible_entry_count(q_pos, ratio)[..., None]
 
+    def body(i, state):
+        carry, ran = state
+        first = i * block
+        start = jnp.minimum(first, n - block)                  # in bounds: may overlap
+        rows = jax.lax.dynamic_slice_in_dim(entries, start, block, axis=1)
+        row_idx = start + jnp.arange(block, dtype=jnp.int32)
+        vis = (row_idx < count) & (row_idx >= first)
+        return step(carry, rows, row_idx, vis), ran + 1
 
-def _block_visible(q_pos, idx, first, ratio):
-    """[B, T, block] bool: causally visible (`masks`) and not already covered by a previous
-    block (the overlap of a clamped last block)."""
-    vis = idx < masks.visible_entry_count(q_pos, ratio)[..., None]
-    return vis & (idx >= first)
+    return jax.lax.fori_loop(0, visible_blocks(q_pos, n, ratio, block), body,
+                             (init, jnp.zeros((), jnp.int32)))
 
 
 def blocked_indexer_topk(q: jax.Array, weights: jax.Array, keys: jax.Array, q_pos: jax.Array, *,
@@ -82,19 +87,16 @@ def blocked_indexer_topk(q: jax.Array, weights: jax.Array, keys: jax.Array, q_po
         return jnp.zeros((b, t, 0), jnp.int32), jnp.zeros((), jnp.int32)
     block = min(block or INDEXER_KEY_BLOCK, n)
 
-    def step(i, carry):
-        vals, idx, ran = carry
-        rows, row_idx, first = _block(keys, i, block)
-        vis = _block_visible(q_pos, row_idx[None, None, :], first, ratio)
+    def step(carry, rows, row_idx, vis):
+        vals, idx = carry
         scores = indexer_scores(q, weights, rows, vis, flat=True)           # [B, T, block]
         both = jnp.concatenate([vals, scores], axis=-1)
         both_idx = jnp.concatenate([idx, jnp.broadcast_to(row_idx, scores.shape)], axis=-1)
         vals, at = jax.lax.top_k(both, k_eff)
-        return vals, jnp.take_along_axis(both_idx, at, axis=-1), ran + 1
+        return vals, jnp.take_along_axis(both_idx, at, axis=-1)
 
-    init = (jnp.full((b, t, k_eff), -jnp.inf, jnp.float32), jnp.full((b, t, k_eff), -1, jnp.int32),
-            jnp.zeros((), jnp.int32))
-    vals, idx, ran = jax.lax.fori_loop(0, visible_blocks(q_pos, n, ratio, block), step, init)
+    init = (jnp.full((b, t, k_eff), -jnp.inf, jnp.float32), jnp.full((b, t, k_eff), -1, jnp.int32))
+    (vals, idx), ran = fold_visible_blocks(keys, q_pos, ratio, block, step, init)
     return jnp.where(jnp.isfinite(vals), idx, -1).astype(jnp.int32), ran
 
 
@@ -110,17 +112,15 @@ def blocked_entries_part(q: jax.Array, entries: jax.Array, q_pos: jax.Array, *, 
     n = entries.shape[1]
     block = min(block or ENTRIES_BLOCK, n)
 
-    def step(i, carry):
-        out, lse, ran = carry
-        rows, row_idx, first = _block(entries, i, block)
-        vis = _block_visible(q_pos, row_idx[None, None, :], first, ratio)
+    def step(carry, rows, row_idx, vis):
+        out, lse = carry
         o_blk, lse_blk = _dense_part(q, rows.astype(jnp.float32), vis, scale, jnp.float32,
                                      flat=True)
         new = jnp.logaddexp(lse, lse_blk)
         safe = jnp.where(jnp.isfinite(new), new, 0.0)
-        out = (jnp.exp(lse - safe)[..., None] * out + jnp.exp(lse_blk - safe)[..., None] * o_blk)
-        return out, new, ran + 1
+        return (jnp.exp(lse - safe)[..., None] * out + jnp.exp(lse_blk - safe)[..., None] * o_blk,
+                new)
 
-    init = (jnp.zeros((b, t, h, d), jnp.float32), jnp.full((b, t, h), -jnp.inf, jnp.float32),
-            jnp.zeros((), jnp.int32))
-    return jax.lax.fori_loop(0, visible_blocks(q_pos, n, ratio, block), step, init)
+    init = (jnp.zeros((b, t, h, d), jnp.float32), jnp.full((b, t, h), -jnp.inf, jnp.float32))
+    (out, lse), ran = fold_visible_blocks(entries, q_pos, ratio, block, step, init)
+    return out, lse, ran
