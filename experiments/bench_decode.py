@@ -97,7 +97,7 @@ from sparse_lm.inference.dense import (full_attention_config, full_kv_cache_byte
 from sparse_lm.model.layers import dtype_of
 from sparse_lm.model.transformer import build_model
 from sparse_lm.ops.attention import cached_attention
-from sparse_lm.ops.visible import blocked_indexer_topk
+from sparse_lm.ops.indexer import blocked_indexer_topk
 from sparse_lm.ops.kv_cache import FullKVCache, ring_positions
 
 ARMS = ("sparse", "dense", "dense_ring")

@@ -50,9 +50,9 @@ from sparse_lm.inference import Decoder, cache_bytes, full_attention_config, ini
 from sparse_lm.inference.dense import full_kv_cache_bytes
 from sparse_lm.model.transformer import build_model
 from sparse_lm.ops.attention import cached_attention
-from sparse_lm.ops.indexer import indexer_scores
+from sparse_lm.ops.indexer import blocked_indexer_topk, indexer_scores
 from sparse_lm.ops.kv_cache import ring_positions
-from sparse_lm.ops.visible import INDEXER_KEY_BLOCK, blocked_indexer_topk, fold_visible_blocks
+from sparse_lm.ops.visible import INDEXER_KEY_BLOCK, fold_visible_blocks
 from sparse_lm.train.config_check import UserError, run_main
 
 ARMS = ("sparse", "dense")
@@ -205,16 +205,12 @@ def time_split(cfg: ModelConfig, max_len: int, chunk: int, chunk_starts: list[in
     return {"seconds": total, "sampled_positions": sample, "per_step_at_samples": measured}
 
 
-# ------------------------------------------------------------------------------ the arms
-def run_sparse(cfg, tokens, *, context, chunk, decode_tokens, seed, bar) -> dict:
-    model = build_model(cfg, seed=seed)
-    dec = Decoder(model)
-    prompt = tokens[: context - decode_tokens]
-    rss_before = peak_rss_bytes()
-    cache = dec.init_cache(1, context)
-    measured_cache = sum(d["entries"] + d["state"] for d in cache_bytes(cfg, cache).values())
+def timed_prefill(dec, cache, prompt, chunk, bar=None):
+    """`Decoder.prefill` of one prompt with every chunk timed to its end -> (logits, cache,
+    record): prefill_wall_s, compile_s (the first chunk also compiles the step: its compute is
+    estimated by the second chunk's), prefill_s (wall minus compile), tokens/s, the chunks'
+    starts and seconds."""
     starts, times = [], []
-    n_chunks = -(-len(prompt) // chunk)
     clock = [time.perf_counter()]
 
     def progress(done, total):
@@ -228,10 +224,23 @@ def run_sparse(cfg, tokens, *, context, chunk, decode_tokens, seed, bar) -> dict
                             tok_s=f"{chunk / max(times[-1], 1e-9):.0f}")
     t0 = time.perf_counter()
     logits, cache = dec.prefill(cache, [prompt], chunk_size=chunk, progress=progress, sync=True)
-    prefill_s = time.perf_counter() - t0
-    assert len(times) == n_chunks
-    # the first chunk also compiles the step: its compute is estimated by the second chunk's
-    compile_s = max(0.0, times[0] - times[1]) if n_chunks > 1 else 0.0
+    wall = time.perf_counter() - t0
+    compile_s = max(0.0, times[0] - times[1]) if len(times) > 1 else 0.0
+    return logits, cache, {
+        "prefill_tokens": len(prompt), "prefill_wall_s": wall, "compile_s": compile_s,
+        "prefill_s": wall - compile_s, "prefill_tokens_per_s": len(prompt) / (wall - compile_s),
+        "first_chunk_s": times[0], "chunks": {"start": starts, "seconds": times}}
+
+
+# ------------------------------------------------------------------------------ the arms
+def run_sparse(cfg, tokens, *, context, chunk, decode_tokens, seed, bar) -> dict:
+    model = build_model(cfg, seed=seed)
+    dec = Decoder(model)
+    prompt = tokens[: context - decode_tokens]
+    rss_before = peak_rss_bytes()
+    cache = dec.init_cache(1, context)
+    measured_cache = sum(d["entries"] + d["state"] for d in cache_bytes(cfg, cache).values())
+    logits, cache, pre = timed_prefill(dec, cache, prompt, chunk, bar)
     out_tokens, step_ms = [], []
     for _ in range(decode_tokens):
         tok = np.asarray(jnp.argmax(logits, axis=-1), np.int32)
@@ -243,11 +252,7 @@ def run_sparse(cfg, tokens, *, context, chunk, decode_tokens, seed, bar) -> dict
     peak = peak_rss_bytes()
     analytic = kv_cache_bytes(cfg, context, "bf16", dtype_bytes=4, state_dtype_bytes=4)
     return {
-        "prefill_tokens": len(prompt), "prefill_wall_s": prefill_s, "compile_s": compile_s,
-        "prefill_s": prefill_s - compile_s,
-        "prefill_tokens_per_s": len(prompt) / (prefill_s - compile_s),
-        "first_chunk_s": times[0],
-        "chunks": {"start": starts, "seconds": times},
+        **pre,
         # the first decode step compiles the 1-token step: excluded from the median
         "decode_ms_per_token": float(np.median(step_ms[1:] if len(step_ms) > 1 else step_ms)),
         "decode_ms": step_ms, "decoded_tokens": out_tokens,
@@ -277,10 +282,8 @@ def run_dense(cfg, tokens, *, context, chunk, decode_tokens, seed, budget_s, bar
         cfg_d = full_attention_config(cfg, window=n)
         dec = Decoder(build_model(cfg_d, seed=seed))
         cache = init_full_kv_cache(cfg_d, 1, n)
-        t0 = time.perf_counter()
-        logits, cache = dec.prefill(cache, [tokens[: n - decode_tokens]], chunk_size=chunk,
-                                    sync=True)
-        prefill_s = time.perf_counter() - t0
+        logits, cache, pre = timed_prefill(dec, cache, tokens[: n - decode_tokens], chunk)
+        prefill_s = pre["prefill_s"]       # without compilation: the projection is of compute
         ms = []
         for _ in range(decode_tokens):
             tok = np.asarray(jnp.argmax(logits, axis=-1), np.int32)
@@ -288,10 +291,11 @@ def run_dense(cfg, tokens, *, context, chunk, decode_tokens, seed, budget_s, bar
             logits, cache = dec.decode(cache, tok)
             jax.block_until_ready(logits)
             ms.append((time.perf_counter() - t1) * 1e3)
-        rows.append({"context": n, "prefill_s": prefill_s, "decode_ms_per_token":
+        rows.append({"context": n, "prefill_s": prefill_s, "compile_s": pre["compile_s"],
+                     "decode_ms_per_token":
                      float(np.median(ms[1:] if len(ms) > 1 else ms)),
                      "cache_bytes": full_kv_cache_bytes(cache)})
-        spent += prefill_s
+        spent += pre["prefill_wall_s"]
         del cache, dec
         if bar is not None:
             bar.set_postfix(dense_context=n, dense_prefill_s=f"{prefill_s:.0f}")

@@ -16,10 +16,9 @@ from sparse_lm.model.compressor import Compressor
 from sparse_lm.model.layers import param
 from sparse_lm.ops import masks
 from sparse_lm.ops.implementations import INDEXER_TOPK, indexer_topk
-from sparse_lm.ops.indexer import (indexer_head_scores, indexer_scores, indexer_scores_selected,
-                                   select_topk)
+from sparse_lm.ops.indexer import (blocked_indexer_topk, indexer_head_scores, indexer_scores,
+                                   indexer_scores_selected, select_topk)
 from sparse_lm.ops.rope import apply_rope
-from sparse_lm.ops.visible import blocked_indexer_topk
 from sparse_lm.sharding import kernels
 
 
@@ -121,7 +120,8 @@ class Indexer(nnx.Module):
         """The cached path for a chunk x [B, T, d] at positions [B, T]: store the chunk's
         compressed keys in the indexer cache (`CompressorCache`), then (select=True) score the
         chunk's queries against every cached key they can see, in key blocks up to the last
-        visible one with a running top-k (`ops.visible`: no [B, T, N] scores) -> (new cache,
+        visible one with a running top-k (`ops.indexer.blocked_indexer_topk`: no [B, T, N]
+        scores) -> (new cache,
         topk [B, T, k] or None)."""
         cache = self.compressor.step(cache, jax.lax.stop_gradient(x), positions, lengths, n_new,
                                      inv_freq)

@@ -29,7 +29,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from sparse_lm.ops import masks
+from sparse_lm.ops import masks, visible
 from sparse_lm.ops.chunking import map_sequence_chunks
 
 # Queries per step of the top-k part: bounds its largest temporaries (the gathered rows and
@@ -130,6 +130,32 @@ def _entries_part_dense(q, compressed, vis_or_topk, scale, dtype):
         return _dense_part(q, compressed, counts > 0, scale, dtype,
                            jnp.log(jnp.maximum(counts, 1.0)))
     return _dense_part(q, compressed, vis_or_topk, scale, dtype)
+
+
+def blocked_entries_part(q: jax.Array, entries: jax.Array, q_pos: jax.Array, *, ratio: int,
+                         scale: float, block: int | None = None):
+    """The part of every visible cached entry (`_dense_part` over `masks.entry_visible`) over
+    the visible blocks only, merged by lse (online softmax).
+
+    q [B, T, H, D] fp32, entries [B, N, D] (any dtype; each block is read in fp32), q_pos
+    [B, T] -> (out [B, T, H, D] fp32, lse [B, T, H] fp32, -inf where nothing is visible;
+    blocks run, int32 scalar). block: entries per step (None = `ops.visible.ENTRIES_BLOCK`)."""
+    b, t, h, d = q.shape
+    n = entries.shape[1]
+    block = min(block or visible.ENTRIES_BLOCK, n)
+
+    def step(carry, rows, row_idx, vis):
+        out, lse = carry
+        o_blk, lse_blk = _dense_part(q, rows.astype(jnp.float32), vis, scale, jnp.float32,
+                                     flat=True)
+        new = jnp.logaddexp(lse, lse_blk)
+        safe = jnp.where(jnp.isfinite(new), new, 0.0)
+        return (jnp.exp(lse - safe)[..., None] * out + jnp.exp(lse_blk - safe)[..., None] * o_blk,
+                new)
+
+    init = (jnp.zeros((b, t, h, d), jnp.float32), jnp.full((b, t, h), -jnp.inf, jnp.float32))
+    (out, lse), ran = visible.fold_visible_blocks(entries, q_pos, ratio, block, step, init)
+    return out, lse, ran
 
 
 # ------------------------------------------------------------------------- the three forms
@@ -248,10 +274,8 @@ def cached_attention(q: jax.Array, q_pos: jax.Array, keys: jax.Array, key_pos: j
     q [B, T, H, D] at positions q_pos [B, T]; keys [B, K, D] (the ring buffer followed by the
     chunk's rows) at key_pos [B, K] (negative = empty slot); sink [H]; entries [B, N, D] (the
     whole preallocated entries cache: only entries visible by `masks.entry_visible` take
-    part), either all visible ones (topk_idx None: HCA, dense CSA; `ops.visible` attends them
-    in blocks up to the last visible one) or the listed ones (topk_idx [B, T, k], -1 = none). Returns out [B, T, H, D] in q's dtype (and lse [B, T, H] fp32)."""
-    # function-level: ops.visible builds on this module's parts (an import cycle at the top)
-    from sparse_lm.ops.visible import blocked_entries_part
+    part), either all visible ones (topk_idx None: HCA, dense CSA; `blocked_entries_part` attends
+    them in blocks up to the last visible one) or the listed ones (topk_idx [B, T, k], -1 = none). Returns out [B, T, H, D] in q's dtype (and lse [B, T, H] fp32)."""
     qf = q.astype(jnp.float32)
     mask_w = masks.window_visible(q_pos, key_pos, window)
     parts = [_dense_part(qf, keys.astype(jnp.float32), mask_w, scale, jnp.float32, flat=True)]

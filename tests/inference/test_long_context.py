@@ -27,8 +27,8 @@ from sparse_lm.config import ConfigError
 from sparse_lm.inference import Decoder, InferenceError, generate
 from sparse_lm.model import build_model
 from sparse_lm.ops import masks, visible
-from sparse_lm.ops.attention import _dense_part
-from sparse_lm.ops.indexer import indexer_scores, select_topk
+from sparse_lm.ops.attention import _dense_part, blocked_entries_part
+from sparse_lm.ops.indexer import blocked_indexer_topk, indexer_scores, select_topk
 from tests.conftest import tiny_config
 
 
@@ -41,7 +41,7 @@ def test_blocked_topk_equals_whole_cache_topk(n, block, t):
     ratio, k = 4, 6
     q, w, keys = _normal(0, (2, t, 3, 8)), _normal(1, (2, t, 3)), _normal(2, (2, n, 8))
     q_pos = jnp.asarray([[9], [4 * n - t]]) + jnp.arange(t)      # an early and a late row
-    got, ran = jax.jit(lambda *a: visible.blocked_indexer_topk(*a, ratio=ratio, k=k,
+    got, ran = jax.jit(lambda *a: blocked_indexer_topk(*a, ratio=ratio, k=k,
                                                                block=block))(q, w, keys, q_pos)
     want = select_topk(indexer_scores(q, w, keys, masks.entry_visible(q_pos, n, ratio),
                                       flat=True), k)
@@ -53,7 +53,7 @@ def test_blocked_entries_part_equals_dense_part():
     n, block, ratio = 45, 8, 8
     q, entries = _normal(3, (2, 4, 2, 16)), _normal(4, (2, n, 16))
     q_pos = jnp.asarray([[2], [200]]) + jnp.arange(4)   # row 0 sees no entry at first
-    out, lse, _ = visible.blocked_entries_part(q, entries, q_pos, ratio=ratio, scale=0.25,
+    out, lse, _ = blocked_entries_part(q, entries, q_pos, ratio=ratio, scale=0.25,
                                                block=block)
     want_out, want_lse = _dense_part(q, entries, masks.entry_visible(q_pos, n, ratio), 0.25,
                                      jnp.float32, flat=True)
@@ -69,9 +69,9 @@ def test_early_decode_step_runs_fewer_blocks_than_late():
     keys = jnp.zeros((1, max_len // 4, 8))
     entries = jnp.zeros((1, max_len // 128, 16))
     q, w, qa = jnp.ones((1, 1, 2, 8)), jnp.ones((1, 1, 2)), jnp.ones((1, 1, 2, 16))
-    topk = jax.jit(lambda p: visible.blocked_indexer_topk(q, w, keys, p, ratio=4, k=8,
+    topk = jax.jit(lambda p: blocked_indexer_topk(q, w, keys, p, ratio=4, k=8,
                                                           block=block)[1])
-    hca = jax.jit(lambda p: visible.blocked_entries_part(qa, entries, p, ratio=128, scale=1.0,
+    hca = jax.jit(lambda p: blocked_entries_part(qa, entries, p, ratio=128, scale=1.0,
                                                          block=64)[2])
     early, late = jnp.asarray([[1000]]), jnp.asarray([[60000]])
     assert (int(topk(early)), int(topk(late))) == (1, 15)      # ceil(250/1024), ceil(15000/1024)
