@@ -52,7 +52,7 @@ from sparse_lm.model.transformer import build_model
 from sparse_lm.ops.attention import cached_attention
 from sparse_lm.ops.indexer import blocked_indexer_topk, indexer_scores
 from sparse_lm.ops.kv_cache import ring_positions
-from sparse_lm.ops.visible import INDEXER_KEY_BLOCK, fold_visible_blocks
+from sparse_lm.ops.visible import INDEXER_KEY_BLOCK, block_size, fold_visible_blocks
 from sparse_lm.train.config_check import UserError, run_main
 
 ARMS = ("sparse", "dense")
@@ -141,12 +141,13 @@ def _timed(fn, args, runs: int = 2) -> float:
     return float(np.median([_block(fn, *args) for _ in range(runs)]))
 
 
-def _scores_only(q, w, keys, q_pos, ratio, block):
+def _scores_only(q, w, keys, q_pos, ratio):
     """The indexer's scoring alone over the visible key blocks (`blocked_indexer_topk` without
     the top-k merge): each block's scores reduced to one max per query."""
     def step(best, rows, row_idx, vis):
         return jnp.maximum(best, jnp.max(indexer_scores(q, w, rows, vis, flat=True), axis=-1))
-    return fold_visible_blocks(keys, q_pos, ratio, min(block, keys.shape[1]), step,
+    block = block_size(INDEXER_KEY_BLOCK, q.shape[1] * q.shape[2], keys.shape[1])
+    return fold_visible_blocks(keys, q_pos, ratio, block, step,
                                jnp.full(q.shape[:2], -jnp.inf))[0]
 
 
@@ -164,7 +165,7 @@ def part_seconds(cfg: ModelConfig, max_len: int, chunk: int, position: int, seed
     keys = jax.random.normal(next(ks), (b, n_idx, cfg.index_head_dim))
     ratio = cfg.compress_ratio_csa
     topk = jax.jit(lambda *a: blocked_indexer_topk(*a, ratio=ratio, k=cfg.index_topk)[0])
-    scores = jax.jit(lambda *a: _scores_only(*a, ratio, INDEXER_KEY_BLOCK))
+    scores = jax.jit(lambda *a: _scores_only(*a, ratio))
     out = {"indexer_scoring": _timed(scores, (qi, wi, keys, q_pos))}
     out["indexer_topk"] = max(0.0, _timed(topk, (qi, wi, keys, q_pos)) - out["indexer_scoring"])
     q = jax.random.normal(next(ks), (b, t, h, d))

@@ -139,10 +139,10 @@ def blocked_entries_part(q: jax.Array, entries: jax.Array, q_pos: jax.Array, *, 
 
     q [B, T, H, D] fp32, entries [B, N, D] (any dtype; each block is read in fp32), q_pos
     [B, T] -> (out [B, T, H, D] fp32, lse [B, T, H] fp32, -inf where nothing is visible;
-    blocks run, int32 scalar). block: entries per step (None = `ops.visible.ENTRIES_BLOCK`)."""
+    blocks run, int32 scalar). block: entries per step (None = `ops.visible.block_size`)."""
     b, t, h, d = q.shape
     n = entries.shape[1]
-    block = min(block or visible.ENTRIES_BLOCK, n)
+    block = min(block or visible.block_size(visible.ENTRIES_BLOCK, t * h, n), n)
 
     def step(carry, rows, row_idx, vis):
         out, lse = carry

@@ -56,7 +56,7 @@ def blocked_indexer_topk(q: jax.Array, weights: jax.Array, keys: jax.Array, q_po
 
     q [B, T, Hi, Di], weights [B, T, Hi], keys [B, N, Di] (the indexer cache), q_pos [B, T]
     -> (topk [B, T, min(k, N)] int32, -1 where fewer are visible; blocks run, int32 scalar).
-    block: entries per step (None = `ops.visible.INDEXER_KEY_BLOCK`).
+    block: entries per step (None = `ops.visible.block_size`).
     Same picks in the same order: the running list is kept sorted (value, then lower index) and
     each block's entries have higher indices than every earlier one, so `lax.top_k` over
     [running | block] breaks ties exactly as over the whole row.
@@ -66,7 +66,7 @@ def blocked_indexer_topk(q: jax.Array, weights: jax.Array, keys: jax.Array, q_po
     k_eff = min(k, n)
     if k_eff == 0:
         return jnp.zeros((b, t, 0), jnp.int32), jnp.zeros((), jnp.int32)
-    block = min(block or visible.INDEXER_KEY_BLOCK, n)
+    block = min(block or visible.block_size(visible.INDEXER_KEY_BLOCK, t * q.shape[2], n), n)
 
     def step(carry, rows, row_idx, vis):
         vals, idx = carry

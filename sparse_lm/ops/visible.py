@@ -32,11 +32,22 @@ import jax.numpy as jnp
 
 from sparse_lm.ops import masks
 
-# Entries per loop step (read when a step is traced): the indexer's keys are narrow (Di <= 128),
-# so wide blocks keep the while loop's overhead small; the attention's entries are [.., D] rows
-# attended by H heads.
+# Entries per loop step (read when a step is traced): at most INDEXER_KEY_BLOCK / ENTRIES_BLOCK,
+# fewer for long chunks, so that one step's [T, heads, block] products stay near BLOCK_ELEMENTS
+# (8 MB in fp32: cache-resident; on the 2-core CPU a 1024-token chunk scored its indexer keys
+# at 4 ns per query-key pair in blocks of 512 against 18 ns in blocks of 4096), and never below
+# MIN_BLOCK (the while loop's per-iteration overhead, tens of microseconds on XLA:CPU).
 INDEXER_KEY_BLOCK = 4096
 ENTRIES_BLOCK = 1024
+BLOCK_ELEMENTS = 1 << 21
+MIN_BLOCK = 128
+
+
+def block_size(largest: int, rows: int, num_entries: int) -> int:
+    """Entries per step for `rows` query-head rows (T * heads) over `num_entries` slots: the
+    largest of `largest` that keeps rows * block <= BLOCK_ELEMENTS (>= MIN_BLOCK), <= N."""
+    fit = max(MIN_BLOCK, BLOCK_ELEMENTS // max(rows, 1))
+    return max(1, min(largest, fit, num_entries))
 
 
 def visible_blocks(q_pos: jax.Array, num_entries: int, ratio: int, block: int) -> jax.Array:
