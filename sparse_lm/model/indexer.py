@@ -121,8 +121,7 @@ class Indexer(nnx.Module):
         compressed keys in the indexer cache (`CompressorCache`), then (select=True) score the
         chunk's queries against every cached key they can see, in key blocks up to the last
         visible one with a running top-k (`ops.indexer.blocked_indexer_topk`: no [B, T, N]
-        scores) -> (new cache,
-        topk [B, T, k] or None)."""
+        scores) -> (new cache, topk [B, T, k] or None)."""
         cache = self.compressor.step(cache, jax.lax.stop_gradient(x), positions, lengths, n_new,
                                      inv_freq)
         if not select:

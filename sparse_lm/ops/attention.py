@@ -17,7 +17,8 @@ Three forms of the same math, each returning (out, lse), lse fp32 with the sink 
                        query chunks (S*k), all visible entries dense (HCA: N = S/m' is small);
                        operands stay in the compute dtype, products and softmax in fp32.
   cached_attention     chunk queries at positions q_pos against cached keys at key_pos (the
-                       ring buffer + the chunk's rows; decode and chunked prefill).
+                       ring buffer + the chunk's rows; decode and chunked prefill), the
+                       cache's entries read only up to the last visible block.
 Each is a sum of softmax *parts* (window, entries) merged exactly by their lse with the sink
 (`_part`, `_merge`). This module imports no kernel: the implementation switch that also reaches
 the Pallas kernels is `sparse_lm.ops.implementations.sparse_attention`.
@@ -275,7 +276,8 @@ def cached_attention(q: jax.Array, q_pos: jax.Array, keys: jax.Array, key_pos: j
     chunk's rows) at key_pos [B, K] (negative = empty slot); sink [H]; entries [B, N, D] (the
     whole preallocated entries cache: only entries visible by `masks.entry_visible` take
     part), either all visible ones (topk_idx None: HCA, dense CSA; `blocked_entries_part` attends
-    them in blocks up to the last visible one) or the listed ones (topk_idx [B, T, k], -1 = none). Returns out [B, T, H, D] in q's dtype (and lse [B, T, H] fp32)."""
+    them in blocks up to the last visible one) or the listed ones (topk_idx [B, T, k], -1 =
+    none). Returns out [B, T, H, D] in q's dtype (and lse [B, T, H] fp32)."""
     qf = q.astype(jnp.float32)
     mask_w = masks.window_visible(q_pos, key_pos, window)
     parts = [_dense_part(qf, keys.astype(jnp.float32), mask_w, scale, jnp.float32, flat=True)]

@@ -84,11 +84,11 @@ SEQ, CHUNK, MAX_LEN = 2000, 64, 12000
 
 @pytest.fixture(scope="module")
 def small_blocks():
-    """Blocks small enough that a 2,000-token prompt crosses many (the defaults are 4096 /
-    1024 entries); read when a step is traced."""
+    """Blocks small enough that a 2,000-token prompt crosses several (the defaults are up to
+    4096 / 1024 entries); read when a step is traced."""
     mp = pytest.MonkeyPatch()
-    mp.setattr(visible, "INDEXER_KEY_BLOCK", 64)
-    mp.setattr(visible, "ENTRIES_BLOCK", 16)
+    mp.setattr(visible, "INDEXER_KEY_BLOCK", 128)
+    mp.setattr(visible, "ENTRIES_BLOCK", 32)
     yield
     mp.undo()
 
