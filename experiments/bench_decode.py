@@ -51,7 +51,8 @@ their timed calls interleaved with the arms' steps of the same length:
   window      `cached_attention` over the 128-row ring + the new row (every layer; = SWA layer)
   csa_attn    the same + the top-k entries gathered from the [B, L/4, D] entries (CSA layer)
   hca_attn    the same + every visible entry of the [B, L/128, D] entries (HCA layer)
-  indexer     `indexer_scores` over the [B, L/4, D_I] indexer keys + `select_topk` (CSA layer)
+  indexer     `blocked_indexer_topk` over the [B, L/4, D_I] indexer keys (CSA layer: what
+              `Indexer.cached` runs, scores of the visible key blocks into a running top-k)
   dense_attn  `cached_attention` over the full [B, L, D] cache (one layer of the dense arm)
 with their FLOPs (2 per multiply-add; attention 4*H*D per attended key, indexer 2*H_I*D_I per
 key) and the bytes of cache they read. `other` = step time minus the attention parts summed over
@@ -95,9 +96,8 @@ from sparse_lm.inference.dense import (full_attention_config, full_kv_cache_byte
                                        init_full_kv_cache)
 from sparse_lm.model.layers import dtype_of
 from sparse_lm.model.transformer import build_model
-from sparse_lm.ops import masks
 from sparse_lm.ops.attention import cached_attention
-from sparse_lm.ops.indexer import indexer_scores, select_topk
+from sparse_lm.ops.indexer import blocked_indexer_topk
 from sparse_lm.ops.kv_cache import FullKVCache, ring_positions
 
 ARMS = ("sparse", "dense", "dense_ring")
@@ -438,9 +438,9 @@ def part_inputs(part: str, cfg: ModelConfig, length: int, batch: int, seed: int 
         wi = _normal(next(ks), (b, 1, hi), dt)
         keys = _normal(next(ks), (b, length // m, di), dt)
 
-        def f(qi, wi, keys):
-            visible = masks.entry_visible(pos[:, None], keys.shape[1], m)
-            return select_topk(indexer_scores(qi, wi, keys, visible, flat=True), cfg.index_topk)
+        def f(qi, wi, keys):     # what `Indexer.cached` runs: visible key blocks, running top-k
+            return blocked_indexer_topk(qi, wi, keys, pos[:, None], ratio=m,
+                                        k=cfg.index_topk)[0]
         return f, (qi, wi, keys)
     kv = _normal(next(ks), (b, length, d), dt)                   # dense_attn
 

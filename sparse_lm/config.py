@@ -169,6 +169,11 @@ class ModelConfig:
     # "top2_softmax"; capacity: the batch capacity factor's range (f_min, f_max).
     moe_router: str = "v4"
     router_capacity_range: tuple[float, float] = (1.0, 2.0)
+    # Longest context (prompt + generated tokens) the model serves; 0 = no limit set. With YaRN
+    # it may not exceed the positions YaRN stretches the compressed layers' RoPE to
+    # (yarn_factor * yarn_original_max_position: 16 x 64K = 1M for V4). Decoder / generate
+    # refuse a longer cache or prompt before any compute (docs/inference.md, long context).
+    max_context: int = 0
 
     # ------------------------------------------------------------------ derived properties
     @property
@@ -210,6 +215,11 @@ class ModelConfig:
         stop = start + n * p
         return LayerGroups(head=layers[:start], cycle=layers[start:start + p], num_cycles=n,
                            tail=layers[stop:])
+
+    @property
+    def yarn_reach(self) -> int:
+        """Positions the YaRN-stretched RoPE covers: yarn_factor * yarn_original_max_position."""
+        return int(self.yarn_factor * self.yarn_original_max_position)
 
     @property
     def rope_dims_indexer(self) -> int:
@@ -281,6 +291,13 @@ class ModelConfig:
             _fail("remat", self.remat, f"allowed values: {REMAT_POLICIES}")
         if self.yarn and (self.yarn_factor <= 0 or self.yarn_original_max_position < 1):
             _fail("yarn_factor", self.yarn_factor, "YaRN needs factor > 0 and an original length >= 1")
+        if not isinstance(self.max_context, int) or isinstance(self.max_context, bool) or \
+                self.max_context < 0:
+            _fail("max_context", self.max_context, "must be an integer >= 0 (0 = no limit)")
+        if self.yarn and self.max_context > self.yarn_reach:
+            _fail("max_context", self.max_context,
+                  f"exceeds the positions YaRN reaches: yarn_factor * yarn_original_max_position "
+                  f"= {self.yarn_reach}; raise yarn_factor or yarn_original_max_position")
         self._check_ablation()
 
     def _check_ablation(self):

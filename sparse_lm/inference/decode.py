@@ -151,7 +151,9 @@ class Decoder:
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> Cache:
         """The model's compressed cache (`init_cache`), created in the layout's shardings; a
-        `init_full_kv_cache` cache works too for window-only models (the dense baseline)."""
+        `init_full_kv_cache` cache works too for window-only models (the dense baseline).
+        max_len may not exceed the model's `max_context` (when set)."""
+        self._check_context(max_len, "max_len")
         if self.layout is None:
             return init_cache(self.cfg, batch, max_len, dtype)
         make = functools.partial(init_cache, self.cfg, batch, max_len, dtype)
@@ -191,8 +193,17 @@ class Decoder:
         sharding = None if self.layout is None else self.layout.rows(tuple(shape))
         return jax.ShapeDtypeStruct(tuple(shape), jnp.int32, sharding=sharding)
 
+    def _check_context(self, tokens: int, what: str) -> None:
+        """InferenceError if `tokens` of context exceed the model's max_context (0 = no limit)."""
+        limit = self.cfg.max_context
+        if limit and tokens > limit:
+            raise InferenceError(f"{what}={tokens} exceeds the model's max_context={limit} "
+                                 "(model.max_context; YaRN reaches yarn_factor * "
+                                 "yarn_original_max_position)")
+
     def _check_room(self, cache: Cache, add: np.ndarray, what: str) -> np.ndarray:
         held = np.asarray(cache.lengths)
+        self._check_context(int((held + add).max()), f"{what}: tokens held + new")
         over = np.nonzero(held + add > cache.max_len)[0]
         if over.size:
             b = int(over[0])
@@ -202,12 +213,14 @@ class Decoder:
         return held
 
     def prefill(self, cache: Cache, prompts: Sequence[Sequence[int]], *, chunk_size: int = 128,
-                logits: str = "last", progress: Callable[[int, int], None] | None = None):
+                logits: str = "last", progress: Callable[[int, int], None] | None = None,
+                sync: bool = False):
         """Append one prompt per row (any lengths >= 1) in chunks of `chunk_size` tokens.
 
         Returns (logits, cache): logits "last" -> [B, V] at each row's last prompt token;
         "all" -> a list of [len(prompt_b), V] arrays; "none" -> None. The cache passed in is
-        donated. progress(done_chunks, total_chunks) is called after each chunk.
+        donated. progress(done_chunks, total_chunks) is called after each chunk; sync=True waits
+        for each chunk's step to finish first (so progress sees compute time, not dispatch).
         """
         if logits not in LOGITS_MODES:
             raise InferenceError(f"logits={logits!r} is invalid: allowed values {LOGITS_MODES}")
@@ -236,6 +249,8 @@ class Decoder:
                 last = out if last is None else jnp.where(jnp.asarray(ends_here)[:, None], out, last)
             elif logits == "all":
                 per_chunk.append(out)
+            if sync:
+                jax.block_until_ready((out, cache))
             if progress is not None:
                 progress(c + 1, n_chunks)
         if logits == "all":
@@ -281,6 +296,7 @@ def generate(model_or_decoder, prompts: Sequence[Sequence[int]], *, max_new_toke
         raise InferenceError("prompts is empty: give at least one prompt")
     longest = max(len(p) for p in prompts)
     need = longest + max_new_tokens
+    dec._check_context(need, "the longest prompt + max_new_tokens")
     if max_len is None:
         max_len = need
     elif max_len < need:

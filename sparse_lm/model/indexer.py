@@ -16,8 +16,8 @@ from sparse_lm.model.compressor import Compressor
 from sparse_lm.model.layers import param
 from sparse_lm.ops import masks
 from sparse_lm.ops.implementations import INDEXER_TOPK, indexer_topk
-from sparse_lm.ops.indexer import (indexer_head_scores, indexer_scores, indexer_scores_selected,
-                                   select_topk)
+from sparse_lm.ops.indexer import (blocked_indexer_topk, indexer_head_scores, indexer_scores,
+                                   indexer_scores_selected, select_topk)
 from sparse_lm.ops.rope import apply_rope
 from sparse_lm.sharding import kernels
 
@@ -119,13 +119,14 @@ class Indexer(nnx.Module):
                k: int | None = None):
         """The cached path for a chunk x [B, T, d] at positions [B, T]: store the chunk's
         compressed keys in the indexer cache (`CompressorCache`), then (select=True) score the
-        chunk's queries against every cached key they can see -> (new cache, topk [B, T, k] or
-        None)."""
+        chunk's queries against every cached key they can see, in key blocks up to the last
+        visible one with a running top-k (`ops.indexer.blocked_indexer_topk`: no [B, T, N]
+        scores) -> (new cache, topk [B, T, k] or None)."""
         cache = self.compressor.step(cache, jax.lax.stop_gradient(x), positions, lengths, n_new,
                                      inv_freq)
         if not select:
             return cache, None
         q, w = self.project_queries(x, q_latent, positions, inv_freq)
-        visible = masks.entry_visible(positions, cache.entries.shape[1], self.ratio)
-        scores = indexer_scores(q, w, cache.entries, visible, flat=True)
-        return cache, select_topk(scores, self.topk if k is None else k)
+        topk, _ = blocked_indexer_topk(q, w, cache.entries, positions, ratio=self.ratio,
+                                       k=self.topk if k is None else k)
+        return cache, topk

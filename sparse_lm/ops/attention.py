@@ -17,7 +17,8 @@ Three forms of the same math, each returning (out, lse), lse fp32 with the sink 
                        query chunks (S*k), all visible entries dense (HCA: N = S/m' is small);
                        operands stay in the compute dtype, products and softmax in fp32.
   cached_attention     chunk queries at positions q_pos against cached keys at key_pos (the
-                       ring buffer + the chunk's rows; decode and chunked prefill).
+                       ring buffer + the chunk's rows; decode and chunked prefill), the
+                       cache's entries read only up to the last visible block.
 Each is a sum of softmax *parts* (window, entries) merged exactly by their lse with the sink
 (`_part`, `_merge`). This module imports no kernel: the implementation switch that also reaches
 the Pallas kernels is `sparse_lm.ops.implementations.sparse_attention`.
@@ -29,7 +30,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from sparse_lm.ops import masks
+from sparse_lm.ops import masks, visible
 from sparse_lm.ops.chunking import map_sequence_chunks
 
 # Queries per step of the top-k part: bounds its largest temporaries (the gathered rows and
@@ -130,6 +131,32 @@ def _entries_part_dense(q, compressed, vis_or_topk, scale, dtype):
         return _dense_part(q, compressed, counts > 0, scale, dtype,
                            jnp.log(jnp.maximum(counts, 1.0)))
     return _dense_part(q, compressed, vis_or_topk, scale, dtype)
+
+
+def blocked_entries_part(q: jax.Array, entries: jax.Array, q_pos: jax.Array, *, ratio: int,
+                         scale: float, block: int | None = None):
+    """The part of every visible cached entry (`_dense_part` over `masks.entry_visible`) over
+    the visible blocks only, merged by lse (online softmax).
+
+    q [B, T, H, D] fp32, entries [B, N, D] (any dtype; each block is read in fp32), q_pos
+    [B, T] -> (out [B, T, H, D] fp32, lse [B, T, H] fp32, -inf where nothing is visible;
+    blocks run, int32 scalar). block: entries per step (None = `ops.visible.block_size`)."""
+    b, t, h, d = q.shape
+    n = entries.shape[1]
+    block = min(block or visible.block_size(visible.ENTRIES_BLOCK, t * h, n), n)
+
+    def step(carry, rows, row_idx, vis):
+        out, lse = carry
+        o_blk, lse_blk = _dense_part(q, rows.astype(jnp.float32), vis, scale, jnp.float32,
+                                     flat=True)
+        new = jnp.logaddexp(lse, lse_blk)
+        safe = jnp.where(jnp.isfinite(new), new, 0.0)
+        return (jnp.exp(lse - safe)[..., None] * out + jnp.exp(lse_blk - safe)[..., None] * o_blk,
+                new)
+
+    init = (jnp.zeros((b, t, h, d), jnp.float32), jnp.full((b, t, h), -jnp.inf, jnp.float32))
+    (out, lse), ran = visible.fold_visible_blocks(entries, q_pos, ratio, block, step, init)
+    return out, lse, ran
 
 
 # ------------------------------------------------------------------------- the three forms
@@ -248,18 +275,17 @@ def cached_attention(q: jax.Array, q_pos: jax.Array, keys: jax.Array, key_pos: j
     q [B, T, H, D] at positions q_pos [B, T]; keys [B, K, D] (the ring buffer followed by the
     chunk's rows) at key_pos [B, K] (negative = empty slot); sink [H]; entries [B, N, D] (the
     whole preallocated entries cache: only entries visible by `masks.entry_visible` take
-    part), either all visible ones (topk_idx None: HCA, dense CSA) or the listed ones (topk_idx
-    [B, T, k], -1 = none). Returns out [B, T, H, D] in q's dtype (and lse [B, T, H] fp32)."""
+    part), either all visible ones (topk_idx None: HCA, dense CSA; `blocked_entries_part` attends
+    them in blocks up to the last visible one) or the listed ones (topk_idx [B, T, k], -1 =
+    none). Returns out [B, T, H, D] in q's dtype (and lse [B, T, H] fp32)."""
     qf = q.astype(jnp.float32)
     mask_w = masks.window_visible(q_pos, key_pos, window)
     parts = [_dense_part(qf, keys.astype(jnp.float32), mask_w, scale, jnp.float32, flat=True)]
     if entries is not None and entries.shape[1] > 0:   # max_len < m leaves no room for entries
-        ef = entries.astype(jnp.float32)
-        if topk_idx is None:
-            vis = masks.entry_visible(q_pos, ef.shape[1], ratio)
-            parts.append(_dense_part(qf, ef, vis, scale, jnp.float32, flat=True))
-        elif topk_idx.shape[-1]:
-            parts.append(_gathered_part(qf, ef, topk_idx, scale, jnp.float32))
+        if topk_idx is None:    # the visible blocks only, never [B, T, H, N] logits
+            parts.append(blocked_entries_part(qf, entries, q_pos, ratio=ratio, scale=scale)[:2])
+        elif topk_idx.shape[-1]:   # rows gathered in the cache's dtype, then read in fp32
+            parts.append(_gathered_part(qf, entries, topk_idx, scale, jnp.float32))
     out, lse = _merge(parts, sink, q.dtype)
     return (out, lse) if return_lse else out
 

@@ -6,7 +6,7 @@ entry 0 is a real entry). `lax.top_k` breaks ties by the lower index.
 import jax
 import jax.numpy as jnp
 
-from sparse_lm.ops import masks
+from sparse_lm.ops import masks, visible
 from sparse_lm.ops.attention import flat_scores
 
 
@@ -47,6 +47,38 @@ def select_topk(scores: jax.Array, k: int) -> jax.Array:
         return jnp.zeros(scores.shape[:-1] + (0,), jnp.int32)
     vals, idx = jax.lax.top_k(scores, k_eff)
     return jnp.where(jnp.isfinite(vals), idx, -1).astype(jnp.int32)
+
+
+def blocked_indexer_topk(q: jax.Array, weights: jax.Array, keys: jax.Array, q_pos: jax.Array, *,
+                         ratio: int, k: int, block: int | None = None):
+    """`select_topk(indexer_scores(q, weights, keys, masks.entry_visible(q_pos, N, ratio),
+    flat=True), k)` over the visible key blocks only.
+
+    q [B, T, Hi, Di], weights [B, T, Hi], keys [B, N, Di] (the indexer cache), q_pos [B, T]
+    -> (topk [B, T, min(k, N)] int32, -1 where fewer are visible; blocks run, int32 scalar).
+    block: entries per step (None = `ops.visible.block_size`).
+    Same picks in the same order: the running list is kept sorted (value, then lower index) and
+    each block's entries have higher indices than every earlier one, so `lax.top_k` over
+    [running | block] breaks ties exactly as over the whole row.
+    """
+    b, t = q.shape[:2]
+    n = keys.shape[1]
+    k_eff = min(k, n)
+    if k_eff == 0:
+        return jnp.zeros((b, t, 0), jnp.int32), jnp.zeros((), jnp.int32)
+    block = min(block or visible.block_size(visible.INDEXER_KEY_BLOCK, t * q.shape[2], n), n)
+
+    def step(carry, rows, row_idx, vis):
+        vals, idx = carry
+        scores = indexer_scores(q, weights, rows, vis, flat=True)           # [B, T, block]
+        both = jnp.concatenate([vals, scores], axis=-1)
+        both_idx = jnp.concatenate([idx, jnp.broadcast_to(row_idx, scores.shape)], axis=-1)
+        vals, at = jax.lax.top_k(both, k_eff)
+        return vals, jnp.take_along_axis(both_idx, at, axis=-1)
+
+    init = (jnp.full((b, t, k_eff), -jnp.inf, jnp.float32), jnp.full((b, t, k_eff), -1, jnp.int32))
+    (vals, idx), ran = visible.fold_visible_blocks(keys, q_pos, ratio, block, step, init)
+    return jnp.where(jnp.isfinite(vals), idx, -1).astype(jnp.int32), ran
 
 
 def compressed_attention_mass(q: jax.Array, entries: jax.Array, lse: jax.Array,
