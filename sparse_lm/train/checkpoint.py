@@ -38,9 +38,10 @@ from flax import nnx
 from sparse_lm.config import ModelConfig
 from sparse_lm.convert.core import CONFIG_FILE as CONVERTED_CONFIG, restore_checkpoint
 
-# Model fields that change how the model executes, not what it is: a run may resume with others.
+# Model fields that change how the model executes, not what it is: a run may resume with others
+# (max_context is a serving limit: the weights do not depend on it).
 EXECUTION_FIELDS = frozenset({"dtype", "param_dtype", "attention_impl", "remat", "moe_impl",
-                              "moe_dispatch", "moe_capacity_factor"})
+                              "moe_dispatch", "moe_capacity_factor", "max_context"})
 
 
 def _default(field: str):
