@@ -22,7 +22,7 @@ from sparse_lm.config import ModelConfig
 MODEL_PRESETS = ("tiny", "v4_flash", "v4_pro")
 
 # ModelConfig fields that may be None, with the type a command-line value is parsed as.
-OPTIONAL_FIELDS = {"attention_impl": str}
+OPTIONAL_FIELDS = {"attention_impl": str, "selector_temperature": tuple}
 
 
 def model_config_dict(fields: Mapping[str, Any]) -> ml_collections.ConfigDict:
