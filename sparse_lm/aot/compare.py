@@ -43,6 +43,7 @@ from sparse_lm.inference import Decoder
 from sparse_lm.model import build_model
 from sparse_lm.sharding import partition
 from sparse_lm.sharding.expert_parallel import buffer_rows
+from sparse_lm.sharding.kernels import length_axes
 from sparse_lm.sharding.mesh import ShardingError, describe
 from sparse_lm.sharding.presets import load_preset
 from sparse_lm.sharding.rules import spec_for
@@ -161,9 +162,7 @@ def _score_dims(plan, batch: int, seq_len: int) -> tuple[int, int] | None:
     if "csa" not in cfg.layer_kinds or seq_len < cfg.compress_ratio_csa:
         return None
     rows = ("activation_batch", "activation_length")
-    length = tuple(spec_for(rows, (batch, seq_len), plan.sizes, plan.preset.rules))[1:2]
-    axes = () if not length or length[0] is None else (
-        (length[0],) if isinstance(length[0], str) else tuple(length[0]))
+    axes = length_axes(spec_for(rows, (batch, seq_len), plan.sizes, plan.preset.rules), rows)
     return seq_len // math.prod(plan.sizes[a] for a in axes), seq_len // cfg.compress_ratio_csa
 
 

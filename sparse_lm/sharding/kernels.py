@@ -35,7 +35,7 @@ from sparse_lm.sharding.mesh import ShardingError
 Names = tuple  # one logical name (or None) per dimension
 
 
-def _length_axes(spec: PartitionSpec, names: Names) -> tuple[str, ...]:
+def length_axes(spec: PartitionSpec, names: Names) -> tuple[str, ...]:
     """The mesh axes `spec` splits the query-length dim (`activation_length`) of `names` over."""
     i = list(names).index("activation_length")
     axis = tuple(spec)[i] if i < len(spec) else None
@@ -56,7 +56,7 @@ def choose(op, implementation: str | None, row_names: Names, row_shape, what: st
     name = op.canonical(implementation) or op.default_implementation()
     if not name.startswith("pallas"):
         return False, implementation
-    if implementation is None and constraints.active() is not None and _length_axes(
+    if implementation is None and constraints.active() is not None and length_axes(
             constraints.spec(row_names, row_shape), row_names):
         log_once(logging.WARNING, (what, "sequence split"),
                  "%s: the preset splits queries along the sequence, where the kernels cannot "
@@ -79,7 +79,7 @@ def kernel_call(fn: Callable, operands: Sequence[tuple], outputs: Sequence[tuple
     in_specs = tuple(constraints.spec(names, x.shape) for _, x, names in present)
     out_specs = tuple(constraints.spec(names, shape) for shape, _, names in outputs)
     for (_, x, names), spec in zip(present, in_specs):
-        if "activation_length" in names and _length_axes(spec, names):
+        if "activation_length" in names and length_axes(spec, names):
             raise ShardingError(
                 f"{what}: preset {ctx.preset or '(active rules)'} splits the queries along the "
                 f"sequence ({_describe(spec, ctx.sizes)}); the kernels take whole query rows "
