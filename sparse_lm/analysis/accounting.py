@@ -608,22 +608,38 @@ def kv_entry_bytes(cfg: ModelConfig, layout: str = "bf16", *,
     return main, idx
 
 
+def _cached_rows(cfg: ModelConfig, kind: str, main: int, idx: int):
+    """(bytes per cached row, tokens per row, compressor tails [(c, m, overlap)]) of one
+    layer's cache (`inference.cache.layer_cache`): HCA an entry per m' tokens; CSA by its
+    selector: lightning an entry and an indexer key per m tokens, dense / fixed / mlp_router
+    the entry only, dsa_tokens a raw row and a key per token (V3.2: nothing compressed)."""
+    m = cfg.compress_ratio_csa
+    if kind == "hca":
+        return main, cfg.compress_ratio_hca, ((cfg.head_dim, cfg.compress_ratio_hca, False),)
+    if kind != "csa":
+        return 0, 1, ()
+    if cfg.selector == "dsa_tokens":
+        return main + idx, 1, ()
+    if cfg.selector == "lightning":
+        return main + idx, m, ((cfg.head_dim, m, True), (cfg.index_head_dim, m, True))
+    return main, m, ((cfg.head_dim, m, True),)
+
+
 def kv_cache_bytes_per_token(cfg: ModelConfig, layout: str = "bf16", *,
                              dtype_bytes: int | None = None) -> float:
     """Bytes the growing cache adds per token of context, summed over the main model's layers.
 
     CSA layer: (main row + indexer key) / m; HCA layer: main row / m'; SWA-only layers: 0 (their
-    window is fixed-size state, see `kv_cache_state_bytes`). The MTP block is an SWA-only layer
+    window is fixed-size state, see `kv_cache_state_bytes`). CSA layers with another selector
+    than lightning cache what it reads (`_cached_rows`). The MTP block is an SWA-only layer
     and adds nothing per token. Exactly: `kv_cache_bytes(cfg, N)` = sum over layers of
     floor(N / m) rows + the state.
     """
     main, idx = kv_entry_bytes(cfg, layout, dtype_bytes=dtype_bytes)
     total = 0.0
     for spec in cfg.layers:
-        if spec.kind == "csa":
-            total += (main + idx) / cfg.compress_ratio_csa
-        elif spec.kind == "hca":
-            total += main / cfg.compress_ratio_hca
+        row, tokens, _ = _cached_rows(cfg, spec.kind, main, idx)
+        total += row / tokens
     return total
 
 
@@ -635,7 +651,8 @@ def kv_cache_state_bytes(cfg: ModelConfig, layout: str = "bf16", *,
     - window ring buffer, every attention layer: sliding_window main rows (layout's row size);
     - compressor tails (the official fixed-size buffers): per compressor a kv and a score
       buffer of (1+ov)*m slots x (1+ov)*c channels, ov = 1 for the CSA kind; CSA layers have two
-      compressors (main, c = head_dim, and the indexer's, c = index_head_dim), HCA one.
+      compressors (main, c = head_dim, and the indexer's, c = index_head_dim), HCA one (CSA
+      with another selector: `_cached_rows`).
     state_dtype_bytes is the tail element size: default 4 (fp32, as the official reference)
     for 'released' and dtype_bytes for 'bf16' (every row in that dtype).
     include_mtp adds the MTP block's window.
@@ -656,11 +673,7 @@ def kv_cache_state_bytes(cfg: ModelConfig, layout: str = "bf16", *,
     n_windows = cfg.num_layers + (1 if include_mtp and cfg.mtp_depth else 0)
     total += n_windows * cfg.sliding_window * main
     for spec in cfg.layers:
-        if spec.kind == "csa":
-            total += tail(cfg.head_dim, cfg.compress_ratio_csa, True)
-            total += tail(cfg.index_head_dim, cfg.compress_ratio_csa, True)
-        elif spec.kind == "hca":
-            total += tail(cfg.head_dim, cfg.compress_ratio_hca, False)
+        total += sum(tail(*t) for t in _cached_rows(cfg, spec.kind, main, 0)[2])
     return total
 
 
@@ -673,10 +686,8 @@ def kv_cache_bytes(cfg: ModelConfig, context_len: int, layout: str = "bf16", *,
     main, idx = kv_entry_bytes(cfg, layout, dtype_bytes=dtype_bytes)
     total = 0
     for spec in cfg.layers:
-        if spec.kind == "csa":
-            total += (context_len // cfg.compress_ratio_csa) * (main + idx)
-        elif spec.kind == "hca":
-            total += (context_len // cfg.compress_ratio_hca) * main
+        row, tokens, _ = _cached_rows(cfg, spec.kind, main, idx)
+        total += (context_len // tokens) * row
     return total + kv_cache_state_bytes(cfg, layout, dtype_bytes=dtype_bytes,
                                         state_dtype_bytes=state_dtype_bytes,
                                         include_mtp=include_mtp)

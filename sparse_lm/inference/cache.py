@@ -3,7 +3,8 @@
 One `LayerCache` per attention layer (its fields, layout and bookkeeping are documented in
 `sparse_lm.ops.kv_cache`): the window ring buffer [B, W, D], and for CSA/HCA the compressor's
 uncompressed tail (fp32, gates with the position bias) and its compressed entries
-[B, max_len // m, c], for CSA also the indexer's tail and keys.
+[B, max_len // m, c], for CSA also the indexer's tail and keys (what the layer's selector needs:
+`ops.kv_cache`; dsa_tokens keeps every token's row and key instead).
 SWA-only layers have only the window. ``Cache.lengths`` [B] counts the tokens each row holds.
 
 The state part (window + tails) has a fixed size per sequence; the entries part is preallocated
@@ -20,10 +21,13 @@ import jax.numpy as jnp
 
 from sparse_lm.config import ModelConfig
 from sparse_lm.model.layers import dtype_of
-from sparse_lm.ops.kv_cache import CompressorCache, LayerCache, dataclass_pytree
+from sparse_lm.ops.kv_cache import CompressorCache, LayerCache, TokenCache, dataclass_pytree
 
-__all__ = ["Cache", "CompressorCache", "LayerCache", "cache_bytes", "cache_logical_axes",
-           "init_cache", "layer_cache", "measured_bytes_per_token"]
+__all__ = ["Cache", "CompressorCache", "LayerCache", "TokenCache", "cache_bytes",
+           "cache_logical_axes", "init_cache", "layer_cache", "measured_bytes_per_token"]
+
+# Cache arrays that grow with context (preallocated to max_len); the others are fixed state.
+GROWING = ("entries", "kv_rows", "index_keys")
 
 
 @dataclass_pytree(meta=("max_len",))
@@ -46,14 +50,20 @@ def _compressor_cache(batch, max_len, out_dim, ratio, overlap, dtype) -> Compres
 
 
 def layer_cache(cfg: ModelConfig, kind: str, batch: int, max_len: int, dtype=None) -> LayerCache:
-    """Empty cache of one attention layer of `kind` ("swa" | "csa" | "hca")."""
+    """Empty cache of one attention layer of `kind` ("swa" | "csa" | "hca"); a CSA layer's
+    holds what its selector (`cfg.selector`) reads: lightning the indexer's compressed keys,
+    dsa_tokens every token's row and key (no compression), the others the entries only."""
     dtype = dtype or dtype_of(cfg.dtype)
     window = jnp.zeros((batch, cfg.sliding_window, cfg.head_dim), dtype)
     comp = idx = None
+    if kind == "csa" and cfg.selector == "dsa_tokens":
+        return LayerCache(window=window, compressor=None, indexer=TokenCache(
+            kv_rows=jnp.zeros((batch, max_len, cfg.head_dim), dtype),
+            index_keys=jnp.zeros((batch, max_len, cfg.index_head_dim), dtype)))
     if kind != "swa":
         comp = _compressor_cache(batch, max_len, cfg.head_dim, cfg.ratio_of(kind), kind == "csa",
                                  dtype)
-    if kind == "csa":
+    if kind == "csa" and cfg.selector == "lightning":
         idx = _compressor_cache(batch, max_len, cfg.index_head_dim, cfg.compress_ratio_csa, True,
                                 dtype)
     return LayerCache(window=window, compressor=comp, indexer=idx)
@@ -76,14 +86,18 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> Cache:
 
 
 # ---------------------------------------------------------------------- structure helpers
+def _leaf_name(path) -> str:
+    return getattr(path[-1], "name", getattr(path[-1], "idx", None))
+
+
 def _nbytes(a) -> int:
     return int(a.size) * jnp.dtype(a.dtype).itemsize
 
 
 def cache_bytes(cfg: ModelConfig, cache: Cache) -> dict[str, dict[str, int]]:
     """Bytes of the cache arrays per layer kind, split into "state" (window ring buffer and
-    compressor tails: fixed per sequence) and "entries" (compressed entries and indexer keys:
-    preallocated to max_len), summed over the layers of that kind and the batch, plus "layers"
+    compressor tails: fixed per sequence) and "entries" (what grows with context, `GROWING`:
+    compressed entries, indexer keys, dsa_tokens' per-token rows; preallocated to max_len), summed over the layers of that kind and the batch, plus "layers"
     (how many layers of that kind). Works on arrays and on `jax.eval_shape` results alike.
     `lengths` (4 bytes per sequence) is not counted.
     """
@@ -95,24 +109,20 @@ def cache_bytes(cfg: ModelConfig, cache: Cache) -> dict[str, dict[str, int]]:
     for kind, lc in zip(kinds, cache.layers):
         d = out.setdefault(kind, {"layers": 0, "state": 0, "entries": 0})
         d["layers"] += 1
-        d["state"] += _nbytes(lc.window)
-        for cc in (lc.compressor, lc.indexer):
-            if cc is not None:
-                d["state"] += _nbytes(cc.kv) + _nbytes(cc.gate)
-                d["entries"] += _nbytes(cc.entries)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(lc):
+            d["entries" if _leaf_name(path) in GROWING else "state"] += _nbytes(leaf)
     return out
 
 
 def cache_logical_axes(cache: Cache) -> Cache:
     """A pytree like `cache` whose leaves are logical axis-name tuples (the activation
-    vocabulary of the sharding rules): batch on "activation_batch", the entries' length on
-    "activation_length", the channel dim on "activation_kv". Map it through the logical rules
-    to get the cache's PartitionSpecs."""
+    vocabulary of the sharding rules): batch on "activation_batch", the length of what grows
+    with context (`GROWING`) on "activation_length", the channel dim on "activation_kv". Map
+    it through the logical rules to get the cache's PartitionSpecs."""
     def names(path, leaf):
-        keys = [getattr(k, "name", getattr(k, "idx", None)) for k in path]
-        if keys[0] == "lengths":
+        if getattr(path[0], "name", None) == "lengths":
             return ("activation_batch",)
-        if keys[-1] == "entries":
+        if _leaf_name(path) in GROWING:
             return ("activation_batch", "activation_length", "activation_kv")
         return ("activation_batch", None, "activation_kv")   # ring buffer, compressor tails
     return jax.tree_util.tree_map_with_path(names, cache)

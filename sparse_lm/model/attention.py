@@ -186,16 +186,17 @@ class Attention(nnx.Module):
         key_pos = jnp.concatenate([kv_cache.ring_positions(lengths, cache.window.shape[1]),
                                    positions], axis=1)
         comp = idx_cache = entries = picks = None
-        if self.compressor is not None:
+        ratio = self.ratio
+        if cache.compressor is not None:     # HCA, CSA (not with dsa_tokens: raw tokens)
             comp = self.compressor.step(cache.compressor, x, positions, lengths, n_new, inv_freq)
             entries = comp.entries
-            if self.indexer is not None:
-                idx_cache, picks = self.indexer.cached(cache.indexer, x, q_latent, positions,
-                                                       inv_freq, lengths, n_new, select=sparse,
-                                                       k=topk)
+        if self.indexer is not None:         # CSA: the selector's picks and the rows they index
+            idx_cache, picks, entries, ratio = self.indexer.cached(
+                cache.indexer, x, q_latent, kv, positions, inv_freq, lengths, n_new,
+                entries=entries, select=sparse, k=topk)
         o = cached_attention(q, positions, keys, key_pos, self.sink[...],
                              window=cfg.sliding_window, scale=self.softmax_scale,
-                             entries=entries, ratio=self.ratio, topk_idx=picks)
+                             entries=entries, ratio=ratio, topk_idx=picks)
         new = kv_cache.LayerCache(window=kv_cache.ring_update(cache.window, kv, lengths, n_new),
                                   compressor=comp, indexer=idx_cache)
         return o, new

@@ -115,18 +115,19 @@ class Indexer(nnx.Module):
                            [((b, s, min(k, n)), jnp.int32, rows + (None,))],
                            what=f"indexer top-k ({implementation or 'the target preference'})")
 
-    def cached(self, cache, x, q_latent, positions, inv_freq, lengths, n_new, *, select: bool,
-               k: int | None = None):
+    def cached(self, cache, x, q_latent, kv, positions, inv_freq, lengths, n_new, *, entries,
+               select: bool, k: int | None = None):
         """The cached path for a chunk x [B, T, d] at positions [B, T]: store the chunk's
         compressed keys in the indexer cache (`CompressorCache`), then (select=True) score the
         chunk's queries against every cached key they can see, in key blocks up to the last
         visible one with a running top-k (`ops.indexer.blocked_indexer_topk`: no [B, T, N]
-        scores) -> (new cache, topk [B, T, k] or None)."""
+        scores) -> (new cache, topk [B, T, k] or None, entries, ratio): the selectors' protocol
+        (`model.selectors._Selector.cached`); kv is not read."""
         cache = self.compressor.step(cache, jax.lax.stop_gradient(x), positions, lengths, n_new,
                                      inv_freq)
         if not select:
-            return cache, None
+            return cache, None, entries, self.ratio
         q, w = self.project_queries(x, q_latent, positions, inv_freq)
         topk, _ = blocked_indexer_topk(q, w, cache.entries, positions, ratio=self.ratio,
                                        k=self.topk if k is None else k)
-        return cache, topk
+        return cache, topk, entries, self.ratio

@@ -13,8 +13,12 @@ mlp_router, 0 for dense / fixed; indexer_recall = share of the dense attention m
 candidates that the picks keep (`ops.selectors.selection_quality`, on at most 512 sampled
 queries). record=True adds topk, visible (the candidates) and dense_mass [B, S, N].
 
-Cached path (chunked prefill, decode): dense and fixed select from positions alone and work;
-dsa_tokens and mlp_router need keys or features the cache does not hold: a clear error.
+Cached path (chunked prefill, decode: `cached`, the same picks as the full forward): dense and
+fixed select from positions alone; mlp_router scores the chunk's query latents against the
+cached compressed entries, dsa_tokens against its per-token keys (`ops.kv_cache.TokenCache`,
+which also holds the raw rows it attends), both one block of visible entries at a time with a
+running top-k (`ops.visible.blocked_topk`: no [B, T, max_len / m] scores, work up to the last
+visible entry only). The cache holds what each reads (`inference.cache.layer_cache`).
 
 The mlp_router estimator, exactly (`ops.selectors.straight_through_gate`,
 `gated_entries_attention`):
@@ -45,12 +49,13 @@ from flax import nnx
 from sparse_lm.config import ModelConfig
 from sparse_lm.model.indexer import Indexer
 from sparse_lm.model.layers import RMSNorm, param
-from sparse_lm.ops import masks
+from sparse_lm.ops import kv_cache, masks
 from sparse_lm.ops import selectors as sel_ops
-from sparse_lm.ops.indexer import (compressed_attention_mass, indexer_objective,
-                                   indexer_objective_selected, indexer_scores,
+from sparse_lm.ops.indexer import (blocked_indexer_topk, compressed_attention_mass,
+                                   indexer_objective, indexer_objective_selected, indexer_scores,
                                    sampled_rows, selected_attention_mass, select_topk)
 from sparse_lm.ops.rope import apply_rope
+from sparse_lm.ops.visible import INDEXER_KEY_BLOCK, block_size, blocked_topk
 
 
 class SelectorClock(nnx.Variable):
@@ -124,11 +129,13 @@ class _Selector(nnx.Module):
                                          implementation)
         return o, lse, jnp.zeros((), jnp.float32)
 
-    def cached(self, cache, x, q_latent, positions, inv_freq, lengths, n_new, *, select: bool,
-               k: int | None = None):
-        raise ValueError(f"model.selector={self.cfg.selector!r} has no cached (chunked prefill "
-                         "/ decode) path: it needs keys or features the KV cache does not hold; "
-                         "selectors with one: 'lightning', 'dense', 'fixed'")
+    def cached(self, cache, x, q_latent, kv, positions, inv_freq, lengths, n_new, *, entries,
+               select: bool, k: int | None = None):
+        """The cached path of a chunk x [B, T, d] at positions [B, T] (kv [B, T, D] its K=V
+        rows, entries the layer's compressed-entry cache [B, N, D] or None) -> (the selector's
+        new cache, picks [B, T, k] or None (every visible entry), the rows the attention reads
+        [B, N', D], their compress ratio). select=False: the dense stage (no picks)."""
+        raise NotImplementedError
 
 
 class DenseSelector(_Selector):
@@ -138,9 +145,9 @@ class DenseSelector(_Selector):
         visible = masks.sequence_entry_visible(x.shape[1], self.ratio, valid, segment_ids)
         return {"visible": visible, "picks": None}
 
-    def cached(self, cache, x, q_latent, positions, inv_freq, lengths, n_new, *, select: bool,
-               k: int | None = None):
-        return cache, None            # the cached attention then takes every visible entry
+    def cached(self, cache, x, q_latent, kv, positions, inv_freq, lengths, n_new, *, entries,
+               select: bool, k: int | None = None):
+        return cache, None, entries, self.ratio    # the attention takes every visible entry
 
 
 class FixedSelector(_Selector):
@@ -155,12 +162,12 @@ class FixedSelector(_Selector):
         visible = masks.sequence_entry_visible(x.shape[1], self.ratio, valid, segment_ids)
         return {"visible": visible, "picks": self._picks(visible, k)}
 
-    def cached(self, cache, x, q_latent, positions, inv_freq, lengths, n_new, *, select: bool,
-               k: int | None = None):
+    def cached(self, cache, x, q_latent, kv, positions, inv_freq, lengths, n_new, *, entries,
+               select: bool, k: int | None = None):
         if not select:
-            return cache, None
-        visible = masks.entry_visible(positions, cache.entries.shape[1], self.ratio)
-        return cache, self._picks(visible, self.topk if k is None else k)
+            return cache, None, entries, self.ratio
+        visible = masks.entry_visible(positions, entries.shape[1], self.ratio)
+        return cache, self._picks(visible, self.topk if k is None else k), entries, self.ratio
 
 
 class DSATokenSelector(_Selector):
@@ -184,12 +191,16 @@ class DSATokenSelector(_Selector):
     def entries_of(self, layer, kv, entries, valid):
         return kv, jnp.ones(kv.shape[:2], bool)
 
+    def keys(self, x, positions, inv_freq):
+        """One key per token [B, S, Di] (RoPE'd) from the detached layer input x [B, S, d]."""
+        return apply_rope(self.k_norm(jax.lax.stop_gradient(x) @ self.wk[...].astype(x.dtype)),
+                          positions, inv_freq)
+
     def select(self, layer, x, q_latent, positions, segment_ids, entries, valid, *, k):
         b, s, _ = x.shape
         inv_freq = layer.inv_freq
         q, w = self.project_queries(x, q_latent, positions, inv_freq)
-        keys = apply_rope(self.k_norm(jax.lax.stop_gradient(x) @ self.wk[...].astype(x.dtype)),
-                          positions, inv_freq)
+        keys = self.keys(x, positions, inv_freq)
         cand = sel_ops.tokens_outside_window(s, self.cfg.sliding_window, segment_ids, b)
         scores = indexer_scores(q, w, keys, cand)
         return {"visible": cand, "picks": select_topk(jax.lax.stop_gradient(scores), k),
@@ -214,6 +225,24 @@ class DSATokenSelector(_Selector):
             picks = sel_ops.visible_picks(sel["visible"])   # causal entries of a ratio)
         return super().attention(layer, q, kv, segment_ids, rows, rows_valid, sel, picks,
                                  implementation)
+
+    def cached(self, cache, x, q_latent, kv, positions, inv_freq, lengths, n_new, *, entries,
+               select: bool, k: int | None = None):
+        """The chunk's rows and keys are written first (a query may pick an earlier token of its
+        own chunk); the candidates of the query at p are the tokens j <= p - W, i.e. the
+        tokens visible at p - W with ratio 1."""
+        if not select:
+            raise ValueError("model.selector='dsa_tokens' has no dense stage on the cached path "
+                             "(sparse=False would attend every token, the window included, "
+                             "i.e. full attention): decode with sparse=True, or use the dense "
+                             "decoder (sparse_lm.inference.dense) as the full-attention baseline")
+        rows = kv_cache.write_rows(cache.kv_rows, kv, lengths, n_new)
+        keys = kv_cache.write_rows(cache.index_keys, self.keys(x, positions, inv_freq),
+                                   lengths, n_new)
+        q, w = self.project_queries(x, q_latent, positions, inv_freq)
+        picks, _ = blocked_indexer_topk(q, w, keys, positions - self.cfg.sliding_window, ratio=1,
+                                        k=self.topk if k is None else k)
+        return kv_cache.TokenCache(kv_rows=rows, index_keys=keys), picks, rows, 1
 
 
 class MLPRouterSelector(_Selector):
@@ -240,21 +269,50 @@ class MLPRouterSelector(_Selector):
         frac = jnp.minimum(1.0, self.clock[...].astype(jnp.float32) / self.cfg.selector_anneal_steps)
         return jnp.float32(t[0]) * (jnp.float32(t[1] / t[0]) ** frac)
 
+    def query_features(self, q_latent):
+        """[B, S, c] query latents (detached) -> W_q q [B, S, Hr] fp32."""
+        return jax.lax.stop_gradient(q_latent).astype(jnp.float32) @ self.w_query[...]
+
+    def pair_scores(self, q_feat, entries):
+        """r [B, S, N] fp32 from query features [B, S, Hr] and entries [B, N, D] (detached)."""
+        ef = jax.lax.stop_gradient(entries).astype(jnp.float32) @ self.w_entry[...]
+        return (sel_ops.pair_mlp_scores(q_feat, ef, self.pair_bias[...], self.pair_out[...])
+                + self.pair_offset[...])
+
     def scores(self, q_latent, entries):
         """r [B, S, N] fp32 from detached query latents [B, S, c] and entries [B, N, D]."""
-        sg = jax.lax.stop_gradient
-        qf = sg(q_latent).astype(jnp.float32) @ self.w_query[...]
-        ef = sg(entries).astype(jnp.float32) @ self.w_entry[...]
-        return sel_ops.pair_mlp_scores(qf, ef, self.pair_bias[...], self.pair_out[...]) + self.pair_offset[...]
+        return self.pair_scores(self.query_features(q_latent), entries)
+
+    def _limit(self, picks, count):
+        """Adaptive k (selector_k_fraction of the `count` [B, S] visible entries) or fixed k."""
+        if not self.cfg.selector_k_fraction:
+            return picks
+        return sel_ops.limit_rows(picks, sel_ops.adaptive_k(count, self.cfg.selector_k_fraction,
+                                                            picks.shape[-1]))
 
     def select(self, layer, x, q_latent, positions, segment_ids, entries, valid, *, k):
-        c = self.cfg
         visible = masks.sequence_entry_visible(x.shape[1], self.ratio, valid, segment_ids)
         r = self.scores(q_latent, entries)
         picks = select_topk(jnp.where(visible, jax.lax.stop_gradient(r), -jnp.inf), k)
-        if c.selector_k_fraction:
-            picks = sel_ops.limit_rows(picks, sel_ops.adaptive_k(visible, c.selector_k_fraction, k))
-        return {"visible": visible, "picks": picks, "scores": r}
+        return {"visible": visible, "picks": self._limit(picks, jnp.sum(visible, axis=-1)),
+                "scores": r}
+
+    def cached(self, cache, x, q_latent, kv, positions, inv_freq, lengths, n_new, *, entries,
+               select: bool, k: int | None = None):
+        """The chunk's query latents scored against the cached entries, one block of visible
+        entries at a time (the pair MLP of one block: [B, T, block, Hr])."""
+        if not select:
+            return cache, None, entries, self.ratio
+        q_feat = self.query_features(q_latent)
+        n, t, hr = entries.shape[1], q_feat.shape[1], q_feat.shape[2]
+
+        def score(rows, vis):
+            return jnp.where(vis, self.pair_scores(q_feat, rows), -jnp.inf)
+        picks, _ = blocked_topk(score, entries, positions, ratio=self.ratio,
+                                k=self.topk if k is None else k,
+                                block=block_size(INDEXER_KEY_BLOCK, t * hr, n))
+        count = jnp.clip(masks.visible_entry_count(positions, self.ratio), 0, n)
+        return cache, self._limit(picks, count), entries, self.ratio
 
     def attention(self, layer, q, kv, segment_ids, rows, rows_valid, sel, picks,
                   implementation):

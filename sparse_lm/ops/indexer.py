@@ -57,28 +57,13 @@ def blocked_indexer_topk(q: jax.Array, weights: jax.Array, keys: jax.Array, q_po
     q [B, T, Hi, Di], weights [B, T, Hi], keys [B, N, Di] (the indexer cache), q_pos [B, T]
     -> (topk [B, T, min(k, N)] int32, -1 where fewer are visible; blocks run, int32 scalar).
     block: entries per step (None = `ops.visible.block_size`).
-    Same picks in the same order: the running list is kept sorted (value, then lower index) and
-    each block's entries have higher indices than every earlier one, so `lax.top_k` over
-    [running | block] breaks ties exactly as over the whole row.
+    Same picks in the same order as over the whole row (`ops.visible.blocked_topk`).
     """
-    b, t = q.shape[:2]
-    n = keys.shape[1]
-    k_eff = min(k, n)
-    if k_eff == 0:
-        return jnp.zeros((b, t, 0), jnp.int32), jnp.zeros((), jnp.int32)
+    t, n = q.shape[1], keys.shape[1]
     block = min(block or visible.block_size(visible.INDEXER_KEY_BLOCK, t * q.shape[2], n), n)
-
-    def step(carry, rows, row_idx, vis):
-        vals, idx = carry
-        scores = indexer_scores(q, weights, rows, vis, flat=True)           # [B, T, block]
-        both = jnp.concatenate([vals, scores], axis=-1)
-        both_idx = jnp.concatenate([idx, jnp.broadcast_to(row_idx, scores.shape)], axis=-1)
-        vals, at = jax.lax.top_k(both, k_eff)
-        return vals, jnp.take_along_axis(both_idx, at, axis=-1)
-
-    init = (jnp.full((b, t, k_eff), -jnp.inf, jnp.float32), jnp.full((b, t, k_eff), -1, jnp.int32))
-    (vals, idx), ran = visible.fold_visible_blocks(keys, q_pos, ratio, block, step, init)
-    return jnp.where(jnp.isfinite(vals), idx, -1).astype(jnp.int32), ran
+    return visible.blocked_topk(
+        lambda rows, vis: indexer_scores(q, weights, rows, vis, flat=True), keys, q_pos,
+        ratio=ratio, k=k, block=max(block, 1))
 
 
 def compressed_attention_mass(q: jax.Array, entries: jax.Array, lse: jax.Array,

@@ -16,6 +16,10 @@ Per attention layer (`LayerCache`):
         position m*floor(length/m) + k for k < length mod m (the official reference's layout).
       - ``entries`` [B, max_len // m, c]: compressed entries in order (entry i = window i, normed
         and RoPE'd at position m*i); for the indexer these are its compressed keys.
+  * CSA layers whose selector is not the lightning indexer (`model.selector`): `dense`, `fixed`
+    and `mlp_router` select from positions and the compressed entries alone (no indexer part);
+    `dsa_tokens` picks raw tokens, so its layer keeps a `TokenCache` instead of compressing:
+    every token's K=V row and indexer key, [B, max_len, D] and [B, max_len, Di] (V3.2's cache).
 SWA-only layers have only the window. The model's `Attention` runs with or without such a
 cache; this module is the bookkeeping that differs.
 """
@@ -45,10 +49,18 @@ class CompressorCache:
 
 
 @dataclass_pytree
+class TokenCache:
+    """Per-token rows of a CSA layer whose selector picks raw tokens (dsa_tokens): token p in
+    row p of both (written with `write_rows`; both grow with context)."""
+    kv_rows: jax.Array      # [B, max_len, D] the layer's K=V rows
+    index_keys: jax.Array   # [B, max_len, Di] the selector's keys
+
+
+@dataclass_pytree
 class LayerCache:
-    window: jax.Array                      # [B, W, D] ring buffer (state)
-    compressor: CompressorCache | None     # CSA / HCA
-    indexer: CompressorCache | None        # CSA
+    window: jax.Array                               # [B, W, D] ring buffer (state)
+    compressor: CompressorCache | None              # CSA / HCA (not CSA with dsa_tokens)
+    indexer: CompressorCache | TokenCache | None    # CSA: lightning's keys / dsa_tokens' rows
 
 
 def chunk_positions(lengths: jax.Array, t: int) -> jax.Array:

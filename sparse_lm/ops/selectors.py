@@ -74,9 +74,10 @@ def tokens_outside_window(seq: int, window: int, segment_ids: jax.Array | None =
     return vis
 
 
-def adaptive_k(visible: jax.Array, fraction: float, k_max: int) -> jax.Array:
-    """[B, S, N] -> [B, S] int32 k_t = min(k_max, ceil(fraction * visible_t)); 0 visible -> 0."""
-    count = jnp.sum(visible, axis=-1).astype(jnp.float32)
+def adaptive_k(count: jax.Array, fraction: float, k_max: int) -> jax.Array:
+    """Visible entries per query [B, S] -> [B, S] int32 k_t = min(k_max, ceil(fraction *
+    count_t)); 0 visible -> 0."""
+    count = count.astype(jnp.float32)
     return jnp.minimum(jnp.ceil(fraction * count - 1e-6), k_max).astype(jnp.int32)
 
 

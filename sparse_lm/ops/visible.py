@@ -4,9 +4,11 @@ dense entries part run over blocks of cached entries, stopping at the last visib
 A cache holds `max_len // m` entry slots, of which a chunk at positions q_pos sees only
 `masks.visible_entry_count(max(q_pos), m)`. `fold_visible_blocks` folds a step over blocks of
 entries up to that count; its users:
-  `ops.indexer.blocked_indexer_topk`   the indexer scores of each key block merged into a
-                                       running top-k ([B, T, k + block] per step, never
-                                       [B, T, N]); blocks of INDEXER_KEY_BLOCK keys;
+  `blocked_topk`                       each key block's scores merged into a running
+                                       top-k ([B, T, k + block] per step, never [B, T, N]):
+                                       `ops.indexer.blocked_indexer_topk` (blocks of
+                                       INDEXER_KEY_BLOCK keys) and the cached mlp_router and
+                                       dsa_tokens selectors;
   `ops.attention.blocked_entries_part` every visible entry attended one block at a time, the
                                        blocks merged by their lse (online softmax); blocks of
                                        ENTRIES_BLOCK entries (HCA, CSA's dense warm-up).
@@ -77,3 +79,30 @@ def fold_visible_blocks(entries: jax.Array, q_pos: jax.Array, ratio: int, block:
 
     return jax.lax.fori_loop(0, visible_blocks(q_pos, n, ratio, block), body,
                              (init, jnp.zeros((), jnp.int32)))
+
+
+def blocked_topk(score_block, entries: jax.Array, q_pos: jax.Array, *, ratio: int, k: int,
+                 block: int):
+    """Top-k over the entries visible at q_pos [B, T] with a running list, one block of
+    entries [B, N, ...] at a time: score_block(rows [B, block, ...], visible [B, T, block])
+    -> [B, T, block] fp32 scores, -inf where not visible.
+    -> (picks [B, T, min(k, N)] int32 best first, -1 where fewer are visible; blocks run).
+    The picks and their order equal `lax.top_k` over the whole row: the running list stays
+    sorted (value, then lower index) and every block's indices exceed the earlier ones', so
+    ties break by the lower index as over the whole row."""
+    b, t = q_pos.shape
+    k_eff = min(k, entries.shape[1])
+    if k_eff == 0:
+        return jnp.zeros((b, t, 0), jnp.int32), jnp.zeros((), jnp.int32)
+
+    def step(carry, rows, row_idx, vis):
+        vals, idx = carry
+        scores = score_block(rows, vis)
+        both = jnp.concatenate([vals, scores], axis=-1)
+        both_idx = jnp.concatenate([idx, jnp.broadcast_to(row_idx, scores.shape)], axis=-1)
+        vals, at = jax.lax.top_k(both, k_eff)
+        return vals, jnp.take_along_axis(both_idx, at, axis=-1)
+
+    init = (jnp.full((b, t, k_eff), -jnp.inf, jnp.float32), jnp.full((b, t, k_eff), -1, jnp.int32))
+    (vals, idx), ran = fold_visible_blocks(entries, q_pos, ratio, block, step, init)
+    return jnp.where(jnp.isfinite(vals), idx, -1).astype(jnp.int32), ran

@@ -11,7 +11,7 @@ from flax import nnx
 from sparse_lm import presets
 from sparse_lm.config import ConfigError, ModelConfig
 from sparse_lm.model.attention import Attention
-from sparse_lm.model.selectors import MLPRouterSelector, make_selector
+from sparse_lm.model.selectors import make_selector
 from sparse_lm.ops import masks
 from sparse_lm.ops import selectors as sel
 from sparse_lm.ops.attention import attention_reference, attention_xla
@@ -182,13 +182,39 @@ def test_dsa_tokens_picks_tokens_outside_the_window_and_runs_every_stage():
     assert float(dense_kl) > 0 and float(grad) > 0
 
 
-def test_cached_path_of_a_learned_selector_is_a_clear_error():
-    cfg = _cfg(selector="mlp_router")
+@pytest.mark.parametrize("selector,extra", [
+    ("dsa_tokens", {}),
+    ("mlp_router", dict(selector_estimator="gumbel", selector_temperature=(2.0, 0.5),
+                        selector_k_fraction=0.5)),
+])
+def test_chunked_prefill_and_decode_of_a_learned_selector_equal_the_full_forward(selector, extra):
+    """The cached path (`Decoder.prefill` in chunks, then `decode`) picks what the full forward
+    picks: dsa_tokens from its per-token cache (candidates j <= t - W), mlp_router from the
+    cached entries with adaptive k. 3 layers (swa, csa, hca); 30 tokens, window 8, k = 3."""
+    from sparse_lm.inference.decode import Decoder
+    from sparse_lm.model.transformer import build_model
+    cfg = _cfg(num_layers=3, layer_prefix=("swa",), layer_cycle=("csa", "hca"), layer_tail=(),
+               num_hash_layers=1, mtp_depth=0, index_topk=3, selector=selector, **extra)
+    model = build_model(cfg, seed=0)
+    toks = np.random.default_rng(0).integers(0, 256, size=(1, 30)).astype(np.int32)
+    full = np.asarray(model(jnp.asarray(toks)))[0]
+    dec = Decoder(model)
+    cache = dec.init_cache(batch=1, max_len=48)
+    logits, cache = dec.prefill(cache, [toks[0, :27]], chunk_size=16)
+    got = [np.asarray(logits)[0]]
+    for t in range(27, 30):
+        logits, cache = dec.decode(cache, jnp.asarray(toks[:, t]))
+        got.append(np.asarray(logits)[0])
+    np.testing.assert_allclose(np.stack(got), full[26:30], atol=2e-6, rtol=0)
+
+
+def test_cached_dense_stage_of_dsa_tokens_is_a_clear_error():
+    cfg = _cfg(selector="dsa_tokens")
     selector = make_selector(cfg, rngs=nnx.Rngs(0))
-    assert isinstance(selector, MLPRouterSelector)
-    with pytest.raises(ValueError, match=r"model\.selector='mlp_router' has no cached \(chunked "
-                                         r"prefill / decode\) path.*'lightning', 'dense', 'fixed'"):
-        selector.cached(None, None, None, None, None, None, None, select=True)
+    with pytest.raises(ValueError, match=r"model\.selector='dsa_tokens' has no dense stage on "
+                                         r"the cached path.*sparse=True"):
+        selector.cached(None, None, None, None, None, None, None, None, entries=None,
+                        select=False)
 
 
 @pytest.mark.parametrize("kw,field,needle", [

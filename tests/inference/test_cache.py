@@ -22,6 +22,9 @@ CONFIGS = {
     "tiny": tiny_config,
     "v4_flash": lambda: ModelConfig.from_dict(model_presets.v4_flash()),
     "v4_pro": lambda: ModelConfig.from_dict(model_presets.v4_pro()),
+    # a CSA layer caches what its selector reads: dsa_tokens every token's row and key
+    "tiny:dsa_tokens": lambda: tiny_config().replace(selector="dsa_tokens"),
+    "tiny:mlp_router": lambda: tiny_config().replace(selector="mlp_router"),
 }
 
 
