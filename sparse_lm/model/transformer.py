@@ -225,6 +225,9 @@ class DeepseekV4(nnx.Module):
             raise ValueError(f"input_ids must be [B, S], got shape {input_ids.shape}")
         if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
             raise ValueError(f"topk={topk!r} is invalid: must be None or an integer >= 1")
+        if not (return_aux or logits):
+            raise ValueError("logits=False needs return_aux=True (the output carries the "
+                             "head's inputs)")
         b, s = input_ids.shape
         if positions is None:
             positions = (segment_positions(segment_ids) if segment_ids is not None
@@ -250,9 +253,6 @@ class DeepseekV4(nnx.Module):
         for block in self.tail_layers:
             x = unrolled(block, x)
         if not return_aux:
-            if not logits:
-                raise ValueError("logits=False needs return_aux=True (the output carries the "
-                                 "head's inputs)")
             return self.final_logits(x)
         hidden = self.final_hidden(x)
         mtp_hidden = None
