@@ -141,7 +141,26 @@ def halo(args: dict) -> dict:
                 "grad": max(err(g, w) for g, w in zip(gg, wg) if w is not None),
                 "pallas_calls_in_shard_map": _kernel_calls_inside(
                     lambda *a: f(*a, "pallas_tpu", True), q, kv, entries)}
+    out["refused without a sequence form"] = _refusal_without_sequence_fn(q)
     return out
+
+
+def _refusal_without_sequence_fn(q) -> str:
+    """kernel_call's error where the rows are split along the sequence and the caller gave no
+    sequence_fn."""
+    from sparse_lm.sharding import kernels
+    from sparse_lm.sharding.constraints import use_rules
+    from sparse_lm.sharding.mesh import ShardingError
+    from sparse_lm.sharding.presets import load_preset
+    p = load_preset("cp:fsdp=1,context=4")
+    names = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+    try:
+        with use_rules(p.make_mesh(jax.devices()[:4]), p.rules, preset=p.name):
+            jax.eval_shape(lambda q: kernels.kernel_call(
+                lambda q: q, [("q", q, names)], [(q.shape, q.dtype, names)], what="a kernel"), q)
+    except ShardingError as e:
+        return str(e)
+    return ""
 
 
 def _kernel_calls_inside(fn, *args) -> list:

@@ -31,8 +31,12 @@ def test_attention_split_along_the_sequence_equals_the_unsplit_call():
     """Rows split over 4 shards (halo from one shard) for SWA, HCA (its visible entries
     listed at global positions, as for dense-stage CSA) and CSA (the indexer's picks),
     and over 8 shards of 4 rows (halo over two shards, W = 8) for SWA; two documents, the
-    boundary inside a shard's window."""
+    boundary inside a shard's window. A kernel without a sequence form is refused there with an
+    error naming the preset and the split."""
     r = _worker("halo", {})
+    refused = r.pop("refused without a sequence form")
+    assert "preset cp splits the queries along the sequence" in refused, refused
+    assert "context=4" in refused and "attention_impl='xla'" in refused, refused
     assert len(r) == 4, r
     for name, c in r.items():
         assert max(c["out"], c["lse"]) < 1e-5 and c["grad"] < 1e-5, (name, c)
