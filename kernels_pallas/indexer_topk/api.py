@@ -32,7 +32,8 @@ from kernels_pallas.indexer_topk.plan import QUERY_PAD, Layout, finish
 from kernels_pallas.indexer_topk.tpu import indexer_topk_tpu
 
 
-def validate_inputs(q, weights, keys, *, k, ratio, key_valid=None, segment_ids=None):
+def validate_inputs(q, weights, keys, *, k, ratio, key_valid=None, segment_ids=None,
+                    key_segments=None, query_offset=0):
     """Raises ValueError/TypeError naming the offending argument."""
     b, s, h, d = registry.check_query(q, "[B, S, Hi, Di]")
     if weights.shape != (b, s, h):
@@ -56,8 +57,23 @@ def validate_inputs(q, weights, keys, *, k, ratio, key_valid=None, segment_ids=N
     if key_valid is not None and key_valid.shape != (b, n):
         raise ValueError(f"key_valid has shape {key_valid.shape}: expected [B, N] = {(b, n)}")
     registry.check_segment_ids(segment_ids, b, s)
+    if key_segments is not None:
+        if segment_ids is None:
+            raise ValueError("key_segments given without segment_ids: the entries' documents "
+                             "need the queries' documents")
+        if key_segments.shape != (b, n):
+            raise ValueError(f"key_segments has shape {key_segments.shape}: expected [B, N] = "
+                             f"{(b, n)}")
+    if isinstance(query_offset, (int, np.integer)):
+        if isinstance(query_offset, bool) or query_offset < 0:
+            raise ValueError(f"query_offset={query_offset!r} is invalid: expected an int >= 0 "
+                             "(or a traced int32 scalar)")
+    elif getattr(query_offset, "shape", None) != () or not jax.numpy.issubdtype(
+            query_offset.dtype, jax.numpy.integer):
+        raise ValueError(f"query_offset has shape {getattr(query_offset, 'shape', None)}: "
+                         "expected an int or an integer scalar array")
     if segment_ids is not None:
-        if n * ratio > s:
+        if key_segments is None and n * ratio > s:
             raise ValueError(f"keys has N={n} entries but S={s} // ratio={ratio} = {s // ratio}: "
                              "with segment_ids every entry must have its window in the sequence")
         # on the host (np.asarray): a jnp reduction inside an outer trace would be traced too
@@ -69,10 +85,11 @@ def validate_inputs(q, weights, keys, *, k, ratio, key_valid=None, segment_ids=N
 
 
 def _jnp(fn):
-    def run(q, weights, keys, *, k, ratio, key_valid, segment_ids, return_scores, config,
-            scores_only):
+    def run(q, weights, keys, *, k, ratio, key_valid, segment_ids, key_segments, query_offset,
+            return_scores, config, scores_only):
         idx, vals = fn(q, weights, keys, k=k, ratio=ratio, key_valid=key_valid,
-                       segment_ids=segment_ids)
+                       segment_ids=segment_ids, key_segments=key_segments,
+                       query_offset=query_offset)
         return (idx, vals) if return_scores else idx
     return run
 
@@ -80,8 +97,8 @@ def _jnp(fn):
 def _pallas(implementation: str):
     family = "tpu" if implementation == "pallas_tpu" else "gpu"
 
-    def run(q, weights, keys, *, k, ratio, key_valid, segment_ids, return_scores, config,
-            scores_only, interpret):
+    def run(q, weights, keys, *, k, ratio, key_valid, segment_ids, key_segments, query_offset,
+            return_scores, config, scores_only, interpret):
         b, s, h, d = q.shape
         config = config or default_config(family, compiled=not interpret)
         config.validate_for(family, compiled=not interpret, k=k, heads=h, dim=d)
@@ -91,12 +108,14 @@ def _pallas(implementation: str):
                      scores_only=scores_only)
         if family == "tpu":
             idx, vals = indexer_topk_tpu(q, weights, keys, lay=lay, key_valid=key_valid,
-                                         segment_ids=segment_ids,
+                                         segment_ids=segment_ids, key_segments=key_segments,
+                                         query_offset=query_offset,
                                          vmem_limit_bytes=config.vmem_limit_bytes,
                                          with_scores=return_scores, interpret=interpret)
         else:
             idx, vals = indexer_topk_gpu(q, weights, keys, lay=lay, key_valid=key_valid,
-                                         segment_ids=segment_ids, num_warps=config.num_warps,
+                                         segment_ids=segment_ids, key_segments=key_segments,
+                                         query_offset=query_offset, num_warps=config.num_warps,
                                          num_stages=config.num_stages,
                                          with_scores=return_scores, interpret=interpret)
         return finish(lay, idx, vals)
@@ -123,13 +142,21 @@ default_implementation = OP.default_implementation
 
 def indexer_topk(q: jax.Array, weights: jax.Array, keys: jax.Array, *, k: int, ratio: int,
                  key_valid: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                 key_segments: jax.Array | None = None, query_offset=0,
                  return_scores: bool = False, implementation: str | None = None,
                  interpret: bool | None = None, config: IndexerTopkConfig | None = None,
                  platform: str | None = None):
     """-> idx [B, S, k] int32 (-1 = none), plus scores [B, S, k] fp32 with return_scores.
-    platform: the target (None = `registry.current_platform()`)."""
+    platform: the target (None = `registry.current_platform()`).
+
+    Context parallelism (a shard of the query rows): query_offset (an int or a traced int32
+    scalar, e.g. `axis_index * S_local`) is the position of row 0, so row t sees the entries
+    e < (offset + t + 1) // ratio; key_segments [B, N] gives the entries' documents where
+    segment_ids [B, S] cover only the shard's rows. The key-tile plan is traced (per query
+    block, from the offset), the grid walks every key tile and the mask is exact."""
     return _run(q, weights, keys, k=k, ratio=ratio, key_valid=key_valid,
-                segment_ids=segment_ids, return_scores=return_scores,
+                segment_ids=segment_ids, key_segments=key_segments, query_offset=query_offset,
+                return_scores=return_scores,
                 implementation=implementation, interpret=interpret, config=config,
                 scores_only=False, platform=platform)
 
@@ -145,20 +172,22 @@ def indexer_max_score(q: jax.Array, weights: jax.Array, keys: jax.Array, *, rati
         raise ValueError(f"implementation={implementation!r} is invalid for indexer_max_score: "
                          "allowed values ('pallas_tpu', 'pallas_gpu')")
     _, vals = _run(q, weights, keys, k=1, ratio=ratio, key_valid=key_valid,
-                   segment_ids=segment_ids, return_scores=True, implementation=implementation,
+                   segment_ids=segment_ids, key_segments=None, query_offset=0,
+                   return_scores=True, implementation=implementation,
                    interpret=interpret, config=config, scores_only=True)
     return vals[..., 0]
 
 
-def _run(q, weights, keys, *, k, ratio, key_valid, segment_ids, return_scores, implementation,
-         interpret, config, scores_only, platform=None):
+def _run(q, weights, keys, *, k, ratio, key_valid, segment_ids, key_segments, query_offset,
+         return_scores, implementation, interpret, config, scores_only, platform=None):
     implementation = OP.canonical(implementation, platform)
     if config is not None and not isinstance(config, IndexerTopkConfig):
         raise TypeError(f"config={config!r} is invalid: expected an IndexerTopkConfig or None")
     validate_inputs(q, weights, keys, k=k, ratio=ratio, key_valid=key_valid,
-                    segment_ids=segment_ids)
+                    segment_ids=segment_ids, key_segments=key_segments, query_offset=query_offset)
     q, weights, keys = jax.lax.stop_gradient((q, weights, keys))
     return OP(q, weights, keys, k=int(k), ratio=int(ratio), key_valid=key_valid,
-              segment_ids=segment_ids, return_scores=return_scores, config=config,
+              segment_ids=segment_ids, key_segments=key_segments, query_offset=query_offset,
+              return_scores=return_scores, config=config,
               scores_only=scores_only, implementation=implementation, interpret=interpret,
               platform=platform)

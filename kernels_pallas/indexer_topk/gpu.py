@@ -20,14 +20,14 @@ from jax.experimental import pallas as pl
 
 from kernels_pallas import compat
 from kernels_pallas.indexer_topk import bitonic
-from kernels_pallas.indexer_topk.plan import Layout, prepare
+from kernels_pallas.indexer_topk.plan import Layout, prepare, query_offsets
 
 
 def _scalar(ref, i):
     return compat.triton_load(ref.at[pl.ds(i, 1)])[0]
 
 
-def _kernel(lo_ref, hi_ref, q_ref, w_ref, qseg_ref, k_ref, kseg_ref, idx_ref, *vals_ref,
+def _kernel(lo_ref, hi_ref, off_ref, q_ref, w_ref, qseg_ref, k_ref, kseg_ref, idx_ref, *vals_ref,
             lay: Layout):
     pid = pl.program_id(0)
     b, j = pid // lay.nq, pid % lay.nq
@@ -36,7 +36,7 @@ def _kernel(lo_ref, hi_ref, q_ref, w_ref, qseg_ref, k_ref, kseg_ref, idx_ref, *v
     q = compat.triton_load(q_ref.at[b, rows, :, :]).reshape(lay.bq * lay.h, lay.d)
     w = compat.triton_load(w_ref.at[b, rows, :]).astype(jnp.float32)           # [bq, Hi]
     qs = compat.triton_load(qseg_ref.at[b, rows])                               # [bq]
-    t = j * lay.bq + jnp.arange(lay.bq, dtype=jnp.int32)
+    t = _scalar(off_ref, 0) + j * lay.bq + jnp.arange(lay.bq, dtype=jnp.int32)
 
     def body(tile, state):
         sv, si = state
@@ -68,10 +68,13 @@ def _kernel(lo_ref, hi_ref, q_ref, w_ref, qseg_ref, k_ref, kseg_ref, idx_ref, *v
 
 
 def indexer_topk_gpu(q, weights, keys, *, lay: Layout, key_valid, segment_ids, num_warps: int,
-                     num_stages: int, with_scores: bool, interpret: bool):
+                     num_stages: int, with_scores: bool, interpret: bool, key_segments=None,
+                     query_offset=0):
     """q [B,S,Hi,Di], weights [B,S,Hi], keys [B,N,Di] -> best-first indices [B, Sp, L] (-1 =
-    none) and, with_scores, their scores (-inf for none)."""
-    kseg, qseg, tile_lo, tile_hi = prepare(lay, key_valid, segment_ids)
+    none) and, with_scores, their scores (-inf for none). query_offset: the position of row 0
+    (a [1] int32 operand), key_segments: `prepare`."""
+    kseg, qseg, tile_lo, tile_hi = prepare(lay, key_valid, segment_ids, key_segments,
+                                           query_offset)
     ds = lay.sp - lay.s
     qp = jnp.pad(q, ((0, 0), (0, ds), (0, 0), (0, 0)))
     wp = jnp.pad(weights.astype(jnp.float32), ((0, 0), (0, ds), (0, 0)))
@@ -87,5 +90,5 @@ def indexer_topk_gpu(q, weights, keys, *, lay: Layout, key_valid, segment_ids, n
                                                                              num_stages),
         interpret=interpret,
         name="indexer_topk_gpu",
-    )(tile_lo, tile_hi, qp, wp, qseg, kp, kseg)
+    )(tile_lo, tile_hi, query_offsets(query_offset), qp, wp, qseg, kp, kseg)
     return outs[0], (outs[1] if with_scores else None)

@@ -45,8 +45,18 @@ class Layout:
         return self.np_ // self.bk
 
 
-def prepare(lay: Layout, key_valid, segment_ids):
+def query_offsets(query_offset) -> jax.Array:
+    """The position of query row 0 as the kernels' [1] int32 operand (TPU: scalar prefetch)."""
+    return jnp.asarray(query_offset, jnp.int32).reshape(1)
+
+
+def prepare(lay: Layout, key_valid, segment_ids, key_segments=None, query_offset=0):
     """-> kseg [B, Np] int32, qseg [B, Sp] int32, tile_lo [B * nq], tile_hi [B * nq] int32.
+
+    query_offset (int or traced int32 scalar): the position of query row 0 (context
+    parallelism: a shard's first row), so row t sits at position offset + t. key_segments
+    [B, N] (or None = from segment_ids, which then cover the whole sequence): the entries'
+    documents, for a shard whose segment_ids cover only its own rows.
 
     kseg: an entry's segment (0 without segment ids), KEY_NONE if invalid or padding.
     qseg: a query's segment, QUERY_PAD for padding rows.
@@ -62,13 +72,15 @@ def prepare(lay: Layout, key_valid, segment_ids):
         seg_q = jnp.zeros((b, s), jnp.int32)
     else:
         seg_q = segment_ids.astype(jnp.int32)
-        seg_e = masks.entry_segments(seg_q, n, m)
+        seg_e = (masks.entry_segments(seg_q, n, m) if key_segments is None
+                 else key_segments.astype(jnp.int32))
     kseg = jnp.where(valid, seg_e, KEY_NONE)
     kseg = jnp.pad(kseg, ((0, 0), (0, lay.np_ - n)), constant_values=KEY_NONE)
     qseg = jnp.pad(seg_q, ((0, 0), (0, lay.sp - s)), constant_values=QUERY_PAD)
 
     t = jnp.arange(lay.sp)
-    hi = jnp.where(t < s, jnp.minimum(masks.visible_entry_count(t, m), n), 0)  # [Sp]
+    hi = jnp.where(t < s, jnp.minimum(masks.visible_entry_count(
+        query_offsets(query_offset)[0] + t, m), n), 0)                              # [Sp]
     if segment_ids is None:
         lo = jnp.zeros((b, lay.sp), jnp.int32)
     else:

@@ -16,10 +16,12 @@ from sparse_lm.ops import masks
 from sparse_lm.ops.indexer import indexer_scores
 
 
-def _visible(rows, seg_rows, n: int, ratio: int, key_valid, segment_ids):
+def _visible(rows, seg_rows, n: int, ratio: int, key_valid, segment_ids, key_segments=None):
     """[B or 1, len(rows), N] bool: entries visible to the queries at positions `rows`
-    (seg_rows [B, len(rows)]: their documents, when segment_ids is given)."""
-    seg_e = None if segment_ids is None else masks.entry_segments(segment_ids, n, ratio)
+    (seg_rows [B, len(rows)]: their documents, when segment_ids is given; the entries' documents
+    are key_segments [B, N], or from segment_ids when those cover the whole sequence)."""
+    seg_e = None if segment_ids is None else (
+        masks.entry_segments(segment_ids, n, ratio) if key_segments is None else key_segments)
     vis = masks.entry_visible(rows, n, ratio, key_valid, seg_rows, seg_e)
     return vis if vis.ndim == 3 else vis[None]
 
@@ -37,15 +39,17 @@ def _topk(sc, k: int):
 
 
 def indexer_topk_reference(q, weights, keys, *, k: int, ratio: int, key_valid=None,
-                           segment_ids=None):
-    """The naive form: all [B, S, N] scores, then top-k. -> (idx [B,S,k] int32, scores [B,S,k])."""
+                           segment_ids=None, key_segments=None, query_offset=0):
+    """The naive form: all [B, S, N] scores, then top-k. -> (idx [B,S,k] int32, scores [B,S,k]).
+    Query row t sits at position query_offset + t."""
     s = q.shape[1]
-    vis = _visible(jnp.arange(s), segment_ids, keys.shape[1], ratio, key_valid, segment_ids)
+    vis = _visible(query_offset + jnp.arange(s), segment_ids, keys.shape[1], ratio, key_valid,
+                   segment_ids, key_segments)
     return _topk(scores(q, weights, keys, vis), k)
 
 
 def indexer_topk_xla(q, weights, keys, *, k: int, ratio: int, key_valid=None, segment_ids=None,
-                     chunk: int = 256):
+                     key_segments=None, query_offset=0, chunk: int = 256):
     """Same result, queries in chunks of `chunk` under `lax.map`: O(chunk * N) scores at once."""
     b, s = q.shape[:2]
     n = keys.shape[1]
@@ -61,7 +65,8 @@ def indexer_topk_xla(q, weights, keys, *, k: int, ratio: int, key_valid=None, se
         qc = lax.dynamic_slice_in_dim(qp, c * chunk, chunk, axis=1)
         wc = lax.dynamic_slice_in_dim(wp, c * chunk, chunk, axis=1)
         seg_rows = None if segp is None else segp[:, rows]
-        vis = _visible(rows, seg_rows, n, ratio, key_valid, segment_ids)
+        vis = _visible(query_offset + rows, seg_rows, n, ratio, key_valid, segment_ids,
+                       key_segments)
         return _topk(scores(qc, wc, keys, vis), k)
 
     idx, vals = lax.map(one, jnp.arange((s + pad) // chunk))         # [C, B, chunk, k]

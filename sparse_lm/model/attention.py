@@ -102,8 +102,8 @@ class Attention(nnx.Module):
     def _sparse_attention(self, q, kv, segment_ids, entries, valid, picks, implementation):
         """`sparse_attention` of a packed row -> (out, lse). Under sharding rules a Pallas
         kernel runs inside `shard_map` (`sharding.kernels`); where the preset splits the queries
-        along the sequence the kernels cannot run, and the target's preference (no explicit
-        kernel asked for) becomes the "xla" form, logged once."""
+        along the sequence, each shard runs it on its rows behind a window halo from the
+        previous shards (`kernels.sequence_shard_attention`)."""
         cfg = self.cfg
         impl = implementation or cfg.attention_impl
         b, s, h, d = q.shape
@@ -115,18 +115,27 @@ class Attention(nnx.Module):
                                     compressed=entries, compressed_valid=valid, ratio=self.ratio,
                                     topk_idx=picks, implementation=impl, return_lse=True)
         sink = self.sink[...]
+        if not kernels.choose(SPARSE_ATTENTION, impl):
+            return attend(q, kv, sink, segment_ids, entries, valid, picks)
         rows = ("activation_batch", "activation_length")
-        wrap, impl = kernels.choose(SPARSE_ATTENTION, impl, rows, (b, s), "sparse attention")
-        if not wrap:
-            return attend(q, kv, sink, segment_ids, entries, valid, picks, impl=impl)
-        keys = ("activation_batch", "activation_kv_length", "activation_kv")
+        whole = ("activation_batch", "activation_kv_length")
+        # the entries' documents, for a sequence shard that lists every visible entry itself
+        entry_seg = (None if entries is None or picks is not None or segment_ids is None
+                     else masks.entry_segments(segment_ids, entries.shape[1], self.ratio))
+
+        def attend_shard(shard, q, kv, sink, segment_ids, entries, valid, picks, entry_seg):
+            return kernels.sequence_shard_attention(
+                shard, attend, q, kv, sink, segment_ids, entries, valid, picks, entry_seg,
+                window=cfg.sliding_window, ratio=self.ratio)
         return kernels.kernel_call(
-            attend, [("q", q, q_names), ("kv", kv, keys), ("sink", sink, ("activation_heads",)),
-                     ("segment_ids", segment_ids, rows), ("entries", entries, keys),
-                     ("entries_valid", valid, ("activation_batch", "activation_kv_length")),
-                     ("topk", picks, rows + (None,))],
+            lambda *a: attend(*a[:-1]),
+            [("q", q, q_names), ("kv", kv, rows + ("activation_kv",)),
+             ("sink", sink, ("activation_heads",)), ("segment_ids", segment_ids, rows),
+             ("entries", entries, whole + ("activation_kv",)), ("entries_valid", valid, whole),
+             ("topk", picks, rows + (None,)), ("entry_segments", entry_seg, whole)],
             [((b, s, h, d), q.dtype, q_names), ((b, s, h), jnp.float32, q_names[:3])],
-            what=f"sparse attention ({impl or 'the target preference'})")
+            what=f"sparse attention ({impl or 'the target preference'})",
+            sequence_fn=attend_shard)
 
     # ------------------------------------------------------------------ the two key sources
     def _attend_row(self, x, q, q_latent, kv, positions, segment_ids, *, sparse, implementation,

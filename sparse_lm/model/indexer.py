@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kernels_pallas.indexer_topk import api as indexer_kernels
 from sparse_lm.config import ModelConfig
 from sparse_lm.model.compressor import Compressor
 from sparse_lm.model.layers import param
@@ -95,25 +96,35 @@ class Indexer(nnx.Module):
 
     def _select(self, q, w, keys, valid, k, segment_ids, implementation):
         """The fused score + top-k [B, S, min(k, N)]; under sharding rules a Pallas kernel runs
-        inside `shard_map` split by batch only (the score sums over every indexer head), and
-        where the preset splits the queries along the sequence the target's preference becomes
-        the "xla" form (logged once)."""
+        inside `shard_map` split by batch (and, where the preset splits the queries along the
+        sequence, by query rows at a traced position offset), never by the indexer heads: the
+        score sums over every one of them."""
         b, s = q.shape[:2]
         n = keys.shape[1]
+        k_eff = min(k, n)
         rows = ("activation_batch", "activation_length")
 
-        def pick(q, w, keys, valid, segment_ids, impl=implementation):
+        def pick(q, w, keys, valid, segment_ids, key_segments=None, impl=implementation):
             return indexer_topk(q, w, keys, valid, k, ratio=self.ratio, segment_ids=segment_ids,
                                 implementation=impl)
-        wrap, impl = kernels.choose(INDEXER_TOPK, implementation, rows, (b, s), "indexer top-k")
-        if n == 0 or not wrap:
-            return pick(q, w, keys, valid, segment_ids, impl=impl)
+        if n == 0 or not kernels.choose(INDEXER_TOPK, implementation):
+            return pick(q, w, keys, valid, segment_ids)
+
+        def pick_shard(shard, q, w, keys, valid, segment_ids, key_segments):
+            return indexer_kernels.indexer_topk(
+                q, w, keys.astype(q.dtype), k=k_eff, ratio=self.ratio, key_valid=valid,
+                segment_ids=segment_ids, key_segments=key_segments,
+                query_offset=shard.offset(), implementation=implementation)
         entries = ("activation_batch", "activation_kv_length")
-        return kernels.kernel_call(pick, [("q", q, rows + (None, None)), ("weights", w, rows + (None,)),
-                                  ("keys", keys, entries + (None,)), ("valid", valid, entries),
-                                  ("segment_ids", segment_ids, rows)],
-                           [((b, s, min(k, n)), jnp.int32, rows + (None,))],
-                           what=f"indexer top-k ({implementation or 'the target preference'})")
+        key_segments = (None if segment_ids is None
+                        else masks.entry_segments(segment_ids, n, self.ratio))
+        return kernels.kernel_call(
+            pick, [("q", q, rows + (None, None)), ("weights", w, rows + (None,)),
+                   ("keys", keys, entries + (None,)), ("valid", valid, entries),
+                   ("segment_ids", segment_ids, rows), ("key_segments", key_segments, entries)],
+            [((b, s, k_eff), jnp.int32, rows + (None,))],
+            what=f"indexer top-k ({implementation or 'the target preference'})",
+            sequence_fn=pick_shard)
 
     def cached(self, cache, x, q_latent, kv, positions, inv_freq, lengths, n_new, *, entries,
                select: bool, k: int | None = None):

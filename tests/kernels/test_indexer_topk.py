@@ -225,3 +225,33 @@ def test_max_score_probe_is_the_best_visible_score(impl):
     assert np.any(np.isinf(np.asarray(want))) and np.any(np.isfinite(np.asarray(want)))
     with pytest.raises(ValueError, match="invalid for indexer_max_score"):
         indexer_max_score(q, w, keys, ratio=4, implementation="xla")
+
+
+@pytest.mark.parametrize("impl", list(KERNELS) + ["xla", "reference"])
+def test_a_shard_of_query_rows_with_a_traced_offset_equals_those_rows_of_the_whole(impl):
+    """Context parallelism: the rows [o, o + S/c) of a packed row, scored by themselves with
+    query_offset = o (traced, as `axis_index * S/c` is inside `shard_map`) and the entries'
+    documents given (key_segments: the shard's segment ids do not cover the entries), select
+    exactly the rows' picks of the unsplit call. Shards past the first see more entries than
+    their local row count would allow, and their first query block starts mid-document."""
+    q, w, keys, kw = _case_inputs("packed_documents")
+    want = indexer_topk_reference(q, w, keys, **kw)
+    seg, n = kw["segment_ids"], keys.shape[1]
+    key_segments = masks.entry_segments(seg, n, kw["ratio"])
+    rows = 24                       # 83 rows: shards of 24 (the last one ragged)
+    run = jax.jit(lambda q, w, seg, o: indexer_topk(
+        q, w, keys, k=kw["k"], ratio=kw["ratio"], key_valid=kw["key_valid"], segment_ids=seg,
+        key_segments=key_segments, query_offset=o, implementation=impl,
+        config=KERNELS.get(impl), return_scores=True))
+    for o in range(0, q.shape[1], rows):
+        part = slice(o, o + rows)
+        got = run(q[:, part], w[:, part], seg[:, part], jnp.int32(o))
+        _check_exact(got, (want[0][:, part], want[1][:, part]))
+
+
+def test_query_offset_and_key_segments_are_checked():
+    q, w, keys, kw = _case_inputs("packed_documents")
+    with pytest.raises(ValueError, match="query_offset=-1"):
+        indexer_topk(q, w, keys, query_offset=-1, implementation="xla", **kw)
+    with pytest.raises(ValueError, match="key_segments has shape"):
+        indexer_topk(q, w, keys, key_segments=kw["segment_ids"], implementation="xla", **kw)
