@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kernels_pallas.indexer_topk import api as indexer_kernels
 from sparse_lm.config import ModelConfig
 from sparse_lm.model.compressor import Compressor
 from sparse_lm.model.layers import param
@@ -104,17 +103,15 @@ class Indexer(nnx.Module):
         k_eff = min(k, n)
         rows = ("activation_batch", "activation_length")
 
-        def pick(q, w, keys, valid, segment_ids, key_segments=None, impl=implementation):
+        def pick(q, w, keys, valid, segment_ids, key_segments=None, shard=None):
             return indexer_topk(q, w, keys, valid, k, ratio=self.ratio, segment_ids=segment_ids,
-                                implementation=impl)
+                                key_segments=key_segments, implementation=implementation,
+                                query_offset=0 if shard is None else shard.offset())
         if n == 0 or not kernels.choose(INDEXER_TOPK, implementation):
             return pick(q, w, keys, valid, segment_ids)
 
-        def pick_shard(shard, q, w, keys, valid, segment_ids, key_segments):
-            return indexer_kernels.indexer_topk(
-                q, w, keys.astype(q.dtype), k=k_eff, ratio=self.ratio, key_valid=valid,
-                segment_ids=segment_ids, key_segments=key_segments,
-                query_offset=shard.offset(), implementation=implementation)
+        def pick_shard(shard, *local):
+            return pick(*local, shard=shard)
         entries = ("activation_batch", "activation_kv_length")
         key_segments = (None if segment_ids is None
                         else masks.entry_segments(segment_ids, n, self.ratio))

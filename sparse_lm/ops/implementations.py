@@ -112,6 +112,7 @@ INDEXER_TOPK = indexer_kernels.OP
 
 def indexer_topk(q: jax.Array, weights: jax.Array, keys: jax.Array, valid: jax.Array, k: int, *,
                  ratio: int, segment_ids: jax.Array | None = None,
+                 key_segments: jax.Array | None = None, query_offset=0,
                  implementation: str | None = None, interpret: bool | None = None,
                  platform: str | None = None) -> jax.Array:
     """`select_topk(indexer_scores(q, weights, keys, masks.sequence_entry_visible(S, ratio,
@@ -122,7 +123,9 @@ def indexer_topk(q: jax.Array, weights: jax.Array, keys: jax.Array, valid: jax.A
 
     q [B, S, Hi, Di], weights [B, S, Hi], keys [B, N, Di], valid [B, N] -> [B, S, min(k, N)]
     int32, -1 where fewer entries are visible; same indices, same order (ties to the lower
-    index). N == 0 gives [B, S, 0].
+    index). N == 0 gives [B, S, 0]. A shard of query rows under context parallelism: q's rows
+    start at global position `query_offset` (a traced int), and `key_segments` [B, N] give the
+    entries' documents (the shard's segment_ids cover only its own rows).
     """
     n = keys.shape[1]
     k_eff = min(k, n)
@@ -130,5 +133,6 @@ def indexer_topk(q: jax.Array, weights: jax.Array, keys: jax.Array, valid: jax.A
         return jnp.zeros(q.shape[:2] + (0,), jnp.int32)
     return indexer_kernels.indexer_topk(q, weights, keys.astype(q.dtype), k=k_eff, ratio=ratio,
                                         key_valid=valid, segment_ids=segment_ids,
+                                        key_segments=key_segments, query_offset=query_offset,
                                         implementation=implementation, interpret=interpret,
                                         platform=platform)
