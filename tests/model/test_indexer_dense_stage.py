@@ -62,12 +62,12 @@ def test_chunked_dense_stage_kl_recall_and_gradient_equal_the_unchunked_form(imp
     def unchunked(p):
         return _unchunked(nnx.merge(graphdef, p, rest), x, positions, seg, implementation)
 
-    (kl, recall), (want_kl, want_recall) = chunked(params), unchunked(params)
+    (kl, recall), (want_kl, want_recall) = jax.jit(chunked)(params), jax.jit(unchunked)(params)
     assert float(want_kl) > 1e-3 and 0.0 < float(want_recall) < 1.0     # a real objective
     np.testing.assert_allclose(float(kl), float(want_kl), rtol=1e-5)
     np.testing.assert_allclose(float(recall), float(want_recall), rtol=1e-5)
-    got = jax.grad(lambda p: chunked(p)[0])(params)
-    want = jax.grad(lambda p: unchunked(p)[0])(params)
+    got = jax.jit(jax.grad(lambda p: chunked(p)[0]))(params)
+    want = jax.jit(jax.grad(lambda p: unchunked(p)[0]))(params)
     leaves = jax.tree_util.tree_leaves_with_path(want)
     moved = 0
     for (path, w), g in zip(leaves, jax.tree_util.tree_leaves(got)):
