@@ -55,6 +55,7 @@ import multiprocessing
 import os
 import resource
 import statistics
+import sys
 import tempfile
 import time
 
@@ -134,9 +135,12 @@ def time_arm(config, model_cfg, seq: int, arm: str, steps: int, tokens: int,
             return {"seq_len": seq, "arm": arm, "batch": batch, "compile_s": compile_s, **memory,
                     "error": f"the compiled step needs {_gib(need)} beyond its arguments, "
                              f"{_gib(available)} available (MemAvailable): not run"}
+        warmup_times = []
         for _ in range(warmup):
+            t0 = time.perf_counter()
             state, m = step(state, data)
             jax.block_until_ready(m)
+            warmup_times.append(time.perf_counter() - t0)
         times, cpus = [], []
         for _ in range(steps):
             c0, t0 = _cpu_s(), time.perf_counter()
@@ -149,7 +153,7 @@ def time_arm(config, model_cfg, seq: int, arm: str, steps: int, tokens: int,
     return {"seq_len": seq, "arm": arm, "batch": batch, "tokens": n,
             "step_s": med, "tokens_per_s": n / med, "us_per_token": 1e6 * med / n,
             "cpu_s": cpu, "tokens_per_cpu_s": n / cpu, "cpu_us_per_token": 1e6 * cpu / n,
-            "compile_s": compile_s, "warmup_steps": warmup, "loss": float(m["loss"]),
+            "compile_s": compile_s, "warmup_times": warmup_times, "loss": float(m["loss"]),
             "times": times, "cpu_times": cpus, **memory,
             "rss_before_compile_bytes": rss_before,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
@@ -219,7 +223,7 @@ def over_budget(rows, seq: int, arm: str, budget_s: float) -> dict | None:
     projected = base["step_s"] * (seq / base["seq_len"]) ** 2
     if projected <= budget_s:
         return None
-    return {"seq_len": seq, "arm": arm, "batch": base["batch"], "skipped": True,
+    return {"seq_len": seq, "arm": arm, "skipped": True,
             "projected_step_s": projected, "projected_from_seq_len": base["seq_len"],
             "reason": f"projected {projected:.0f} s/step = {base['step_s']:.0f} s at "
                       f"S={base['seq_len']} x ({seq}/{base['seq_len']})^2 exceeds "
@@ -360,15 +364,27 @@ def main(argv):
             raise ValueError(f"--arms: unknown arm {arm!r}; allowed: {', '.join(ARMS)}")
     run = time_arm_isolated if _ISOLATE.value else time_arm
     rows = []
-    for s in [int(x) for x in _SEQ.value]:
-        for arm in _ARMS.value:
+    head = {"backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
+            "tokens_per_step": _TOKENS.value, "steps": _STEPS.value, "warmup": _WARMUP.value,
+            "isolate": _ISOLATE.value, "dense_step_budget_s": _BUDGET.value,
+            "cpu_count": os.cpu_count(), "command": " ".join(["python -m experiments.bench_train"] + sys.argv[1:])}
+
+    def write(**extra):
+        with open(_OUT.value, "w") as f:
+            json.dump({**head, "rows": rows, **extra, "model": model_cfg.to_dict()}, f, indent=1)
+    # arm by arm, each up its lengths (a dense arm's budget reads its own shorter rows); the
+    # JSON is rewritten after every row, so a run stopped early keeps what it measured
+    for arm in _ARMS.value:
+        for s in [int(x) for x in _SEQ.value]:
             skip = over_budget(rows, s, arm, _BUDGET.value)
             if skip is not None:
                 rows.append(skip)
                 print(f"[bench] S={s:6d} {arm:6s} skipped: {skip['reason']}", flush=True)
+                write(complete=False)
                 continue
             r = run(config, model_cfg, s, arm, _STEPS.value, _TOKENS.value, _WARMUP.value)
             rows.append(r)
+            write(complete=False)
             if "error" in r:
                 print(f"[bench] S={s:6d} {arm:6s} failed: {r['error']}", flush=True)
                 continue
@@ -378,13 +394,7 @@ def main(argv):
                   f"compiled {_gib(r['compiled_bytes'])} (temp {_gib(r['compiled_temp_bytes'])}), "
                   f"peak RSS {_gib(r['peak_rss_bytes'])}", flush=True)
     slopes = report(rows, _ARMS.value)
-    out = {"backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
-           "tokens_per_step": _TOKENS.value, "steps": _STEPS.value, "warmup": _WARMUP.value,
-           "isolate": _ISOLATE.value, "dense_step_budget_s": _BUDGET.value,
-           "cpu_count": os.cpu_count(), "rows": rows, "slopes": slopes,
-           "model": model_cfg.to_dict()}
-    with open(_OUT.value, "w") as f:
-        json.dump(out, f, indent=1)
+    write(complete=True, slopes=slopes)
     print(f"[bench] wrote {_OUT.value}")
     if _PLOT.value:
         plot_rows(rows, _PLOT.value)
