@@ -46,10 +46,9 @@ def test_neither_stage_gradient_holds_a_query_by_entry_value():
     def loss(p, sparse, implementation):
         out = _forward(graphdef, p, buffers, batch, sparse=sparse, implementation=implementation)
         return total_loss(out, batch, mtp_weight=0.0, balance_alpha=0.0, indexer_weight=1.0)[0]
-    # the dense stage with the "reference" attention (query chunks of 1024; the dense arm of
-    # bench_train): the "xla" attention's every-entry part is [B, S, H, N] by design
-    # (ops.attention.attention_xla), which is not the indexer's
-    for sparse, implementation in ((True, None), (False, "reference")):
+    # the attention too: "xla" (the default on CPU) and "reference" (bench_train's dense arm)
+    # take every visible entry in query chunks
+    for sparse, implementation in ((True, None), (False, None), (False, "reference")):
         shapes = _shapes(jax.make_jaxpr(jax.grad(lambda p: loss(p, sparse, implementation)))(params))
         found = sorted(sh for sh in shapes if _s_by_n(sh, S, n))
         assert not found, (sparse, found)
