@@ -7,6 +7,14 @@ sequence length (CPU by default). A benchmark script: prints a table and writes 
                                       [--plot=bench_train.png]
     python -m experiments.bench_train --from_json=benchmarks/train_cpu.json [--plot=...]  # redraw
 
+Long context (benchmarks/train_cpu_long.json): every layer rematerialized, one process per arm;
+without remat the sparse demo step holds ~450 KB of saved activations per token (14.5 GiB of
+compiled temporaries at 32K, 28.9 GiB at 64K: benchmarks/train_cpu_long.noremat.json):
+
+    python -m experiments.bench_train --seq_lens=16384,32768,65536 --arms=sparse,dense \
+        --config.model.remat=full --steps=1 --warmup=1 --isolate --dense_step_budget_s=900 \
+        --out=benchmarks/train_cpu_long.json --plot=benchmarks/train_cpu_long.png
+
 Arms (same parameters, same data, same optimizer step; only attention differs):
   sparse  the model as trained: window W + top-k CSA entries + all visible HCA entries
           (implementation "xla": banded window, gathered top-k rows).
@@ -241,8 +249,9 @@ def plot_rows(rows, path):
     import matplotlib          # optional package, needed only for --plot
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    compiled_only = [r for r in rows if "step_s" not in r and "compiled_bytes" in r]
     rows = [r for r in rows if "step_s" in r]
-    with_memory = any("compiled_bytes" in r for r in rows)
+    with_memory = any("compiled_bytes" in r for r in rows + compiled_only)
     fig, axes = plt.subplots(1, 3 if with_memory else 2, figsize=(15 if with_memory else 10, 4))
     styles = (("dense", "s-"), ("dense_noindex", "^--"), ("sparse", "o-"))
     color = {"dense": "C0", "dense_noindex": "C1", "sparse": "C2"}
@@ -273,12 +282,21 @@ def plot_rows(rows, path):
                 ax.plot(x, compiled, style, color=color[arm], label=f"{arm}: compiled step")
                 ax.plot(x, rss, style[0] + ":", color=color[arm], mfc="none",
                         label=f"{arm}: peak RSS")
+            big = sorted((r["seq_len"], r["compiled_bytes"] / 2 ** 30) for r in compiled_only
+                         if r["arm"] == arm)
+            if big:                  # compiled but not run: more than the machine had free
+                ax.plot(*zip(*big), style[0], color=color[arm], mfc="none", ms=9,
+                        label=f"{arm}: compiled step, not run")
+                for x, gib in big:
+                    ax.annotate(f"{gib:.0f} GiB", (x, gib), textcoords="offset points",
+                                xytext=(6, -3), fontsize=8)
         ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
         ax.set_xlabel("sequence length S")
         ax.set_ylabel("GiB")
         ax.set_title("train step memory")
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -296,7 +314,9 @@ def memory_table(rows):
     for r in sorted(rows, key=lambda r: (r["seq_len"], ARMS.index(r["arm"]))):
         head = f"  {r['seq_len']:13d}  {r['arm']:13s}"
         if "step_s" not in r:
-            print(f"{head}  {r.get('reason') or r.get('error')}")
+            compiled = (f"compiled {_gib(r['compiled_bytes'])}; " if "compiled_bytes" in r
+                        else "")
+            print(f"{head}  {compiled}{r.get('reason') or r.get('error')}")
             continue
         if "compiled_bytes" not in r:            # a record from before the memory columns
             print(f"{head}  {r['step_s']:7.1f}  {r['tokens_per_s']:9.0f}   (no memory figures)")
