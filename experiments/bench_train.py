@@ -2,9 +2,18 @@
 sequence length (CPU by default). A benchmark script: prints a table and writes JSON.
 
     python -m experiments.bench_train [--seq_lens=1024,2048,4096,8192,16384] [--steps=2]
-                                      [--tokens_per_step=16384] [--out=bench_train.json]
+                                      [--warmup=1] [--tokens_per_step=16384] [--isolate]
+                                      [--dense_step_budget_s=900] [--out=bench_train.json]
                                       [--plot=bench_train.png]
     python -m experiments.bench_train --from_json=benchmarks/train_cpu.json [--plot=...]  # redraw
+
+Long context (benchmarks/train_cpu_long.json): every layer rematerialized, one process per arm;
+without remat the sparse demo step holds ~450 KB of saved activations per token (14.5 GiB of
+compiled temporaries at 32K, 28.9 GiB at 64K: benchmarks/train_cpu_long.noremat.json):
+
+    python -m experiments.bench_train --seq_lens=16384,32768,65536 --arms=sparse,dense \
+        --config.model.remat=full --steps=1 --warmup=1 --isolate --dense_step_budget_s=900 \
+        --out=benchmarks/train_cpu_long.json --plot=benchmarks/train_cpu_long.png
 
 Arms (same parameters, same data, same optimizer step; only attention differs):
   sparse  the model as trained: window W + top-k CSA entries + all visible HCA entries
@@ -17,23 +26,45 @@ Arms (same parameters, same data, same optimizer step; only attention differs):
           memory (its attention therefore costs ~4 forward passes instead of 3).
 Both arms keep everything else of the model (the indexer and its KL target are computed in
 both: they are part of the training step; the dense arm computes the dense-stage form, KL over
-every visible entry, the sparse arm the sparse-stage form, KL over the selected entries).
+every visible entry in query chunks, the sparse arm the sparse-stage form, KL over the selected
+entries; both select with the fused, query-chunked top-k, so neither holds an [B, S, N] value).
   dense_noindex  (optional) the dense arm without the indexer's scores and KL objective (the
           indexer is replaced for the run by one that returns no entries, `indexer_removed`): a
           pure dense-attention step, the strictest baseline.
 
-Tokens per step are constant (batch = tokens_per_step / S), so seconds per token compare
-directly across lengths. Compilation is excluded; the median of `steps` timed steps is reported,
-as wall-clock time and as the process's CPU time (user + system, all threads): on a shared
-machine the CPU time is the steadier measure of the work done, the wall time the one a user sees
-on an idle one.
+Tokens per step are constant (batch = tokens_per_step / S, at least 1), so seconds per token
+compare directly across lengths. The step is compiled ahead of time (`jit(...).lower().compile()`,
+`compile_s`), then run `warmup` untimed and `steps` timed times; the median is reported, as
+wall-clock time and as the process's CPU time (user + system, all threads): on a shared machine
+the CPU time is the steadier measure of the work done, the wall time the one a user sees on an
+idle one.
+
+Memory, per (S, arm):
+  compiled_*_bytes  the compiled train step's `memory_analysis()`: what XLA allocates for its
+          arguments (the train state and the batch), outputs and temporaries; `compiled_bytes`
+          = argument + output - alias + temp (the donated state's outputs reuse its argument
+          buffers, `alias`, so they are counted once).
+  peak_rss_bytes  the peak resident set (`ru_maxrss`) of the process that ran the arm: the
+          Python and JAX runtime, the model and optimizer state, compilation and the steps.
+          Exact for one arm only with `--isolate` (each (S, arm) runs in a fresh spawned
+          process, one after another, and reports its own peak); without it the figure is the
+          process's peak so far (monotone over the rows). An isolated arm that dies (out of
+          memory: the exit code is -9) is recorded as a row with its `error`.
+Budget: a dense arm (dense, dense_noindex) at S is skipped when the step time projected from its
+largest measured S0 < S in this run, step_s(S0) * (S / S0)^2 (its attention is quadratic at
+batch 1; an upper bound while the linear parts still weigh), exceeds `--dense_step_budget_s`; the
+row records the projection, the length it came from and the reason.
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import multiprocessing
+import os
 import resource
 import statistics
+import sys
+import tempfile
 import time
 
 import jax
@@ -50,6 +81,11 @@ from sparse_lm.train.steps import init_train_state, make_train_step
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Model/optimizer config.")
 _SEQ = flags.DEFINE_list("seq_lens", ["1024", "2048", "4096", "8192", "16384"], "Sequence lengths.")
 _STEPS = flags.DEFINE_integer("steps", 2, "Timed steps per arm and length (median reported).")
+_WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed steps after compilation, before the timed ones.")
+_ISOLATE = flags.DEFINE_bool("isolate", False, "Run each (S, arm) in a fresh spawned process, one "
+                             "at a time, so that its peak RSS is that arm's alone.")
+_BUDGET = flags.DEFINE_float("dense_step_budget_s", 900.0, "Skip a dense arm at S when its step "
+                             "time projected from a shorter S of this run exceeds this (seconds).")
 _TOKENS = flags.DEFINE_integer("tokens_per_step", 16384, "Tokens per optimizer step.")
 _ARMS = flags.DEFINE_list("arms", ["sparse", "dense"], "Arms to run.")
 _OUT = flags.DEFINE_string("out", "bench_train.json", "JSON output path.")
@@ -58,16 +94,16 @@ _PLOT = flags.DEFINE_string("plot", "", "PNG path for cost per token against S (
 _FROM_JSON = flags.DEFINE_string("from_json", "", "Redraw the tables and the plot from this "
                                  "JSON (no timing).")
 _CHUNK = 1024
+ARMS = ("sparse", "dense", "dense_noindex")
 
 
 @contextlib.contextmanager
 def indexer_removed():
-    """The CSA indexer returns no scores and no picks: no indexer objective is computed."""
+    """The CSA indexer returns no scoring and no picks: no indexer objective is computed."""
     original = Indexer.__call__
 
     def empty(self, x, *args, **kwargs):
-        return (jnp.zeros(x.shape[:2] + (0,), jnp.float32),
-                jnp.zeros(x.shape[:2] + (0,), jnp.int32), {})
+        return None, jnp.zeros(x.shape[:2] + (0,), jnp.int32), {}
 
     Indexer.__call__ = empty
     try:
@@ -76,10 +112,11 @@ def indexer_removed():
         Indexer.__call__ = original
 
 
-def time_arm(config, model_cfg, seq: int, arm: str, steps: int, tokens: int) -> dict:
+def time_arm(config, model_cfg, seq: int, arm: str, steps: int, tokens: int,
+             warmup: int = 1) -> dict:
     batch = max(1, tokens // seq)
-    if arm not in ("sparse", "dense", "dense_noindex"):
-        raise ValueError(f"--arms: unknown arm {arm!r}; allowed: sparse, dense, dense_noindex")
+    if arm not in ARMS:
+        raise ValueError(f"--arms: unknown arm {arm!r}; allowed: {', '.join(ARMS)}")
     dense = arm != "sparse"
     cfg = model_cfg.replace(sliding_window=seq) if dense else model_cfg
     config = config.copy_and_resolve_references()
@@ -95,10 +132,23 @@ def time_arm(config, model_cfg, seq: int, arm: str, steps: int, tokens: int) -> 
     with contextlib.ExitStack() as ctx:
         if arm == "dense_noindex":
             ctx.enter_context(indexer_removed())
+        rss_before = _rss_bytes()
         t0 = time.perf_counter()
-        state, m = step(state, data)
-        jax.block_until_ready(m)
+        step = step.lower(state, data).compile()
         compile_s = time.perf_counter() - t0
+        memory = compiled_memory(step)
+        need = memory["compiled_bytes"] - memory["compiled_argument_bytes"]   # on top of the state
+        available = _available_bytes()
+        if need > available:     # a shared machine: fail this arm, not its neighbours' processes
+            return {"seq_len": seq, "arm": arm, "batch": batch, "compile_s": compile_s, **memory,
+                    "error": f"the compiled step needs {_gib(need)} beyond its arguments, "
+                             f"{_gib(available)} available (MemAvailable): not run"}
+        warmup_times = []
+        for _ in range(warmup):
+            t0 = time.perf_counter()
+            state, m = step(state, data)
+            jax.block_until_ready(m)
+            warmup_times.append(time.perf_counter() - t0)
         times, cpus = [], []
         for _ in range(steps):
             c0, t0 = _cpu_s(), time.perf_counter()
@@ -111,7 +161,81 @@ def time_arm(config, model_cfg, seq: int, arm: str, steps: int, tokens: int) -> 
     return {"seq_len": seq, "arm": arm, "batch": batch, "tokens": n,
             "step_s": med, "tokens_per_s": n / med, "us_per_token": 1e6 * med / n,
             "cpu_s": cpu, "tokens_per_cpu_s": n / cpu, "cpu_us_per_token": 1e6 * cpu / n,
-            "compile_s": compile_s, "loss": float(m["loss"]), "times": times, "cpu_times": cpus}
+            "compile_s": compile_s, "warmup_times": warmup_times, "loss": float(m["loss"]),
+            "times": times, "cpu_times": cpus, **memory,
+            "rss_before_compile_bytes": rss_before,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def compiled_memory(compiled) -> dict:
+    """The compiled step's `memory_analysis()` in bytes (see the module doc)."""
+    m = compiled.memory_analysis()
+    out = {f"compiled_{k}_bytes": int(getattr(m, f"{k}_size_in_bytes"))
+           for k in ("argument", "output", "alias", "temp", "generated_code")}
+    out["compiled_bytes"] = (out["compiled_argument_bytes"] + out["compiled_output_bytes"]
+                             - out["compiled_alias_bytes"] + out["compiled_temp_bytes"])
+    return out
+
+
+def _rss_bytes() -> int:
+    """The process's current resident set (Linux /proc)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _available_bytes() -> int:
+    """MemAvailable of /proc/meminfo in bytes."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/meminfo has no MemAvailable line")
+
+
+def _isolated_child(path, *args):
+    """Spawned-process body: one `time_arm`, its row written to `path` as JSON."""
+    logging.set_verbosity(logging.WARNING)
+    row = time_arm(*args)
+    with open(path, "w") as f:
+        json.dump(row, f)
+
+
+def time_arm_isolated(config, model_cfg, seq: int, arm: str, steps: int, tokens: int,
+                      warmup: int) -> dict:
+    """`time_arm` in a fresh spawned process (nothing else ran in it: its peak RSS is the arm's);
+    a child that dies leaves a row with its exit code as `error`."""
+    ctx = multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "row.json")
+        p = ctx.Process(target=_isolated_child,
+                        args=(path, config, model_cfg, seq, arm, steps, tokens, warmup))
+        p.start()
+        p.join()
+        if p.exitcode != 0 or not os.path.exists(path):
+            return {"seq_len": seq, "arm": arm, "batch": max(1, tokens // seq),
+                    "error": f"the isolated process exited with code {p.exitcode}"
+                             + (" (killed: out of memory?)" if p.exitcode == -9 else "")}
+        with open(path) as f:
+            return json.load(f)
+
+
+def over_budget(rows, seq: int, arm: str, budget_s: float) -> dict | None:
+    """The skip row of a dense arm whose projected step time at `seq` exceeds `budget_s`
+    (None: run it, including when no shorter S of that arm was measured)."""
+    if arm == "sparse":
+        return None
+    done = [r for r in rows if r["arm"] == arm and "step_s" in r and r["seq_len"] < seq]
+    if not done:
+        return None
+    base = max(done, key=lambda r: r["seq_len"])
+    projected = base["step_s"] * (seq / base["seq_len"]) ** 2
+    if projected <= budget_s:
+        return None
+    return {"seq_len": seq, "arm": arm, "skipped": True,
+            "projected_step_s": projected, "projected_from_seq_len": base["seq_len"],
+            "reason": f"projected {projected:.0f} s/step = {base['step_s']:.0f} s at "
+                      f"S={base['seq_len']} x ({seq}/{base['seq_len']})^2 exceeds "
+                      f"--dense_step_budget_s={budget_s:.0f}"}
 
 
 def _cpu_s() -> float:
@@ -120,16 +244,22 @@ def _cpu_s() -> float:
 
 
 def plot_rows(rows, path):
-    """us per token (wall and CPU) against S, log-log, both arms, with the sparse/dense ratio."""
+    """us per token (wall and CPU) against S, log-log, each arm, with the dense/sparse ratio;
+    with memory figures, a third panel: compiled bytes and peak RSS against S."""
     import matplotlib          # optional package, needed only for --plot
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    compiled_only = [r for r in rows if "step_s" not in r and "compiled_bytes" in r]
+    rows = [r for r in rows if "step_s" in r]
+    with_memory = any("compiled_bytes" in r for r in rows + compiled_only)
+    fig, axes = plt.subplots(1, 3 if with_memory else 2, figsize=(15 if with_memory else 10, 4))
+    styles = (("dense", "s-"), ("dense_noindex", "^--"), ("sparse", "o-"))
+    color = {"dense": "C0", "dense_noindex": "C1", "sparse": "C2"}
     for ax, (unit, per) in zip(axes, (("wall", "us_per_token"), ("CPU", "cpu_us_per_token"))):
-        for arm, style in (("dense", "s-"), ("dense_noindex", "^--"), ("sparse", "o-")):
+        for arm, style in styles:
             pts = sorted((r["seq_len"], r[per]) for r in rows if r["arm"] == arm)
             if pts:
-                ax.plot(*zip(*pts), style, label=arm)
+                ax.plot(*zip(*pts), style, color=color[arm], label=arm)
         by = {(r["seq_len"], r["arm"]): r for r in rows}
         for (s, arm), r in by.items():
             if arm == "sparse" and (s, "dense") in by:
@@ -142,13 +272,64 @@ def plot_rows(rows, path):
         ax.set_title(f"train step cost per token ({unit} time)")
         ax.grid(alpha=0.3, which="both")
         ax.legend()
+    if with_memory:
+        ax = axes[2]
+        for arm, style in styles:
+            mem = sorted((r["seq_len"], r["compiled_bytes"] / 2 ** 30, r["peak_rss_bytes"] / 2 ** 30)
+                         for r in rows if r["arm"] == arm and "compiled_bytes" in r)
+            if mem:
+                x, compiled, rss = zip(*mem)
+                ax.plot(x, compiled, style, color=color[arm], label=f"{arm}: compiled step")
+                ax.plot(x, rss, style[0] + ":", color=color[arm], mfc="none",
+                        label=f"{arm}: peak RSS")
+            big = sorted((r["seq_len"], r["compiled_bytes"] / 2 ** 30) for r in compiled_only
+                         if r["arm"] == arm)
+            if big:                  # compiled but not run: more than the machine had free
+                ax.plot(*zip(*big), style[0], color=color[arm], mfc="none", ms=9,
+                        label=f"{arm}: compiled step, not run")
+                for x, gib in big:
+                    ax.annotate(f"{gib:.0f} GiB", (x, gib), textcoords="offset points",
+                                xytext=(6, -3), fontsize=8)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
+        ax.set_xlabel("sequence length S")
+        ax.set_ylabel("GiB")
+        ax.set_title("train step memory")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def _gib(n) -> str:
+    return f"{n / 2 ** 30:.2f} GiB"
+
+
+def memory_table(rows):
+    """One line per (S, arm): time per step, compiled memory, peak RSS; skipped / failed rows
+    with their reason."""
+    print("\n  [memory]      S  arm            s/step   tokens/s   compiled (temp)          "
+          "peak RSS")
+    for r in sorted(rows, key=lambda r: (r["seq_len"], ARMS.index(r["arm"]))):
+        head = f"  {r['seq_len']:13d}  {r['arm']:13s}"
+        if "step_s" not in r:
+            compiled = (f"compiled {_gib(r['compiled_bytes'])}; " if "compiled_bytes" in r
+                        else "")
+            print(f"{head}  {compiled}{r.get('reason') or r.get('error')}")
+            continue
+        if "compiled_bytes" not in r:            # a record from before the memory columns
+            print(f"{head}  {r['step_s']:7.1f}  {r['tokens_per_s']:9.0f}   (no memory figures)")
+            continue
+        print(f"{head}  {r['step_s']:7.1f}  {r['tokens_per_s']:9.0f}   "
+              f"{_gib(r['compiled_bytes']):>10s} ({_gib(r['compiled_temp_bytes'])})  "
+              f"{_gib(r['peak_rss_bytes']):>10s}")
+
+
 def report(rows, arms):
-    """Print the wall and CPU tables and return the slopes of cost per token against S."""
+    """Print the wall, CPU and memory tables and return the slopes of cost per token against S."""
+    memory_table(rows)
+    rows = [r for r in rows if "step_s" in r]
     by = {(r["seq_len"], r["arm"]): r for r in rows}
     seqs = sorted({r["seq_len"] for r in rows})
     slopes = {}
@@ -198,21 +379,42 @@ def main(argv):
           f"{model_cfg.sliding_window}, CSA 1/{model_cfg.compress_ratio_csa} top-"
           f"{model_cfg.index_topk}, HCA 1/{model_cfg.compress_ratio_hca}; "
           f"{_TOKENS.value} tokens per step", flush=True)
+    for arm in _ARMS.value:
+        if arm not in ARMS:
+            raise ValueError(f"--arms: unknown arm {arm!r}; allowed: {', '.join(ARMS)}")
+    run = time_arm_isolated if _ISOLATE.value else time_arm
     rows = []
-    for s in [int(x) for x in _SEQ.value]:
-        for arm in _ARMS.value:
-            r = time_arm(config, model_cfg, s, arm, _STEPS.value, _TOKENS.value)
+    head = {"backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
+            "tokens_per_step": _TOKENS.value, "steps": _STEPS.value, "warmup": _WARMUP.value,
+            "isolate": _ISOLATE.value, "dense_step_budget_s": _BUDGET.value,
+            "cpu_count": os.cpu_count(), "command": " ".join(["python -m experiments.bench_train"] + sys.argv[1:])}
+
+    def write(**extra):
+        with open(_OUT.value, "w") as f:
+            json.dump({**head, "rows": rows, **extra, "model": model_cfg.to_dict()}, f, indent=1)
+    # arm by arm, each up its lengths (a dense arm's budget reads its own shorter rows); the
+    # JSON is rewritten after every row, so a run stopped early keeps what it measured
+    for arm in _ARMS.value:
+        for s in [int(x) for x in _SEQ.value]:
+            skip = over_budget(rows, s, arm, _BUDGET.value)
+            if skip is not None:
+                rows.append(skip)
+                print(f"[bench] S={s:6d} {arm:6s} skipped: {skip['reason']}", flush=True)
+                write(complete=False)
+                continue
+            r = run(config, model_cfg, s, arm, _STEPS.value, _TOKENS.value, _WARMUP.value)
             rows.append(r)
+            write(complete=False)
+            if "error" in r:
+                print(f"[bench] S={s:6d} {arm:6s} failed: {r['error']}", flush=True)
+                continue
             print(f"[bench] S={s:6d} {arm:6s} batch {r['batch']:3d}: {r['step_s']:8.2f} s/step, "
                   f"{r['tokens_per_s']:8.0f} tokens/s; CPU {r['cpu_s']:8.2f} s/step, "
-                  f"{r['tokens_per_cpu_s']:8.0f} tokens per CPU-s (compile {r['compile_s']:.0f} s)",
-                  flush=True)
+                  f"{r['tokens_per_cpu_s']:8.0f} tokens per CPU-s (compile {r['compile_s']:.0f} s); "
+                  f"compiled {_gib(r['compiled_bytes'])} (temp {_gib(r['compiled_temp_bytes'])}), "
+                  f"peak RSS {_gib(r['peak_rss_bytes'])}", flush=True)
     slopes = report(rows, _ARMS.value)
-    out = {"backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
-           "tokens_per_step": _TOKENS.value, "rows": rows,
-           "slopes": slopes, "model": model_cfg.to_dict()}
-    with open(_OUT.value, "w") as f:
-        json.dump(out, f, indent=1)
+    write(complete=True, slopes=slopes)
     print(f"[bench] wrote {_OUT.value}")
     if _PLOT.value:
         plot_rows(rows, _PLOT.value)

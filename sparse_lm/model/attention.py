@@ -25,7 +25,7 @@ from sparse_lm.model.selectors import make_selector
 from sparse_lm.ops import kv_cache, masks
 from sparse_lm.ops.attention import attention_mass_split, cached_attention
 from sparse_lm.ops.implementations import SPARSE_ATTENTION, sparse_attention
-from sparse_lm.ops.indexer import (compressed_attention_mass, indexer_objective,
+from sparse_lm.ops.indexer import (compressed_attention_mass, indexer_objective_chunked,
                                    indexer_objective_selected, selected_attention_mass,
                                    sparse_stage_recall)
 from sparse_lm.ops.norms import rms_norm
@@ -140,7 +140,6 @@ class Attention(nnx.Module):
     # ------------------------------------------------------------------ the two key sources
     def _attend_row(self, x, q, q_latent, kv, positions, segment_ids, *, sparse, implementation,
                     topk, topk_limit, record):
-        s = x.shape[1]
         inv_freq = self.inv_freq
         q = constrain(q, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
         kv = constrain(kv, ("activation_batch", "activation_kv_length", "activation_kv"))
@@ -156,15 +155,20 @@ class Attention(nnx.Module):
                                                implementation=implementation, topk=topk,
                                                record=record)
             if self.indexer is not None:
+                impl = implementation or self.cfg.attention_impl
+                # The indexer's "reference" form is the naive [B, S, N] score matrix; the model's
+                # "reference" names the attention math (the query-chunked dense arm of
+                # bench_train), so the selection takes the indexer's query-chunked "xla" form
+                # there: the same picks, and no O(S x N) buffer on any training path.
                 scores, picks, recorded = self.indexer(
                     x, q_latent, positions, inv_freq, segment_ids,
                     stage="sparse" if sparse else "dense", k=topk, limit=topk_limit,
-                    implementation=implementation or self.cfg.attention_impl, record=record)
+                    implementation="xla" if impl == "reference" else impl, record=record)
         o, lse = self._sparse_attention(q, kv, segment_ids, entries, valid,
                                         picks if sparse else None, implementation)
         stats = _zero_stats()
         sg = jax.lax.stop_gradient
-        if scores is not None and scores.shape[-1] > 0 and sparse:
+        if scores is not None and picks.shape[-1] > 0 and sparse:
             # Sparse stage: KL over the selected set only (V3.2); recall on sampled queries.
             mass = selected_attention_mass(sg(q), sg(entries), sg(lse), picks, self.softmax_scale)
             stats = {"indexer_kl": indexer_objective_selected(scores, mass, picks),
@@ -172,11 +176,12 @@ class Attention(nnx.Module):
                                                            ratio=self.ratio,
                                                            scale=self.softmax_scale,
                                                            segment_ids=segment_ids)}
-        elif scores is not None and scores.shape[-1] > 0:
-            visible = masks.sequence_entry_visible(s, self.ratio, valid, segment_ids)
-            mass = compressed_attention_mass(sg(q), sg(entries), sg(lse), visible,
-                                             self.softmax_scale)
-            kl, recall = indexer_objective(scores, mass, visible, picks)
+        elif scores is not None and picks.shape[-1] > 0:
+            # Dense stage: KL over every visible entry and the recall of the picks, in query
+            # chunks (the [B, S, N] scores and mass, [B, S, H, N] products, never exist at once).
+            kl, recall = indexer_objective_chunked(
+                scores.q, scores.weights, scores.keys, q, entries, lse, valid, picks,
+                ratio=self.ratio, scale=self.softmax_scale, segment_ids=segment_ids)
             stats = {"indexer_kl": kl, "indexer_recall": recall}
         if record:
             recorded.update(self._record(q, kv, lse, entries, valid, picks if sparse else None,

@@ -7,6 +7,8 @@ chunk against the cached keys; both use `ops.indexer.indexer_scores` over `ops.m
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -17,7 +19,7 @@ from sparse_lm.model.layers import param
 from sparse_lm.ops import masks
 from sparse_lm.ops.implementations import INDEXER_TOPK, indexer_topk
 from sparse_lm.ops.indexer import (blocked_indexer_topk, indexer_head_scores, indexer_scores,
-                                   indexer_scores_selected, select_topk)
+                                   indexer_scores_selected)
 from sparse_lm.ops.rope import apply_rope
 from sparse_lm.sharding import kernels
 
@@ -28,6 +30,17 @@ def limit_picks(topk: jax.Array, limit) -> jax.Array:
     if limit is None:
         return topk
     return jnp.where(jnp.arange(topk.shape[-1]) < limit, topk, -1)
+
+
+STAGES = ("dense", "sparse", "select")
+
+
+class ScoringInputs(NamedTuple):
+    """What the dense stage's KL scores in query chunks: q [B, S, Hi, Di] (RoPE'd), weights
+    [B, S, Hi] (scaled), keys [B, N, Di] (the indexer's parameters learn through them)."""
+    q: jax.Array
+    weights: jax.Array
+    keys: jax.Array
 
 
 class Indexer(nnx.Module):
@@ -58,40 +71,37 @@ class Indexer(nnx.Module):
     def __call__(self, x, q_latent, positions, inv_freq, segment_ids=None, *, stage: str = "dense",
                  k: int | None = None, limit=None, implementation: str | None = None,
                  record: bool = False):
-        """The selection of a packed row x [B, S, d] -> (scores, topk [B, S, min(k, N)] int32
+        """The selection of a packed row x [B, S, d] -> (scoring, topk [B, S, min(k, N)] int32
         (-1 where fewer are visible), recorded).
 
-        stage "dense" (the warm-up): scores [B, S, N] (-inf where not visible), the KL over all
-        visible entries needs them. stage "sparse": scores at the selected entries only [B, S, K]
-        (-inf at -1 picks): the top-k comes from the full scores without gradient, so the
-        backward never touches the [B, S, Hi, N] products (V3.2, spec §6). stage "select": no
-        scores (None); the fused score + top-k op (`implementations.indexer_topk`) never forms
-        the [B, S, N] matrix. k: overrides index_topk; limit: `limit_picks`; record: also
-        return the full scores and per-head scores for analysis.
+        Every stage selects with the fused score + top-k op (`implementations.indexer_topk`,
+        no gradient): the [B, S, N] score matrix is never formed on the training path.
+        scoring, by stage: "dense" (the warm-up) -> `ScoringInputs` (q, weights, keys),
+        from which the caller computes the KL over every visible entry in query chunks
+        (`ops.indexer.indexer_objective_chunked`); "sparse" -> the scores at the selected
+        entries only [B, S, K] (-inf at -1 picks), so the backward never touches the
+        [B, S, Hi, N] products (V3.2, spec §6); "select" -> None.
+        k: overrides index_topk; limit: `limit_picks`; record: also return the full scores
+        [B, S, N], the picks and the per-head scores for analysis (only this path builds them).
         """
+        if stage not in STAGES:
+            raise ValueError(f"stage={stage!r}: expected one of {STAGES}")
         k = self.topk if k is None else k
-        s = x.shape[1]
         q, w = self.project_queries(x, q_latent, positions, inv_freq)
         keys, valid = self.keys(x, positions, inv_freq, segment_ids)
+        sg = jax.lax.stop_gradient
+        topk = limit_picks(self._select(sg(q), sg(w), sg(keys), valid, k, segment_ids,
+                                        implementation), limit)
         recorded = {}
-        if stage == "select" and not record:
-            topk = self._select(q, w, keys, valid, k, segment_ids, implementation)
-            return None, limit_picks(topk, limit), recorded
-        if stage == "sparse" and not record:
-            # the selection (no gradient) by the fused score + top-k: no [B, S, N] scores
-            sg = jax.lax.stop_gradient
-            topk = limit_picks(self._select(sg(q), sg(w), sg(keys), valid, k, segment_ids,
-                                            implementation), limit)
-            return indexer_scores_selected(q, w, keys, topk), topk, recorded
-        visible = masks.sequence_entry_visible(s, self.ratio, valid, segment_ids)
-        full = indexer_scores(q, w, keys, visible)
-        topk = limit_picks(select_topk(jax.lax.stop_gradient(full), k), limit)
         if record:
-            recorded = {"scores": full, "topk": topk,
+            visible = masks.sequence_entry_visible(x.shape[1], self.ratio, valid, segment_ids)
+            recorded = {"scores": indexer_scores(q, w, keys, visible), "topk": topk,
                         "head_scores": indexer_head_scores(q, w, keys, visible)}
         if stage == "sparse":
             return indexer_scores_selected(q, w, keys, topk), topk, recorded
-        return full, topk, recorded
+        if stage == "dense":
+            return ScoringInputs(q, w, keys), topk, recorded
+        return None, topk, recorded
 
     def _select(self, q, w, keys, valid, k, segment_ids, implementation):
         """The fused score + top-k [B, S, min(k, N)]; under sharding rules a Pallas kernel runs

@@ -14,7 +14,7 @@ Three forms of the same math, each returning (out, lse), lse fp32 with the sink 
   attention_reference  dense masked over all S window keys and all N entries, fp32; obviously
                        correct (the kernels' references are this function).
   attention_xla        window as a blocked band (S*2W), listed entries gathered per query in
-                       query chunks (S*k), all visible entries dense (HCA: N = S/m' is small);
+                       query chunks (S*k), all visible entries dense in query chunks (HCA);
                        operands stay in the compute dtype, products and softmax in fp32.
   cached_attention     chunk queries at positions q_pos against cached keys at key_pos (the
                        ring buffer + the chunk's rows; decode and chunked prefill), the
@@ -245,19 +245,29 @@ def attention_xla(q: jax.Array, kv: jax.Array, sink: jax.Array, *, window: int, 
                   segment_ids: jax.Array | None = None, compressed: jax.Array | None = None,
                   compressed_valid: jax.Array | None = None, ratio: int = 0,
                   topk_idx: jax.Array | None = None):
-    """`attention_reference` without anything S x S: the window as a band, the listed entries
-    gathered TOPK_QUERY_CHUNK queries at a time under a rematerialized scan
-    (`map_sequence_chunks`, so one chunk's gathered rows are live, forward and backward), all
-    visible entries dense. Operands and each part's output stay in the compute dtype (bf16
+    """`attention_reference` without anything S x S or S x N: the window as a band; the listed
+    entries gathered, or all visible entries dense, TOPK_QUERY_CHUNK queries at a time under a
+    rematerialized scan (`map_sequence_chunks`, so one chunk's gathered rows or logits are
+    live, forward and backward). Operands and each part's output stay in the compute dtype (bf16
     runs hold half the bytes); products and the softmax are fp32, as in the kernels."""
     b, s = q.shape[:2]
     parts = [_window_band(q, kv, segment_ids, window, scale, q.dtype)]
     if compressed is not None and compressed.shape[1]:
         if topk_idx is None:
-            valid = (jnp.ones(compressed.shape[:2], bool) if compressed_valid is None
-                     else compressed_valid)
-            vis = masks.sequence_entry_visible(s, ratio, valid, segment_ids)
-            parts.append(_dense_part(q, compressed.astype(q.dtype), vis, scale, q.dtype))
+            # every visible entry, TOPK_QUERY_CHUNK queries at a time: the [B, chunk, H, N]
+            # logits (and the [B, chunk, N] mask) of one chunk are live, not [B, S, H, N]
+            # (HCA at S = 64K, N = 2K: 2 GiB per fp32 copy)
+            n = compressed.shape[1]
+            valid = jnp.ones((b, n), bool) if compressed_valid is None else compressed_valid
+            entries = compressed.astype(q.dtype)
+            seg_e = None if segment_ids is None else masks.entry_segments(segment_ids, n, ratio)
+
+            def every_entry(qc, rows, seg=None):
+                vis = masks.entry_visible(rows, n, ratio, valid, seg, seg_e)
+                return _dense_part(qc, entries, vis, scale, q.dtype)
+            xs = (q, masks.row_positions(b, s)) + (() if segment_ids is None else (segment_ids,))
+            parts.append(map_sequence_chunks(every_entry, xs, chunk=TOPK_QUERY_CHUNK,
+                                             pad_values=(0,) * len(xs)))
         else:
             entries = compressed.astype(jnp.float32)
             parts.append(map_sequence_chunks(

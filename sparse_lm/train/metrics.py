@@ -30,7 +30,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import sparse_lm.model.attention as attention_module
 from sparse_lm.analysis.accounting import train_flops_per_token as _train_flops
 
 # Dense bf16 peak FLOP/s per device (datasheet), matched as substrings of `device_kind`.
@@ -253,28 +252,16 @@ def indexer_recall_at_fraction(model, tokens, segment_ids=None, fraction: float 
     """Per CSA layer (recall, chance, oracle) of `recall_at_fraction` for one batch, the main attention
     running dense over compressed entries (the warm-up stage's target distribution).
 
-    Analysis hook: wraps `indexer_objective` as the attention module calls it (scores, mass,
-    visible, top-k) to read the indexer scores and the dense attention mass of every CSA layer,
-    so the model itself is unchanged. Returns a list in layer order.
+    Analysis hook: reads what every lightning-indexer layer records with `record=True` (its full
+    scores, the visibility and the dense attention mass per entry), so the model itself is
+    unchanged. Returns a list in layer order.
     """
-    if getattr(model, "cycles", None) is not None:
-        raise ValueError("indexer_recall_at_fraction reads layers as they run: it needs a model "
-                         "whose layers are unrolled (config.layer_groups.num_cycles == 0)")
     graphdef, state = nnx.split(model)
-    original = attention_module.indexer_objective
 
     def run(state, tokens, segment_ids):
-        captured = []
-
-        def capture(scores, mass, visible, selected):
-            captured.append(recall_at_fraction(scores, mass, visible, fraction))
-            return original(scores, mass, visible, selected)
-        attention_module.indexer_objective = capture
-        try:
-            nnx.merge(graphdef, state)(tokens, segment_ids=segment_ids, sparse=False,
-                                       return_aux=True)
-        finally:
-            attention_module.indexer_objective = original
-        return captured
+        out = nnx.merge(graphdef, state)(tokens, segment_ids=segment_ids, sparse=False,
+                                         return_aux=True, record=True)
+        return [recall_at_fraction(r["scores"], r["dense_mass"], r["visible"], fraction)
+                for r in out.recorded if "scores" in r and "dense_mass" in r]
     out = jax.jit(run)(state, tokens, segment_ids)
     return [tuple(float(v) for v in r) for r in out]
