@@ -73,6 +73,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from experiments.benchlib import compiled_memory, over_budget
 from sparse_lm.model import build_model
 from sparse_lm.model.indexer import Indexer
 from sparse_lm.train.loop import loss_config, make_schedule, make_tx, resolve_model_config
@@ -167,16 +168,6 @@ def time_arm(config, model_cfg, seq: int, arm: str, steps: int, tokens: int,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
-def compiled_memory(compiled) -> dict:
-    """The compiled step's `memory_analysis()` in bytes (see the module doc)."""
-    m = compiled.memory_analysis()
-    out = {f"compiled_{k}_bytes": int(getattr(m, f"{k}_size_in_bytes"))
-           for k in ("argument", "output", "alias", "temp", "generated_code")}
-    out["compiled_bytes"] = (out["compiled_argument_bytes"] + out["compiled_output_bytes"]
-                             - out["compiled_alias_bytes"] + out["compiled_temp_bytes"])
-    return out
-
-
 def _rss_bytes() -> int:
     """The process's current resident set (Linux /proc)."""
     with open("/proc/self/statm") as f:
@@ -217,25 +208,6 @@ def time_arm_isolated(config, model_cfg, seq: int, arm: str, steps: int, tokens:
                              + (" (killed: out of memory?)" if p.exitcode == -9 else "")}
         with open(path) as f:
             return json.load(f)
-
-
-def over_budget(rows, seq: int, arm: str, budget_s: float) -> dict | None:
-    """The skip row of a dense arm whose projected step time at `seq` exceeds `budget_s`
-    (None: run it, including when no shorter S of that arm was measured)."""
-    if arm == "sparse":
-        return None
-    done = [r for r in rows if r["arm"] == arm and "step_s" in r and r["seq_len"] < seq]
-    if not done:
-        return None
-    base = max(done, key=lambda r: r["seq_len"])
-    projected = base["step_s"] * (seq / base["seq_len"]) ** 2
-    if projected <= budget_s:
-        return None
-    return {"seq_len": seq, "arm": arm, "skipped": True,
-            "projected_step_s": projected, "projected_from_seq_len": base["seq_len"],
-            "reason": f"projected {projected:.0f} s/step = {base['step_s']:.0f} s at "
-                      f"S={base['seq_len']} x ({seq}/{base['seq_len']})^2 exceeds "
-                      f"--dense_step_budget_s={budget_s:.0f}"}
 
 
 def _cpu_s() -> float:

@@ -204,3 +204,34 @@ def preset_model(name: str) -> ModelConfig:
     if name not in BENCH_PRESETS:
         raise FlagError(f"--preset={name!r} is invalid: allowed values {tuple(BENCH_PRESETS)}")
     return ModelConfig.from_dict(presets.model_preset(BENCH_PRESETS[name]))
+
+
+def compiled_memory(compiled) -> dict:
+    """A compiled function's `memory_analysis()` in bytes, and what it allocates:
+    compiled_bytes = argument + output - alias (donated buffers counted once) + temp."""
+    m = compiled.memory_analysis()
+    out = {f"compiled_{k}_bytes": int(getattr(m, f"{k}_size_in_bytes"))
+           for k in ("argument", "output", "alias", "temp", "generated_code")}
+    out["compiled_bytes"] = (out["compiled_argument_bytes"] + out["compiled_output_bytes"]
+                             - out["compiled_alias_bytes"] + out["compiled_temp_bytes"])
+    return out
+
+
+def over_budget(rows, seq: int, arm: str, budget_s: float) -> dict | None:
+    """The skip row of a dense arm of `experiments.bench_train` whose step time at `seq`,
+    projected quadratically from its longest shorter measured length, exceeds `budget_s`
+    (None: run it, including when no shorter S of that arm was measured)."""
+    if arm == "sparse":
+        return None
+    done = [r for r in rows if r["arm"] == arm and "step_s" in r and r["seq_len"] < seq]
+    if not done:
+        return None
+    base = max(done, key=lambda r: r["seq_len"])
+    projected = base["step_s"] * (seq / base["seq_len"]) ** 2
+    if projected <= budget_s:
+        return None
+    return {"seq_len": seq, "arm": arm, "skipped": True,
+            "projected_step_s": projected, "projected_from_seq_len": base["seq_len"],
+            "reason": f"projected {projected:.0f} s/step = {base['step_s']:.0f} s at "
+                      f"S={base['seq_len']} x ({seq}/{base['seq_len']})^2 exceeds "
+                      f"--dense_step_budget_s={budget_s:.0f}"}

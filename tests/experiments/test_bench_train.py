@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from experiments.bench_train import compiled_memory, over_budget
+from experiments.benchlib import compiled_memory, over_budget   # bench_train's bookkeeping
 
 
 def _row(seq, arm, step_s):
