@@ -19,6 +19,12 @@ cached compressed entries, dsa_tokens against its per-token keys (`ops.kv_cache.
 which also holds the raw rows it attends), both one block of visible entries at a time with a
 running top-k (`ops.visible.blocked_topk`: no [B, T, max_len / m] scores, work up to the last
 visible entry only). The cache holds what each reads (`inference.cache.layer_cache`).
+Every selector (and the lightning `Indexer`) has the same cached method:
+  cached(cache, x, q_latent, kv, positions, inv_freq, lengths, n_new, *, entries, select, k)
+  x [B, T, d] the chunk at positions [B, T], kv [B, T, D] its K=V rows, entries the layer's
+  compressed-entry cache [B, N, D] (None for dsa_tokens) -> (the selector's new cache, picks
+  [B, T, k] or None = every visible entry, the rows the attention reads, their compress
+  ratio); select=False is the dense stage (no picks).
 
 The mlp_router estimator, exactly (`ops.selectors.straight_through_gate`,
 `gated_entries_attention`):
@@ -128,14 +134,6 @@ class _Selector(nnx.Module):
         o, lse = layer._sparse_attention(q, kv, segment_ids, rows, rows_valid, picks,
                                          implementation)
         return o, lse, jnp.zeros((), jnp.float32)
-
-    def cached(self, cache, x, q_latent, kv, positions, inv_freq, lengths, n_new, *, entries,
-               select: bool, k: int | None = None):
-        """The cached path of a chunk x [B, T, d] at positions [B, T] (kv [B, T, D] its K=V
-        rows, entries the layer's compressed-entry cache [B, N, D] or None) -> (the selector's
-        new cache, picks [B, T, k] or None (every visible entry), the rows the attention reads
-        [B, N', D], their compress ratio). select=False: the dense stage (no picks)."""
-        raise NotImplementedError
 
 
 class DenseSelector(_Selector):
