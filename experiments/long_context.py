@@ -50,7 +50,7 @@ from sparse_lm.inference import Decoder, cache_bytes, full_attention_config, ini
 from sparse_lm.inference.dense import full_kv_cache_bytes
 from sparse_lm.model.transformer import build_model
 from sparse_lm.ops.attention import cached_attention
-from sparse_lm.ops.indexer import blocked_indexer_topk, indexer_scores
+from sparse_lm.ops.indexer import block_scorer, blocked_indexer_topk
 from sparse_lm.ops.kv_cache import ring_positions
 from sparse_lm.ops.visible import INDEXER_KEY_BLOCK, block_size, fold_visible_blocks
 from sparse_lm.train.config_check import UserError, run_main
@@ -143,10 +143,12 @@ def _timed(fn, args, runs: int = 2) -> float:
 
 def _scores_only(q, w, keys, q_pos, ratio):
     """The indexer's scoring alone over the visible key blocks (`blocked_indexer_topk` without
-    the top-k merge): each block's scores reduced to one max per query."""
-    def step(best, rows, row_idx, vis):
-        return jnp.maximum(best, jnp.max(indexer_scores(q, w, rows, vis, flat=True), axis=-1))
+    the top-k merge: the same block scorer, each block's scores reduced to one max per query)."""
     block = block_size(INDEXER_KEY_BLOCK, q.shape[1] * q.shape[2], keys.shape[1])
+    score = block_scorer(q, w, keys, block)
+
+    def step(best, rows, row_idx, vis):
+        return jnp.maximum(best, jnp.max(score(rows, vis, row_idx[0]), axis=-1))
     return fold_visible_blocks(keys, q_pos, ratio, block, step,
                                jnp.full(q.shape[:2], -jnp.inf))[0]
 

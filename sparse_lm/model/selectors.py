@@ -304,7 +304,7 @@ class MLPRouterSelector(_Selector):
         q_feat = self.query_features(q_latent)
         n, t, hr = entries.shape[1], q_feat.shape[1], q_feat.shape[2]
 
-        def score(rows, vis):
+        def score(rows, vis, start):
             return jnp.where(vis, self.pair_scores(q_feat, rows), -jnp.inf)
         picks, _ = blocked_topk(score, entries, positions, ratio=self.ratio,
                                 k=self.topk if k is None else k,

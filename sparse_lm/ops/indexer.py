@@ -21,12 +21,25 @@ def indexer_scores(q: jax.Array, weights: jax.Array, keys: jax.Array, visible: j
     """
     qf, kf = q.astype(jnp.float32), keys.astype(jnp.float32)
     if flat:
-        dots = flat_scores(qf, kf)
+        scores = head_weighted_sum(jax.nn.relu(flat_scores(qf, kf)), weights)
     else:
         dots = jnp.einsum("bthd,bsd->bths", qf, kf, precision=precision)
-    scores = jnp.einsum("bths,bth->bts", jax.nn.relu(dots), weights.astype(jnp.float32),
-                        precision=precision)
+        scores = jnp.einsum("bths,bth->bts", jax.nn.relu(dots), weights.astype(jnp.float32),
+                            precision=precision)
     return jnp.where(visible, scores, -jnp.inf)
+
+
+def head_weighted_sum(terms: jax.Array, weights: jax.Array) -> jax.Array:
+    """sum_h weights[b,t,h] * terms[b,t,h,n] as a sum of Hi row terms, h in order: terms
+    [B, T, Hi, N], weights [B, T, Hi] -> [B, T, N] fp32. On XLA:CPU the einsum form is a
+    batched matrix-vector product over the head axis that cost as much as the q.k products
+    (1.1 ms of a 2.5 ms call at one query x 262,144 keys); the row sum is one elementwise
+    fusion (`benchmarks/visible_blocks_cpu_*.json`)."""
+    w = weights.astype(jnp.float32)
+    out = terms[:, :, 0] * w[:, :, 0, None]
+    for h in range(1, terms.shape[2]):
+        out = out + terms[:, :, h] * w[:, :, h, None]
+    return out
 
 
 def indexer_head_scores(q: jax.Array, weights: jax.Array, keys: jax.Array,
@@ -49,6 +62,52 @@ def select_topk(scores: jax.Array, k: int) -> jax.Array:
     return jnp.where(jnp.isfinite(vals), idx, -1).astype(jnp.int32)
 
 
+# A decode step of a small indexer (T * Hi * Di products per key at most this many) scores a key
+# block with unrolled multiply-adds over key columns read straight from the cache: one
+# elementwise pass over the block, where the matmul form first copies the block out of the cache
+# and writes [T * Hi, block] products (`benchmarks/visible_blocks_cpu_1.json`).
+FMA_TERMS = 256
+
+
+def fma_scores(q: jax.Array, weights: jax.Array, column) -> jax.Array:
+    """`sum_h w[b,t,h] * relu(q[b,t,h] . k[b,n])` as T * Hi * Di unrolled multiply-adds, d then h
+    in order: q [B, T, Hi, Di], weights [B, T, Hi], column(j) -> key column j [B, n] fp32 ->
+    [B, T, n] fp32."""
+    b, t, h, d = q.shape
+    qf, w = q.astype(jnp.float32), weights.astype(jnp.float32)
+    cols = [column(j)[:, None, :] for j in range(d)]                       # [B, 1, n] each
+    out = []
+    for i in range(t):
+        acc = None
+        for head in range(h):
+            dot = cols[0] * qf[:, i, head, 0, None, None]
+            for j in range(1, d):
+                dot = dot + cols[j] * qf[:, i, head, j, None, None]
+            term = jax.nn.relu(dot) * w[:, i, head, None, None]
+            acc = term if acc is None else acc + term
+        out.append(acc)
+    return jnp.concatenate(out, axis=1)
+
+
+def block_scorer(q: jax.Array, weights: jax.Array, keys: jax.Array, block: int):
+    """The cached path's scores of one key block, `ops.visible.blocked_topk`'s `score_block`:
+    score(rows [B, block, Di], visible [B, T, block], start) -> [B, T, block] fp32, -inf where
+    not visible. Small decode steps (T * Hi * Di <= FMA_TERMS) read the block's key columns
+    from the whole cache at `start` with `fma_scores` (the `rows` copy is then unused and
+    removed by XLA); larger ones take the matmul form of `indexer_scores(flat=True)`."""
+    t, h, d = q.shape[1:]
+    b = keys.shape[0]
+    if t * h * d > FMA_TERMS:
+        return lambda rows, vis, start: indexer_scores(q, weights, rows, vis, flat=True)
+
+    def score(rows, vis, start):
+        def column(j):
+            col = jax.lax.dynamic_slice(keys, (0, start, j), (b, block, 1))
+            return col[..., 0].astype(jnp.float32)
+        return jnp.where(vis, fma_scores(q, weights, column), -jnp.inf)
+    return score
+
+
 def blocked_indexer_topk(q: jax.Array, weights: jax.Array, keys: jax.Array, q_pos: jax.Array, *,
                          ratio: int, k: int, block: int | None = None):
     """`select_topk(indexer_scores(q, weights, keys, masks.entry_visible(q_pos, N, ratio),
@@ -57,13 +116,14 @@ def blocked_indexer_topk(q: jax.Array, weights: jax.Array, keys: jax.Array, q_po
     q [B, T, Hi, Di], weights [B, T, Hi], keys [B, N, Di] (the indexer cache), q_pos [B, T]
     -> (topk [B, T, min(k, N)] int32, -1 where fewer are visible; blocks run, int32 scalar).
     block: entries per step (None = `ops.visible.block_size`).
-    Same picks in the same order as over the whole row (`ops.visible.blocked_topk`).
+    Same picks in the same order as over the whole row (`ops.visible.blocked_topk`), up to the
+    summation order of the scores (`block_scorer`).
     """
     t, n = q.shape[1], keys.shape[1]
-    block = min(block or visible.block_size(visible.INDEXER_KEY_BLOCK, t * q.shape[2], n), n)
-    return visible.blocked_topk(
-        lambda rows, vis: indexer_scores(q, weights, rows, vis, flat=True), keys, q_pos,
-        ratio=ratio, k=k, block=max(block, 1))
+    block = max(1, min(block or visible.block_size(visible.INDEXER_KEY_BLOCK, t * q.shape[2], n),
+                       n))
+    return visible.blocked_topk(block_scorer(q, weights, keys, block), keys, q_pos, ratio=ratio,
+                                k=k, block=block)
 
 
 def compressed_attention_mass(q: jax.Array, entries: jax.Array, lse: jax.Array,

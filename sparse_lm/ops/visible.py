@@ -38,8 +38,10 @@ from sparse_lm.ops import masks
 # fewer for long chunks, so that one step's [T, heads, block] products stay near BLOCK_ELEMENTS
 # (8 MB in fp32: cache-resident; on the 2-core CPU a 1024-token chunk scored its indexer keys
 # at 4 ns per query-key pair in blocks of 512 against 18 ns in blocks of 4096), and never below
-# MIN_BLOCK (the while loop's per-iteration overhead, tens of microseconds on XLA:CPU).
-INDEXER_KEY_BLOCK = 4096
+# MIN_BLOCK (the while loop's per-iteration overhead, tens of microseconds on XLA:CPU). A decode
+# step's indexer blocks are INDEXER_KEY_BLOCK wide: wider blocks run fewer iterations at a long
+# context and waste at most one block at a short one (`benchmarks/visible_blocks_cpu_1.json`).
+INDEXER_KEY_BLOCK = 16384
 ENTRIES_BLOCK = 1024
 BLOCK_ELEMENTS = 1 << 21
 MIN_BLOCK = 128
@@ -84,7 +86,8 @@ def fold_visible_blocks(entries: jax.Array, q_pos: jax.Array, ratio: int, block:
 def blocked_topk(score_block, entries: jax.Array, q_pos: jax.Array, *, ratio: int, k: int,
                  block: int):
     """Top-k over the entries visible at q_pos [B, T] with a running list, one block of
-    entries [B, N, ...] at a time: score_block(rows [B, block, ...], visible [B, T, block])
+    entries [B, N, ...] at a time: score_block(rows [B, block, ...], visible [B, T, block],
+    start (the block's first entry index, int32 scalar: a scorer may read the entries itself))
     -> [B, T, block] fp32 scores, -inf where not visible.
     -> (picks [B, T, min(k, N)] int32 best first, -1 where fewer are visible; blocks run).
     The picks and their order equal `lax.top_k` over the whole row: the running list stays
@@ -97,7 +100,7 @@ def blocked_topk(score_block, entries: jax.Array, q_pos: jax.Array, *, ratio: in
 
     def step(carry, rows, row_idx, vis):
         vals, idx = carry
-        scores = score_block(rows, vis)
+        scores = score_block(rows, vis, row_idx[0])
         both = jnp.concatenate([vals, scores], axis=-1)
         both_idx = jnp.concatenate([idx, jnp.broadcast_to(row_idx, scores.shape)], axis=-1)
         vals, at = jax.lax.top_k(both, k_eff)

@@ -4,6 +4,8 @@ Specifications checked:
   * `blocked_indexer_topk` picks exactly what `select_topk(indexer_scores(...))` over the whole
     cache picks (same indices, same order), for entry counts that are not a multiple of the
     block, chunks that straddle block edges and rows at different positions;
+  * the block scorer (multiply-adds for a small decode step, the matmul form otherwise) scores
+    the key block at its start as `indexer_scores` does;
   * `blocked_entries_part` equals the dense part over every visible entry (out and lse), also
     where a row sees nothing;
   * the loops run ceil(visible / block) blocks, counted by the loop itself: an early decode
@@ -28,7 +30,8 @@ from sparse_lm.inference import Decoder, InferenceError, generate
 from sparse_lm.model import build_model
 from sparse_lm.ops import masks, visible
 from sparse_lm.ops.attention import _dense_part, blocked_entries_part
-from sparse_lm.ops.indexer import blocked_indexer_topk, indexer_scores, select_topk
+from sparse_lm.ops.indexer import (FMA_TERMS, block_scorer, blocked_indexer_topk,
+                                   indexer_scores, select_topk)
 from tests.conftest import tiny_config
 
 
@@ -36,8 +39,9 @@ def _normal(seed, shape):
     return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
 
 
-@pytest.mark.parametrize("n, block, t", [(37, 8, 5), (50, 16, 1)])
+@pytest.mark.parametrize("n, block, t", [(37, 8, 5), (50, 16, 1), (37, 8, 12)])
 def test_blocked_topk_equals_whole_cache_topk(n, block, t):
+    """t * 3 heads * 8 dims <= FMA_TERMS: the multiply-add scorer; t = 12: the matmul form."""
     ratio, k = 4, 6
     q, w, keys = _normal(0, (2, t, 3, 8)), _normal(1, (2, t, 3)), _normal(2, (2, n, 8))
     q_pos = jnp.asarray([[9], [4 * n - t]]) + jnp.arange(t)      # an early and a late row
@@ -47,6 +51,23 @@ def test_blocked_topk_equals_whole_cache_topk(n, block, t):
                                       flat=True), k)
     np.testing.assert_array_equal(got, want)
     assert int(ran) == -(-min(n, (4 * n) // ratio) // block)
+
+
+def test_block_scorer_reads_the_block_at_start_and_equals_indexer_scores():
+    """Both scorer forms (multiply-adds on one query x 4 heads x 16; the matmul form on 8
+    queries) score the key block at `start` as `indexer_scores` does, within fp32 rounding."""
+    n, block, start = 40, 16, 24
+    keys = _normal(2, (2, n, 16))
+    rows = jax.lax.dynamic_slice_in_dim(keys, start, block, axis=1)
+    for t in (1, 8):
+        q, w = _normal(0, (2, t, 4, 16)), _normal(1, (2, t, 4))
+        vis = jnp.ones((2, t, block), bool).at[:, :, -3:].set(False)
+        scorer = jax.jit(block_scorer(q, w, keys, block))
+        got = scorer(rows, vis, jnp.int32(start))
+        want = indexer_scores(q, w, rows, vis)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        assert np.isneginf(np.asarray(got)[:, :, -3:]).all()
+    assert 1 * 4 * 16 <= FMA_TERMS < 8 * 4 * 16
 
 
 def test_blocked_entries_part_equals_dense_part():
