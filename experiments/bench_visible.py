@@ -4,7 +4,7 @@ early and a late position of one cache. This is what `ops.visible`'s block const
 from.
 
     python -m experiments.bench_visible [--max-len 1048576] [--chunk 1] [--blocks 4096,16384,65536]
-        [--runs 200] [--json benchmarks/visible_blocks_cpu.json]
+        [--runs 200] [--json benchmarks/visible_blocks/cpu_<chunk>.json]
 
 Shapes are `experiments.long_context`'s `lc_small`: indexer 4 heads x 16, top-16 over
 max_len / 4 keys (CSA ratio 4); 4 attention heads x 32 over max_len / 128 entries (HCA). Inputs
@@ -34,7 +34,7 @@ def _define(fv):
     flags.DEFINE_string("blocks", "1024,4096,16384,65536,262144",
                         "Comma-separated entries per loop step to compare.", flag_values=fv)
     flags.DEFINE_integer("runs", 200, "Timed calls per arm and position.", flag_values=fv)
-    flags.DEFINE_string("json", None, "Output path (default benchmarks/visible_blocks_cpu_"
+    flags.DEFINE_string("json", None, "Output path (default benchmarks/visible_blocks/cpu_"
                         "<chunk>.json; '-' = none).", flag_values=fv)
 
 
@@ -125,7 +125,7 @@ def main(argv=None) -> dict:
         raise SystemExit(2) from None
     result = run(a.max_len, a.chunk, a.blocks, a.runs)
     print(format_table(result))
-    benchlib.write_result(result, a.json, default_name=f"visible_blocks_cpu_{a.chunk}.json")
+    benchlib.write_result(result, a.json, default_name=f"visible_blocks/cpu_{a.chunk}.json")
     return result
 
 

@@ -31,10 +31,9 @@ def indexer_scores(q: jax.Array, weights: jax.Array, keys: jax.Array, visible: j
 
 def head_weighted_sum(terms: jax.Array, weights: jax.Array) -> jax.Array:
     """sum_h weights[b,t,h] * terms[b,t,h,n] as a sum of Hi row terms, h in order: terms
-    [B, T, Hi, N], weights [B, T, Hi] -> [B, T, N] fp32. On XLA:CPU the einsum form is a
-    batched matrix-vector product over the head axis that cost as much as the q.k products
-    (1.1 ms of a 2.5 ms call at one query x 262,144 keys); the row sum is one elementwise
-    fusion (`benchmarks/visible_blocks_cpu_*.json`)."""
+    [B, T, Hi, N], weights [B, T, Hi] -> [B, T, N] fp32. On XLA:CPU the einsum form becomes a
+    batched matrix-vector product over the head axis, a second pass over the products; the
+    row sum fuses with the ReLU into one elementwise pass."""
     w = weights.astype(jnp.float32)
     out = terms[:, :, 0] * w[:, :, 0, None]
     for h in range(1, terms.shape[2]):
@@ -65,7 +64,8 @@ def select_topk(scores: jax.Array, k: int) -> jax.Array:
 # A decode step of a small indexer (T * Hi * Di products per key at most this many) scores a key
 # block with unrolled multiply-adds over key columns read straight from the cache: one
 # elementwise pass over the block, where the matmul form first copies the block out of the cache
-# and writes [T * Hi, block] products (`benchmarks/visible_blocks_cpu_1.json`).
+# and writes [T * Hi, block] products. One query x 4 heads x 16 over 262,144 keys, top-16:
+# 4.1 -> 1.9 ms (`benchmarks/visible_blocks/cpu_1_{before,after}.json`, a loaded 2-core CPU).
 FMA_TERMS = 256
 
 

@@ -39,9 +39,10 @@ from sparse_lm.ops import masks
 # (8 MB in fp32: cache-resident; on the 2-core CPU a 1024-token chunk scored its indexer keys
 # at 4 ns per query-key pair in blocks of 512 against 18 ns in blocks of 4096), and never below
 # MIN_BLOCK (the while loop's per-iteration overhead, tens of microseconds on XLA:CPU). A decode
-# step's indexer blocks are INDEXER_KEY_BLOCK wide: wider blocks run fewer iterations at a long
-# context and waste at most one block at a short one (`benchmarks/visible_blocks_cpu_1.json`).
-INDEXER_KEY_BLOCK = 16384
+# step's indexer blocks are INDEXER_KEY_BLOCK wide: with the multiply-add scorer, blocks of
+# 16384 or 65536 keys were no faster at 1M tokens and cost more at an early position
+# (`benchmarks/visible_blocks/cpu_1_{before,after}.json`).
+INDEXER_KEY_BLOCK = 4096
 ENTRIES_BLOCK = 1024
 BLOCK_ELEMENTS = 1 << 21
 MIN_BLOCK = 128
