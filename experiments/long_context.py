@@ -18,7 +18,11 @@ Arms:
           attention over a full KV cache [1, L, D], the same Decoder) at L = 4K, 8K, ... while
           the next length's projected prefill (its cost grows as L^2) fits in what is left of
           `--dense-budget-s`: its last feasible length, decode ms/token there, that extrapolated
-          linearly to the context, and the cache bytes it would need at the context.
+          linearly to the context (from the last two lengths, and a least-squares line over
+          all of them), and the cache bytes it would need at the context. Then its decode
+          measured AT the context on a full KV cache filled with random rows (a decode step's
+          cost does not depend on what the rows hold; `dense_decode_on_filled_cache`).
+          `decode_speedup` divides each dense figure by the sparse arm's decode ms/token.
 
 Reported (JSON in the workdir and in `--out`, plus a plot over every JSON in `--out`):
 prefill tokens/s by position (per chunk), prefill time (wall, and without the first chunk's
@@ -31,6 +35,7 @@ interpolated over every chunk's position and summed; `rest` = prefill time minus
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -273,8 +278,11 @@ def _dense_lengths(context: int) -> list[int]:
     return out + [context]
 
 
-def run_dense(cfg, tokens, *, context, chunk, decode_tokens, seed, budget_s, bar) -> dict:
-    """The dense arm up its length ladder while the next prefill is projected to fit."""
+def run_dense(cfg, tokens, *, context, chunk, decode_tokens, seed, budget_s, bar,
+              filled_decode: bool = True) -> dict:
+    """The dense arm up its length ladder while the next prefill is projected to fit; then,
+    if that stopped short of the context (and `filled_decode`), its decode at the context on a
+    filled cache (`dense_decode_on_filled_cache`)."""
     rows, spent, skipped = [], 0.0, None
     for n in _dense_lengths(context):
         if rows:
@@ -308,11 +316,47 @@ def run_dense(cfg, tokens, *, context, chunk, decode_tokens, seed, budget_s, bar
     slope = (last["decode_ms_per_token"] / last["context"] if len(rows) < 2 else
              (last["decode_ms_per_token"] - rows[-2]["decode_ms_per_token"])
              / (last["context"] - rows[-2]["context"]))
-    return {"lengths": rows, "last_feasible_context": last["context"],
-            "first_skipped": skipped, "budget_s": budget_s,
-            "cache_bytes_at_context": full_kv_cache_bytes(at_context),
-            "decode_ms_per_token_extrapolated": last["decode_ms_per_token"]
-            + slope * (context - last["context"])}
+    out = {"lengths": rows, "last_feasible_context": last["context"],
+           "first_skipped": skipped, "budget_s": budget_s,
+           "cache_bytes_at_context": full_kv_cache_bytes(at_context),
+           "decode_ms_per_token_extrapolated": last["decode_ms_per_token"]
+           + slope * (context - last["context"])}
+    if len(rows) >= 2:
+        b, a = np.polyfit([r["context"] for r in rows],
+                          [r["decode_ms_per_token"] for r in rows], 1)
+        out["decode_ms_per_token_extrapolated_lsq"] = float(a + b * context)
+    if filled_decode and last["context"] < context:
+        out["filled_cache"] = dense_decode_on_filled_cache(cfg, context, decode_tokens, seed)
+    return out
+
+
+def dense_decode_on_filled_cache(cfg, context: int, steps: int, seed: int) -> dict:
+    """The dense arm's decode measured at the full context, where its prefill is out of reach:
+    the full KV cache [1, context, D] per layer filled with random rows and `context - steps`
+    tokens marked held, then `steps` greedy decode steps (a step's cost does not depend on
+    what the rows hold). -> decode ms/token (median without the compiling first step)."""
+    cfg_d = full_attention_config(cfg, window=context)
+    dec = Decoder(build_model(cfg_d, seed=seed))
+    cache = init_full_kv_cache(cfg_d, 1, context)
+    keys = iter(jax.random.split(jax.random.key(seed + 1), len(jax.tree.leaves(cache))))
+
+    def fill(x):
+        k = next(keys)
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            return x
+        return jax.random.normal(k, x.shape, x.dtype) * 0.5
+    cache = dataclasses.replace(jax.tree.map(fill, cache),
+                                lengths=jnp.full((1,), context - steps, jnp.int32))
+    tok, ms = np.zeros((1,), np.int32), []
+    for _ in range(steps):
+        t1 = time.perf_counter()
+        logits, cache = dec.decode(cache, tok)
+        jax.block_until_ready(logits)
+        ms.append((time.perf_counter() - t1) * 1e3)
+        tok = np.asarray(jnp.argmax(logits, axis=-1), np.int32)
+    return {"context": context, "held": context - steps, "held_after": int(cache.lengths[0]),
+            "steps": steps, "decode_ms_per_token": float(np.median(ms[1:] if len(ms) > 1 else ms)),
+            "decode_ms": ms, "cache_bytes": full_kv_cache_bytes(cache)}
 
 
 # ------------------------------------------------------------------------------ output
@@ -346,6 +390,10 @@ def plot(out_dir: Path) -> Path | None:
             dense_x = r["context"]
             b.plot([dense_x], [r["dense"]["decode_ms_per_token_extrapolated"]], "x",
                    color="C1", label="dense extrapolated" if dense_x == max(xs) else None)
+            if "filled_cache" in r["dense"]:
+                b.plot([dense_x], [r["dense"]["filled_cache"]["decode_ms_per_token"]], "D",
+                       color="C1", mfc="none",
+                       label="dense, filled cache" if dense_x == max(xs) else None)
     if dense:
         b.plot(sorted(dense), [dense[k] for k in sorted(dense)], "s-", color="C1",
                label="dense (measured)")
@@ -466,6 +514,13 @@ def main(argv):
         result["dense"] = run_dense(cfg, tokens, context=context, chunk=a.dense_chunk,
                                     decode_tokens=a.decode_tokens, seed=a.seed,
                                     budget_s=a.dense_budget_s, bar=None)
+    if "sparse" in result and "dense" in result:
+        d, sparse_ms = result["dense"], result["sparse"]["decode_ms_per_token"]
+        figures = {"extrapolated_last_two": d["decode_ms_per_token_extrapolated"],
+                   "extrapolated_lsq": d.get("decode_ms_per_token_extrapolated_lsq"),
+                   "measured_on_filled_cache": d.get("filled_cache", {}).get(
+                       "decode_ms_per_token")}
+        result["decode_speedup"] = {k: v / sparse_ms for k, v in figures.items() if v}
     result["wall_s"] = time.perf_counter() - t_run
     save()
     path = plot(out_dir)
@@ -481,7 +536,13 @@ def main(argv):
         print(f"dense: last feasible {d['last_feasible_context']}, decode "
               f"{d['lengths'][-1]['decode_ms_per_token']:.2f} ms/token there, "
               f"{d['decode_ms_per_token_extrapolated']:.1f} ms/token extrapolated to {context}, "
-              f"cache at {context}: {d['cache_bytes_at_context'] / 2**20:.0f} MiB")
+              f"cache at {context}: {d['cache_bytes_at_context'] / 2**20:.0f} MiB"
+              + (f"; measured on a filled {context}-token cache: "
+                 f"{d['filled_cache']['decode_ms_per_token']:.1f} ms/token"
+                 if "filled_cache" in d else ""))
+    if "decode_speedup" in result:
+        print("sparse decode speedup: " + ", ".join(
+            f"{k} {v:.1f}x" for k, v in result["decode_speedup"].items()))
     print(f"wrote {out_dir / f'context_{context}.json'}" + (f" and {path}" if path else ""))
     return 0
 

@@ -1,5 +1,6 @@
 """experiments.long_context: bad settings are one clear error each, before any compute; the
-prompt has the requested length with every needle where it says."""
+prompt has the requested length with every needle where it says; the dense arm's decode on a
+filled full-context cache runs its steps on top of the held rows."""
 import types
 
 import numpy as np
@@ -35,3 +36,12 @@ def test_prompt_has_the_length_and_the_needles():
         needle = f"\n# key {n['key']} = {n['value']}\n".encode()
         assert text[n["position"]:n["position"] + len(needle)] == needle
     assert text.endswith(f"\n# key {needles[0]['key']} = ".encode())
+
+
+def test_dense_decode_on_a_filled_cache_decodes_after_the_held_rows():
+    from tests.conftest import tiny_config
+    cfg = tiny_config(max_context=0)
+    out = lc.dense_decode_on_filled_cache(cfg, 256, 3, seed=0)
+    assert (out["held"], out["held_after"], len(out["decode_ms"])) == (253, 256, 3)
+    assert out["cache_bytes"] == 256 * cfg.head_dim * 4 * cfg.num_layers
+    assert out["decode_ms_per_token"] > 0
