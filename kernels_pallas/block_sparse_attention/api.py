@@ -63,8 +63,9 @@ def _pallas(implementation: str):
         plan = Plan(geom=geom, num_heads=h, head_dim=d, scale=float(scale), blocks=config,
                     platform=family, interpret=interpret,
                     has_segments=segment_ids is not None,
-                    always_mask=segment_ids is not None or (n > 0 and compressed_valid is not None)
-                    or (n > 0 and query_offset is not None))
+                    # (a query offset needs no mask on full blocks: the map calls full only
+                    # blocks full at every offset of its range)
+                    always_mask=segment_ids is not None or (n > 0 and compressed_valid is not None))
         # Build the maps now so that a geometry the packed form cannot hold fails before any
         # launch.
         for bq, bk in (config.fwd, config.dq):

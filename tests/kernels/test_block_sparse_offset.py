@@ -17,14 +17,14 @@ N = S // M
 CONFIG = BlockSizes(block_q=4, block_kv=8, block_q_dkv=4, block_kv_dkv=8)
 
 
-def _inputs():
+def _inputs(m=M):
     ks = jax.random.split(jax.random.key(0), 6)
     q = jax.random.normal(ks[0], (B, S, H, D), jnp.float32)
     kv = jax.random.normal(ks[1], (B, S, D), jnp.float32)
-    comp = jax.random.normal(ks[2], (B, N, D), jnp.float32)
+    comp = jax.random.normal(ks[2], (B, S // m, D), jnp.float32)
     sink = jax.random.normal(ks[3], (H,), jnp.float32)
     seg = jnp.asarray(packed_segment_ids(B, S, [13, 11]))      # boundaries inside shards
-    valid = masks.window_validity(seg, B, S, M).at[0, 5].set(False)
+    valid = masks.window_validity(seg, B, S, m).at[0, 5].set(False)
     return q, kv, comp, sink, seg, valid, jax.random.normal(ks[4], (B, S, H, D), jnp.float32)
 
 
@@ -32,16 +32,25 @@ def _loss(out, lse, dout):
     return jnp.sum(out * dout) + jnp.sum(jnp.sin(lse))
 
 
-@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu", "reference"])
-def test_shard_rows_at_an_offset_equal_the_unsplit_rows(impl):
-    q, kv, comp, sink, seg, valid, dout = _inputs()
-    kw = dict(window=W, scale=D ** -0.5, ratio=M)
-    ent_seg = masks.entry_segments(seg, N, M)
+@pytest.mark.parametrize("impl, packed", [("pallas_tpu", True), ("pallas_gpu", True),
+                                          ("reference", True), ("pallas_tpu", False)])
+def test_shard_rows_at_an_offset_equal_the_unsplit_rows(impl, packed):
+    """packed=False: one document, every entry valid: no data mask, so the blocks the map
+    calls full run unmasked at every offset (from the second shard, whose range (0, 16) makes
+    the first entry blocks full for the later query blocks at ratio 1; the first shard's halo
+    before position 0 needs segment ids to be masked, as sequence_shard_attention gives it)."""
+    m = M if packed else 1
+    q, kv, comp, sink, seg, valid, dout = _inputs(m)
+    if not packed:
+        seg, valid = jnp.ones_like(seg), jnp.ones_like(valid)
+    kw = dict(window=W, scale=D ** -0.5, ratio=m)
+    ent_seg = masks.entry_segments(seg, S // m, m)
+    offset_range = (-HALO, S - ROWS - HALO) if packed else (0, S - ROWS - HALO)
 
     def full(q, kv, comp, sink, lo, hi):
         out, lse = sparse_attention(q, kv, sink, compressed=comp, compressed_valid=valid,
-                                    segment_ids=seg, implementation="reference",
-                                    return_lse=True, **kw)
+                                    segment_ids=seg if packed else None,
+                                    implementation="reference", return_lse=True, **kw)
         return _loss(out[:, lo:hi], lse[:, lo:hi], dout[:, lo:hi]), (out, lse)
 
     @jax.jit
@@ -53,14 +62,17 @@ def test_shard_rows_at_an_offset_equal_the_unsplit_rows(impl):
 
         def loss(q, kv, comp, sink):
             out, lse = block_sparse_attention(
-                take(q), take(kv), sink, compressed=comp, compressed_valid=valid,
-                segment_ids=seg_rows, query_offset=start, offset_range=(-HALO, S - ROWS - HALO),
-                compressed_segments=ent_seg, implementation=impl, config=CONFIG, **kw)
+                take(q), take(kv), sink, compressed=comp,
+                compressed_valid=valid if packed else None,
+                segment_ids=seg_rows if packed else None, query_offset=start,
+                offset_range=offset_range,
+                compressed_segments=ent_seg if packed else None, implementation=impl,
+                config=CONFIG, **kw)
             out, lse = out[:, HALO:], lse[:, HALO:]
             return _loss(out, lse, take(dout)[:, HALO:]), (out, lse)
         return jax.value_and_grad(loss, (0, 1, 2, 3), has_aux=True)(q, kv, comp, sink)
 
-    for offset in range(0, S, ROWS):
+    for offset in range(0 if packed else ROWS, S, ROWS):
         (_, (wo, wl)), wg = jax.value_and_grad(full, (0, 1, 2, 3), has_aux=True)(
             q, kv, comp, sink, offset, offset + ROWS)
         (_, (go, gl)), gg = shard(q, kv, comp, sink, jnp.int32(offset - HALO))
