@@ -50,6 +50,11 @@ class Geometry:
     seq: S query positions (= raw keys); window: W >= 1 (values >= S mean "all earlier keys");
     num_entries: N compressed entries (0 = SWA); ratio: compression ratio m (entry e covers
     tokens [e*m, (e+1)*m)); q_pad: padded query count; win_pad, comp_pad: padded region sizes.
+    entry_shift: (lo, hi), the range of a traced query offset (a context-parallel shard's rows:
+    query row t sits at position offset + t for the entries, lo <= offset <= hi; the window
+    region stays local). The compressed region's map then visits every entry block that some
+    offset in the range sees and marks full only blocks full at every offset; the exact mask
+    comes in-kernel from kpos shifted by the traced offset. (0, 0) = no offset.
     """
     seq: int
     window: int
@@ -58,6 +63,7 @@ class Geometry:
     q_pad: int
     win_pad: int
     comp_pad: int
+    entry_shift: tuple[int, int] = (0, 0)
 
     @property
     def num_keys(self) -> int:
@@ -65,23 +71,29 @@ class Geometry:
 
 
 def make_geometry(seq: int, window: int, num_entries: int, ratio: int, *, q_multiple: int,
-                  kv_multiple: int) -> Geometry:
-    """Pad queries to `q_multiple` and each key region to `kv_multiple`."""
+                  kv_multiple: int, entry_shift: tuple[int, int] = (0, 0)) -> Geometry:
+    """Pad queries to `q_multiple` and each key region to `kv_multiple`; entry_shift: see
+    `Geometry`."""
     if seq < 1:
         raise ValueError(f"sequence length {seq} is invalid: must be >= 1")
     if window < 1:
         raise ValueError(f"window={window} is invalid: must be >= 1")
     if num_entries and ratio < 1:
         raise ValueError(f"ratio={ratio} is invalid with {num_entries} compressed entries: must be >= 1")
+    lo, hi = (int(v) for v in entry_shift)
+    if lo > hi:
+        raise ValueError(f"entry_shift={entry_shift} is invalid: must be (lo, hi) with lo <= hi")
     window = min(window, seq)  # W >= S already reaches every earlier key
     up = lambda n, m: -(-n // m) * m  # noqa: E731
     return Geometry(seq=seq, window=window, num_entries=num_entries,
                     ratio=ratio if num_entries else 0, q_pad=up(seq, q_multiple),
-                    win_pad=up(seq, kv_multiple), comp_pad=up(num_entries, kv_multiple))
+                    win_pad=up(seq, kv_multiple), comp_pad=up(num_entries, kv_multiple),
+                    entry_shift=(lo, hi) if num_entries else (0, 0))
 
 
 def _region_keys(geom: Geometry) -> list[tuple[int, np.ndarray, np.ndarray]]:
-    """[(offset in the key space, kpos[real keys], kend[real keys])] per non-empty region."""
+    """[(offset in the key space, kpos[real keys], kend[real keys])] per non-empty region, at
+    query offset 0."""
     j = np.arange(geom.seq, dtype=np.int64)
     regions = [(0, j, j + geom.window - 1)]
     if geom.num_entries:
@@ -89,6 +101,18 @@ def _region_keys(geom: Geometry) -> list[tuple[int, np.ndarray, np.ndarray]]:
         regions.append((geom.win_pad, masks.first_query_of_entry(e, geom.ratio),
                         np.full(geom.num_entries, NEVER, np.int64)))
     return regions
+
+
+def _planned_regions(geom: Geometry):
+    """[(offset, kpos to visit by, kpos to call full by, kend)] per region: the compressed
+    region's kpos at the largest query offset (visited at some offset) and at the smallest
+    (full at every offset; kpos only falls as the offset grows)."""
+    lo, hi = geom.entry_shift
+    out = []
+    for i, (off, kpos, kend) in enumerate(_region_keys(geom)):
+        entries = i == 1          # [window, entries]: only the entries see the offset
+        out.append((off, kpos - hi if entries else kpos, kpos - lo if entries else kpos, kend))
+    return out
 
 
 @functools.lru_cache(maxsize=64)
@@ -129,10 +153,10 @@ def _ranges(geom: Geometry, bq: int, bk: int) -> tuple[np.ndarray, list[_RegionR
     t0 = np.arange(nq, dtype=np.int64) * bq
     t1 = np.minimum(t0 + bq, geom.seq) - 1
     out = []
-    for off, kpos, kend in _region_keys(geom):
+    for off, kpos, kpos_full, kend in _planned_regions(geom):
         k1 = np.searchsorted(kpos, t1, side="right") - 1
         k0 = np.searchsorted(kend, t0, side="left")
-        f1 = np.searchsorted(kpos, t0, side="right") - 1
+        f1 = np.searchsorted(kpos_full, t0, side="right") - 1
         f0 = np.searchsorted(kend, t1, side="left")
         lo = k0 // bk
         hi = np.where(k1 >= 0, k1 // bk + 1, 0)

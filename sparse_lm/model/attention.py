@@ -109,17 +109,19 @@ class Attention(nnx.Module):
         b, s, h, d = q.shape
         q_names = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
 
-        def attend(q, kv, sink, segment_ids, entries, valid, picks, impl=impl):
+        def attend(q, kv, sink, segment_ids, entries, valid, picks, impl=impl, **shard_rows):
+            # shard_rows: a sequence shard's query_offset / offset_range / compressed_segments
             return sparse_attention(q, kv, sink, window=cfg.sliding_window,
                                     scale=self.softmax_scale, segment_ids=segment_ids,
                                     compressed=entries, compressed_valid=valid, ratio=self.ratio,
-                                    topk_idx=picks, implementation=impl, return_lse=True)
+                                    topk_idx=picks, implementation=impl, return_lse=True,
+                                    **shard_rows)
         sink = self.sink[...]
         if not kernels.choose(SPARSE_ATTENTION, impl):
             return attend(q, kv, sink, segment_ids, entries, valid, picks)
         rows = ("activation_batch", "activation_length")
         whole = ("activation_batch", "activation_kv_length")
-        # the entries' documents, for a sequence shard that lists every visible entry itself
+        # the entries' documents, for a sequence shard's block-sparse call over every entry
         entry_seg = (None if entries is None or picks is not None or segment_ids is None
                      else masks.entry_segments(segment_ids, entries.shape[1], self.ratio))
 

@@ -31,7 +31,11 @@ from sparse_lm.ops.attention import attention_reference, attention_xla
 
 def _math(fn):
     def run(q, kv, sink, *, window, scale, segment_ids, compressed, compressed_valid, ratio,
-            topk_idx):
+            topk_idx, query_offset, offset_range, compressed_segments):
+        if query_offset is not None:
+            raise ValueError("query_offset is taken by the block-sparse kernel "
+                             "(implementation='pallas_tpu' / 'pallas_gpu'), not by the "
+                             "jnp attention math")
         return fn(q, kv, sink, window=window, scale=scale, segment_ids=segment_ids,
                   compressed=compressed, compressed_valid=compressed_valid, ratio=ratio,
                   topk_idx=topk_idx)
@@ -40,8 +44,11 @@ def _math(fn):
 
 def _pallas(implementation: str):
     def run(q, kv, sink, *, window, scale, segment_ids, compressed, compressed_valid, ratio,
-            topk_idx, interpret):
+            topk_idx, query_offset, offset_range, compressed_segments, interpret):
         if topk_idx is not None:
+            if query_offset is not None:
+                raise ValueError("query_offset with topk_idx: a list holds global entry "
+                                 "indices already (the kernel trusts it)")
             return csa.csa_attention(q, kv, compressed, topk_idx, sink, window=window,
                                      scale=scale, segment_ids=segment_ids,
                                      implementation=implementation, interpret=interpret)
@@ -51,6 +58,9 @@ def _pallas(implementation: str):
             # positionally full blocks
             compressed_valid=None if segment_ids is None else compressed_valid,
             ratio=ratio if compressed is not None else 0, segment_ids=segment_ids,
+            query_offset=query_offset if compressed is not None else None,
+            offset_range=offset_range if compressed is not None else None,
+            compressed_segments=compressed_segments if compressed is not None else None,
             implementation=implementation, interpret=interpret)
 
     def check(q, kv, sink, *, topk_idx, interpret, **_):
@@ -77,9 +87,14 @@ def sparse_attention(q: jax.Array, kv: jax.Array, sink: jax.Array, *, window: in
                      compressed_valid: jax.Array | None = None, ratio: int = 0,
                      topk_idx: jax.Array | None = None, implementation: str | None = None,
                      return_lse: bool = False, interpret: bool | None = None,
-                     platform: str | None = None):
+                     platform: str | None = None, query_offset=None,
+                     offset_range: tuple[int, int] | None = None,
+                     compressed_segments: jax.Array | None = None):
     """q [B, S, H, D]; kv [B, S, D]; sink [H]; compressed [B, N, D] with compressed_valid [B, N]
     (entries of windows of `ratio` tokens); topk_idx [B, S, K] int32 or None.
+    query_offset / offset_range / compressed_segments [B, N]: a context-parallel shard's rows
+    for the block-sparse kernel (entries seen at global positions offset + t; see
+    `kernels_pallas.block_sparse_attention.block_sparse_attention`); kernels only.
 
     Returns out [B, S, H, D] in q's dtype (and lse [B, S, H] fp32, sink included, if asked).
     """
@@ -97,10 +112,14 @@ def sparse_attention(q: jax.Array, kv: jax.Array, sink: jax.Array, *, window: in
     if compressed is not None and (compressed.shape[1] == 0
                                    or (topk_idx is not None and topk_idx.shape[-1] == 0)):
         compressed = compressed_valid = topk_idx = None   # too short for one entry: window only
+        query_offset = offset_range = compressed_segments = None
     out, lse = SPARSE_ATTENTION(q, kv, sink, window=window, scale=scale,
                                 segment_ids=segment_ids, compressed=compressed,
                                 compressed_valid=compressed_valid, ratio=ratio,
-                                topk_idx=topk_idx, implementation=implementation,
+                                topk_idx=topk_idx, query_offset=query_offset,
+                                offset_range=offset_range,
+                                compressed_segments=compressed_segments,
+                                implementation=implementation,
                                 interpret=interpret, platform=platform)
     return (out, lse) if return_lse else out
 

@@ -22,9 +22,11 @@ Context parallelism (queries split along the sequence: `cp`, `ep_as_cp`): the ca
 of the previous shards (`previous_rows`, by `ppermute`). `sequence_shard_attention` is that
 body for the attention: the window part runs on [halo | local] rows, the halo being the
 previous shards' last `halo_length(W)` KV rows; the compressed entries stay whole (S/m rows,
-gathered along the sequence as the compressor's output already is) and are read through a
-list: the indexer's top-k (global entry indices) or, for HCA and the dense stage, every
-entry visible at the row's global position. The indexer takes the offset itself
+gathered along the sequence as the compressor's output already is). CSA's top-k (global entry
+indices) reads them through the token-sparse kernel's list; HCA and the dense stage run the
+block-sparse kernel over every entry with the shard's position as `query_offset` (its causal
+entry mask at global positions, its static block map planned over every shard's offset), so
+no [B, T, N] list exists. The indexer takes the offset itself
 (`indexer_topk(query_offset=...)`). Nothing gathers the full KV.
 """
 from __future__ import annotations
@@ -38,7 +40,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from sparse_lm.ops import masks
 from sparse_lm.sharding import constraints
 from sparse_lm.sharding.mesh import ShardingError
 
@@ -113,32 +114,34 @@ def halo_length(window: int) -> int:
 def sequence_shard_attention(shard: SequenceShard, attend: Callable, q, kv, sink, segment_ids,
                              entries, valid, picks, entry_segments, *, window: int, ratio: int):
     """The attention of one sequence shard's query rows, by `attend` (the unsplit call:
-    (q, kv, sink, segment_ids, entries, valid, topk) -> (out, lse), `sparse_attention` with a
-    kernel) on [halo | local] rows.
+    (q, kv, sink, segment_ids, entries, valid, topk, *, query_offset=None, offset_range=None,
+    compressed_segments=None) -> (out, lse), `sparse_attention` with a kernel) on [halo | local]
+    rows.
 
     q [B, T, H, D], kv [B, T, D], segment_ids [B, T] or None: the shard's rows (T =
     shard.rows); entries [B, N, D], valid [B, N], entry_segments [B, N] (or None without
-    segment ids): whole; picks [B, T, K] global entry indices or None (then every entry
-    visible at the row's global position is listed: HCA, the dense stage). -> out [B, T, H, D],
-    lse [B, T, H].
+    segment ids): whole; picks [B, T, K] global entry indices (CSA's top-k, through the
+    token-sparse kernel) or None (HCA, the dense stage: the block-sparse kernel over every
+    entry, its causal entry mask at global positions). -> out [B, T, H, D], lse [B, T, H].
 
     The window part depends only on relative positions and documents, so the previous shards'
     last `halo_length(W)` KV rows in front of the local ones give every local row its window;
-    halo rows before position 0 take `HALO_SEGMENT`. The halo's own query rows (zeros, no
-    listed entry) are computed and dropped. Entries are read through a list, which the kernel
-    trusts: the causal rule at global positions is applied here."""
+    halo rows before position 0 take `HALO_SEGMENT`. The halo's own query rows are computed and
+    dropped. Without picks the kernel takes the global position of its row 0 (offset - halo,
+    traced) as `query_offset`, with the static range over the shards as `offset_range` for its
+    block map; no [B, T, N] list is built."""
     b, t, h, d = q.shape
     pos = shard.offset() + jnp.arange(t, dtype=jnp.int32)
     seg = (jnp.zeros((b, t), jnp.int32) if segment_ids is None
            else segment_ids.astype(jnp.int32))
     listed = picks
-    if entries is not None and entries.shape[1] > 0 and picks is None:
-        n = entries.shape[1]
-        vis = masks.entry_visible(pos, n, ratio, valid,
-                                  None if segment_ids is None else seg, entry_segments)
-        listed = jnp.where(jnp.broadcast_to(vis, (b, t, n)),
-                           jnp.arange(n, dtype=jnp.int32), -1)
     halo = halo_length(window)
+    extra = {}
+    if entries is not None and entries.shape[1] > 0 and picks is None:
+        extra = dict(query_offset=pos[0] - halo,
+                     offset_range=(-halo, (shard.count - 1) * shard.rows - halo),
+                     compressed_segments=(jnp.zeros(entries.shape[:2], jnp.int32)
+                                          if entry_segments is None else entry_segments))
     if halo:
         first = pos[0] - halo + jnp.arange(halo, dtype=jnp.int32)     # the halo's positions
         halo_seg = jnp.where(first >= 0, shard.previous_rows(seg, halo) if segment_ids is not None
@@ -149,7 +152,7 @@ def sequence_shard_attention(shard: SequenceShard, attend: Callable, q, kv, sink
         if listed is not None:
             listed = jnp.concatenate(
                 [jnp.full((b, halo, listed.shape[-1]), -1, jnp.int32), listed], axis=1)
-    out, lse = attend(q, kv, sink, seg, entries, valid, listed)
+    out, lse = attend(q, kv, sink, seg, entries, valid, listed, **extra)
     return out[:, halo:], lse[:, halo:]
 
 

@@ -3,7 +3,8 @@ shapes (S, W, N, ratio, block sizes, packed documents, invalid entries), as spla
 mask info against its mask functions:
   * block-sparse attention (`block_sparse_attention/mask.py`): every (query, key) pair the masks
     module calls visible lies in a block the forward map visits, and in one the dkv map visits;
-    every block a map calls full is visible for all its (real query, key) pairs;
+    every block a map calls full is visible for all its (real query, key) pairs; with a traced
+    query offset's range (a context-parallel shard), the same at every offset of the range;
   * the indexer plan (`indexer_topk/plan.py`): each query block's key tiles [tile_lo, tile_hi)
     cover every entry visible to any of its queries.
 Seconds."""
@@ -60,6 +61,43 @@ def test_block_sparse_maps_cover_the_masks_and_full_blocks_are_visible(seed):
             block = positional[rows, kb * bk:(kb + 1) * bk]
             assert block.shape[1] == bk and block.all(), (
                 f"{name} map calls block ({qb}, {kb}) full but not all of it is visible: {geom}")
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_offset_maps_visit_every_entry_some_offset_sees_and_full_only_when_full_at_all(seed):
+    """A context-parallel shard's plan (`entry_shift` = the range of a traced query offset):
+    for every offset in the range, every (row, entry) pair visible at global position
+    offset + row lies in a block the forward and dkv maps visit; every entry block called full
+    is visible for all its pairs at every offset; the window region's map is the unshifted
+    one."""
+    rng = np.random.default_rng(2000 + seed)
+    s = int(rng.integers(1, 40))
+    ratio = int(rng.choice([1, 2, 4, 8]))
+    lo = int(rng.integers(-16, 8))
+    hi = lo + int(rng.integers(0, 64))
+    n = int(rng.integers(1, (s + hi) // ratio + 2))
+    window = int(rng.integers(1, s + 4))
+    bq, bk = (int(x) for x in rng.choice([1, 2, 4, 8], size=2))
+    geom = mask_lib.make_geometry(s, window, n, ratio, q_multiple=bq, kv_multiple=bk,
+                                  entry_shift=(lo, hi))
+    plain = mask_lib.make_geometry(s, window, 0, 0, q_multiple=bq, kv_multiple=bk)
+    fwd = mask_lib.decode(mask_lib.query_block_map(geom, bq, bk), geom.num_keys // bk)
+    dkv = mask_lib.decode(mask_lib.key_block_map(geom, bq, bk), geom.q_pad // bq).T
+    win = mask_lib.decode(mask_lib.query_block_map(plain, bq, bk), plain.num_keys // bk)
+    nwb = geom.win_pad // bk
+    assert (fwd[:, :nwb] == win).all() and (dkv[:, :nwb] == win).all(), geom
+    t = np.arange(s)
+    for offset in sorted({lo, hi, int(rng.integers(lo, hi + 1))}):
+        vis = np.zeros((s, geom.comp_pad), bool)
+        vis[:, :n] = masks.entry_visible(offset + t, n, ratio)
+        q_idx, e_idx = np.nonzero(vis)
+        for kinds, name in ((fwd, "forward"), (dkv, "dkv")):
+            ent = kinds[:, nwb:]
+            missed = ent[q_idx // bq, e_idx // bk] == 0
+            assert not missed.any(), (name, offset, geom)
+            for qb, eb in zip(*np.nonzero(ent == mask_lib.FULL)):
+                block = vis[qb * bq:(qb + 1) * bq, eb * bk:(eb + 1) * bk]
+                assert block.size and block.all(), (name, offset, qb, eb, geom)
 
 
 @pytest.mark.parametrize("seed", range(40))

@@ -7,8 +7,10 @@ jaxpr: for each preset, where every `pallas_call` of the traced sharded train st
 equal: loss and gradients of each preset's sharded forward with attention_impl="pallas_tpu"
 (interpreted; or args["attention_impl"]) against the unsharded model with the "xla" path.
 halo: one attention layer's `_sparse_attention` with the sequence split over `context`, output,
-lse and their VJP against the unsplit "xla" call: SWA, HCA (every visible entry listed) and
-CSA (the indexer's picks) on 4 shards of 8 rows (a one-shard halo); SWA on 8 shards of 4 rows (a halo over two shards).
+lse and their VJP against the unsplit "xla" call: SWA, HCA and dense-stage CSA (the block-sparse
+kernel with the shard's query offset) and CSA (the indexer's picks, a list) on 4 shards of 8
+rows (a one-shard halo); SWA and HCA on 8 shards of 4 rows (a halo over two shards). For each,
+the number of [.., rows, N] int / bool arrays in the traced step (a per-row entry list or mask).
 Prints `RESULT <json>`.
 """
 from __future__ import annotations
@@ -88,10 +90,11 @@ def halo(args: dict) -> dict:
 
     from sparse_lm.model.attention import Attention
     from sparse_lm.ops import masks
+    from sparse_lm.sharding import kernels
     from sparse_lm.sharding.constraints import use_rules
     from sparse_lm.sharding.presets import load_preset
     from tests.sharding.workers import small_config
-    cfg = small_config()
+    cfg = small_config(num_heads=2)    # 2 heads: no [.., rows, H] array passes for [.., rows, N]
     b, s, h, d = 2, 32, cfg.num_heads, cfg.head_dim
     rng = np.random.default_rng(0)
     seg = np.ones((b, s), np.int32)
@@ -99,8 +102,8 @@ def halo(args: dict) -> dict:
     x = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)  # noqa: E731
     q, kv, ct_out, ct_lse = x(b, s, h, d), x(b, s, d), x(b, s, h, d), x(b, s, h)
     cases = {}
-    # (dense-stage CSA lists its visible entries by the code path HCA takes, at ratio 4)
-    for kind, listed in (("swa", False), ("hca", False), ("csa", True)):
+    # dense-stage CSA (no picks) takes HCA's path at ratio 4
+    for kind, listed in (("swa", False), ("hca", False), ("csa", False), ("csa", True)):
         layer = Attention(cfg, kind, rngs=nnx.Rngs(0))
         layer.sink[...] = x(h)
         entries = valid = picks = None
@@ -117,7 +120,7 @@ def halo(args: dict) -> dict:
         cases[f"{kind}{'_listed' if listed else ''}"] = (layer, entries, valid, picks)
     out = {}
     for preset, devices, kinds in (("cp:fsdp=1,context=4", 4, list(cases)),
-                                   ("cp:fsdp=1,context=8", 8, ["swa"])):
+                                   ("cp:fsdp=1,context=8", 8, ["swa", "hca"])):
         p = load_preset(preset)
         mesh = p.make_mesh(jax.devices()[:devices])
         for name in kinds:
@@ -140,7 +143,11 @@ def halo(args: dict) -> dict:
                 "out": err(go, wo), "lse": err(gl, wl),
                 "grad": max(err(g, w) for g, w in zip(gg, wg) if w is not None),
                 "pallas_calls_in_shard_map": _kernel_calls_inside(
-                    lambda *a: f(*a, "pallas_tpu", True), q, kv, entries)}
+                    lambda *a: f(*a, "pallas_tpu", True), q, kv, entries),
+                "row_entry_arrays": None if entries is None else _row_entry_arrays(
+                    lambda *a: f(*a, "pallas_tpu", True), (q, kv, entries),
+                    rows={s, s // devices, s // devices + kernels.halo_length(cfg.sliding_window)},
+                    n=entries.shape[1])}
     out["refused without a sequence form"] = _refusal_without_sequence_fn(q)
     return out
 
@@ -161,6 +168,21 @@ def _refusal_without_sequence_fn(q) -> str:
     except ShardingError as e:
         return str(e)
     return ""
+
+
+def _row_entry_arrays(fn, args, *, rows: set, n: int) -> list:
+    """The int / bool values of fn's jaxpr shaped [..., r, N] for r in rows (a per-row entry
+    list or visibility mask: [B, T, N] on a shard), as 'dtype[shape]' strings."""
+    from tests.jaxpr_walk import equations
+    found = []
+    for eqn, _ in equations(jax.make_jaxpr(fn)(*args)):
+        for v in eqn.outvars:
+            aval = getattr(v, "aval", None)
+            shape = getattr(aval, "shape", ())
+            if (len(shape) >= 2 and shape[-1] == n and shape[-2] in rows
+                    and (np.issubdtype(aval.dtype, np.integer) or aval.dtype == np.bool_)):
+                found.append(f"{aval.dtype}{list(shape)}")
+    return found
 
 
 def _kernel_calls_inside(fn, *args) -> list:

@@ -2,8 +2,9 @@
 inside a `shard_map` (what a CPU host can check: interpreted kernels would also run without
 one), the sequence-split presets (`cp`, `ep_as_cp`) included; with interpreted kernels on 8 fake
 CPU devices the sharded loss and gradients equal the unsharded "xla" model (fp32), and one
-attention layer split along the sequence (window halo from the previous shards, entries through
-a list at global positions) equals the unsplit call, output and VJP."""
+attention layer split along the sequence (window halo from the previous shards; HCA and the dense
+stage through the block-sparse kernel at the shard's query offset, CSA's picks through a list)
+equals the unsplit call, output and VJP."""
 from __future__ import annotations
 
 import pytest
@@ -28,20 +29,26 @@ def test_every_kernel_of_the_sharded_train_step_sits_inside_a_shard_map():
 
 
 def test_attention_split_along_the_sequence_equals_the_unsplit_call():
-    """Rows split over 4 shards (halo from one shard) for SWA, HCA (its visible entries
-    listed at global positions, as for dense-stage CSA) and CSA (the indexer's picks),
-    and over 8 shards of 4 rows (halo over two shards, W = 8) for SWA; two documents, the
-    boundary inside a shard's window. A kernel without a sequence form is refused there with an
-    error naming the preset and the split."""
+    """Rows split over 4 shards (halo from one shard) for SWA, HCA, dense-stage CSA (both through
+    the block-sparse kernel with the shard's query offset) and CSA (the indexer's picks), and
+    over 8 shards of 4 rows (halo over two shards, W = 8) for SWA and HCA; two documents, the
+    boundary inside a shard's window. HCA and the dense stage hold no [B, T, N] int / bool array
+    (the old every-visible-entry list and its mask), which the listed CSA case shows the walk
+    finds. A kernel without a sequence form is refused there with an error naming the preset
+    and the split."""
     r = _worker("halo", {})
     refused = r.pop("refused without a sequence form")
     assert "preset cp splits the queries along the sequence" in refused, refused
     assert "context=4" in refused and "attention_impl='xla'" in refused, refused
-    assert len(r) == 4, r
+    assert set(r) == {"cp:fsdp=1,context=4 " + k for k in ("swa", "hca", "csa", "csa_listed")} | {
+        "cp:fsdp=1,context=8 " + k for k in ("swa", "hca")}, sorted(r)
     for name, c in r.items():
         assert max(c["out"], c["lse"]) < 1e-5 and c["grad"] < 1e-5, (name, c)
         inside, calls = c["pallas_calls_in_shard_map"]
         assert calls >= 2 and inside == calls, (name, c)
+        if name.endswith(("hca", " csa")):
+            assert c["row_entry_arrays"] == [], (name, c)
+    assert r["cp:fsdp=1,context=4 csa_listed"]["row_entry_arrays"], r
 
 
 @pytest.mark.slow
