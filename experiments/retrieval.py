@@ -3,7 +3,7 @@
     python -m experiments.retrieval --sparse-workdir=/tmp/retrieval/sparse \
         --dense-workdir=/tmp/retrieval/dense [--arms=sparse,dense] \
         [--contexts=8192,32768,131072,524288,1048576] [--depths=0.05,0.25,0.5,0.75,0.95] \
-        [--chunk=1024] [--dense-chunk=256] [--budget-s=1500] [--dense-budget-s=420] \
+        [--chunk=1024] [--dense-chunk=256] [--budget-s=1500] [--dense-budget-s=600] \
         [--train-examples=64] [--out=benchmarks/long_context]
 
 The arms are the checkpoints of two training runs (configs/needle_lc.py and its dense twin
@@ -115,7 +115,9 @@ def projected_s(arm: str, last: dict | None, context: int) -> float | None:
 
 
 def run_arm(arm, workdir, contexts, depths, *, chunk, budget_s, seed, train_examples,
-            progress, log=print) -> dict:
+            progress, save=None, log=print) -> dict:
+    """The arm's record: its training figures, then its cells in context order within the
+    budget; save(record) is called after each cell (a cut run keeps what it measured)."""
     model, step, config = arm_model(arm, workdir)
     seq = int(config.data.synthetic_length)
     needles = int(config.data.get("synthetic_needles", 1))
@@ -151,6 +153,9 @@ def run_arm(arm, workdir, contexts, depths, *, chunk, budget_s, seed, train_exam
         spent += cell["wall_s"]
         last = cell
         out["cells"].append(cell)
+        out["spent_s"] = spent
+        if save is not None:
+            save(out)
         log(f"[{arm}] {context}: exact {cell['exact']:.2f}, digits {cell['digits']:.2f} "
             f"(" + ", ".join(f"{r['depth']}: {r['decoded']!r}/{r['value']}"
                              for r in cell["needles"]) + f"); wall {cell['wall_s']:.0f} s")
@@ -175,6 +180,7 @@ def plot(record: dict, path: Path) -> Path:
         t = r["training"]["at_train_length"]
         a.plot([t["length"]], [t["bytes"]], "*", ms=11, color=f"C{i}",
                label=f"{arm} at its training length")
+    a.axhline(0.1, color="grey", ls=":", lw=1, label="chance per digit (0.1)")
     a.set_xscale("log", base=2)
     a.set_ylim(-0.03, 1.03)
     a.set_xlabel("context (tokens)")
@@ -215,7 +221,7 @@ def _define():
     flags.DEFINE_integer("chunk", 1024, "Prefill chunk length of the sparse arm.")
     flags.DEFINE_integer("dense-chunk", 256, "Prefill chunk length of the dense arm.")
     flags.DEFINE_float("budget-s", 1500.0, "Wall-time budget of the sparse arm's cells.")
-    flags.DEFINE_float("dense-budget-s", 420.0, "Wall-time budget of the dense arm's cells.")
+    flags.DEFINE_float("dense-budget-s", 600.0, "Wall-time budget of the dense arm's cells.")
     flags.DEFINE_integer("train-examples", 64, "Examples scored at the training length.")
     flags.DEFINE_string("out", "benchmarks/long_context", "Directory of retrieval.json / .png.")
     flags.DEFINE_integer("seed", 0, "Needle seed.")
@@ -273,15 +279,18 @@ def main(argv):
         budget = a.budget_s if arm == "sparse" else a.dense_budget_s
         print(f"[{arm}] contexts {s['contexts']}, depths {s['depths']}: wall budget "
               f"{budget:.0f} s for the cells")
+        run = {"git_commit": _git(), "command": " ".join(["python -m experiments.retrieval"]
+                                                        + sys.argv[1:]),
+               "devices": [str(d) for d in jax.devices()], "jax": jax.__version__,
+               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+        def save(r, arm=arm, run=run):
+            record["arms"][arm] = {**r, **run}
+            path.write_text(json.dumps(record, indent=1))
         r = run_arm(arm, getattr(a, f"{arm}_workdir"), s["contexts"], s["depths"],
                     chunk=a.chunk if arm == "sparse" else a.dense_chunk, budget_s=budget,
-                    seed=a.seed, train_examples=a.train_examples, progress=a.progress)
-        r.update({"git_commit": _git(), "command": " ".join(["python -m experiments.retrieval"]
-                                                          + sys.argv[1:]),
-                  "devices": [str(d) for d in jax.devices()], "jax": jax.__version__,
-                  "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-        record["arms"][arm] = r
-        path.write_text(json.dumps(record, indent=1))
+                    seed=a.seed, train_examples=a.train_examples, progress=a.progress, save=save)
+        save({**r, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     png = plot(record, out_dir / "retrieval.png")
     print(f"wrote {path} and {png}")
     return 0

@@ -81,3 +81,19 @@ def test_bad_needle_data_settings_name_the_field(fields, name):
     d.update(fields)
     with pytest.raises(DataError, match=name):
         pipeline.make_source(d, "train")
+
+
+def test_needle_lc_configs_are_lc_small_and_its_dense_twin():
+    from configs import needle_lc, needle_lc_dense
+    from sparse_lm import presets
+    from sparse_lm.config import ModelConfig
+    from sparse_lm.train.loop import DATA_POSITION_FIELDS
+    s, d = needle_lc.get_config(), needle_lc_dense.get_config()
+    assert ModelConfig.from_dict(s.model) == ModelConfig.from_dict(presets.lc_small())
+    dense = ModelConfig.from_dict(d.model)
+    assert set(dense.layer_kinds) == {"swa"} and dense.sliding_window == s.train.seq_len
+    assert dense.replace(layer_cycle=("csa", "hca"), sliding_window=128) == \
+        ModelConfig.from_dict(s.model)
+    assert s.data.synthetic_length == s.train.seq_len + 1       # one example per packed row
+    assert s.data.to_dict() == d.data.to_dict() and s.schedule.to_dict() == d.schedule.to_dict()
+    assert {"data.synthetic_needles", "data.synthetic_filler"} <= set(DATA_POSITION_FIELDS)
