@@ -4,7 +4,7 @@
         --dense-workdir=/tmp/retrieval/dense [--arms=sparse,dense] \
         [--contexts=8192,32768,131072,524288,1048576] [--depths=0.05,0.25,0.5,0.75,0.95] \
         [--chunk=1024] [--dense-chunk=256] [--budget-s=1500] [--dense-budget-s=600] \
-        [--train-examples=64] [--out=benchmarks/long_context]
+        [--train-examples=64] [--stop-by=HH:MM] [--out=benchmarks/long_context]
 
 The arms are the checkpoints of two training runs (configs/needle_lc.py and its dense twin
 configs/needle_lc_dense.py, trained at 512 bytes). For each context, one prompt: the long-context
@@ -19,9 +19,10 @@ decoded greedily, scored exact / per digit).
           (`full_attention_config`, the same weights) over a full KV cache.
 
 The wall-time budget is stated up front and enforced per arm: a context runs only while its
-prefill, projected from the arm's last one (sparse: linear in the context, dense: quadratic),
-fits in what is left of `--budget-s` (sparse) / `--dense-budget-s` (dense); a skipped cell is
-recorded with its projection. Wall time is recorded per cell. Before the grid, each arm's
+prefill, projected from the arm's last ones (`projected_s`: the power of the context the last two
+grew with, clamped to [1, 2]; after one cell linear for sparse, quadratic for dense),
+fits in what is left of `--budget-s` (sparse) / `--dense-budget-s` (dense), and ends before the
+`--stop-by` clock time when given; a skipped cell is recorded with its projection and reason. Wall time is recorded per cell. Before the grid, each arm's
 accuracy at its training length (teacher forced, `needle_accuracy`, the training distribution:
 3 needles in stdlib filler) is measured. Each arm's rows are merged into
 `<out>/retrieval.json` (running one arm keeps the other's record); the plot is
@@ -29,6 +30,7 @@ accuracy at its training length (teacher forced, `needle_accuracy`, the training
 """
 from __future__ import annotations
 
+import calendar
 import json
 import sys
 import time
@@ -105,19 +107,27 @@ def run_cell(arm, model, context, depths, *, chunk, seed, bar) -> dict:
             "ask_s": ask_s, "wall_s": time.perf_counter() - t0}
 
 
-def projected_s(arm: str, last: dict | None, context: int) -> float | None:
-    """The prefill seconds of `context` projected from the arm's last cell (sparse: linear,
-    dense: quadratic in the context); None before the first cell."""
-    if last is None:
+def projected_s(arm: str, cells: list[dict], context: int) -> float | None:
+    """The prefill seconds of `context` projected from the arm's last cell: with two cells, by
+    the power of the context their prefills grew with (clamped to [1, 2]); with one, linear
+    (sparse) or quadratic (dense); None before the first cell."""
+    if not cells:
         return None
-    power = 2 if arm == "dense" else 1
+    last = cells[-1]
+    power = 2.0 if arm == "dense" else 1.0
+    if len(cells) > 1:
+        prev = cells[-2]
+        power = float(np.clip(np.log(last["prefill_s"] / prev["prefill_s"])
+                              / np.log(last["context"] / prev["context"]), 1.0, 2.0))
     return last["prefill_s"] * (context / last["context"]) ** power
 
 
 def run_arm(arm, workdir, contexts, depths, *, chunk, budget_s, seed, train_examples,
-            progress, save=None, log=print) -> dict:
+            progress, stop_by=None, save=None, log=print) -> dict:
     """The arm's record: its training figures, then its cells in context order within the
-    budget; save(record) is called after each cell (a cut run keeps what it measured)."""
+    budget and, when stop_by (seconds since the epoch) is given, only while the cell's projected
+    prefill ends before it; save(record) is called after each cell (a cut run keeps what it
+    measured)."""
     model, step, config = arm_model(arm, workdir)
     seq = int(config.data.synthetic_length)
     needles = int(config.data.get("synthetic_needles", 1))
@@ -132,14 +142,18 @@ def run_arm(arm, workdir, contexts, depths, *, chunk, budget_s, seed, train_exam
            "training": {**train_record(workdir), "at_train_length": {
                "length": seq, "needles": needles, "examples": train_examples, **trained}},
            "cells": [], "skipped": []}
-    spent, last = 0.0, None
+    spent = 0.0
     for context in contexts:
-        proj = projected_s(arm, last, context)
-        if proj is not None and spent + proj > budget_s:
+        proj = projected_s(arm, out["cells"], context)
+        over_budget = proj is not None and spent + proj > budget_s
+        too_late = proj is not None and stop_by is not None and time.time() + proj > stop_by
+        if over_budget or too_late:
+            why = "budget" if over_budget else "stop_by"
             out["skipped"].append({"context": context, "projected_prefill_s": proj,
-                                   "spent_s": spent})
-            log(f"[{arm}] {context}: skipped, prefill projected {proj:.0f} s > the "
-                f"{budget_s - spent:.0f} s left of --{'dense-' if arm == 'dense' else ''}budget-s")
+                                   "spent_s": spent, "reason": why})
+            log(f"[{arm}] {context}: skipped, prefill projected {proj:.0f} s: past the "
+                + (f"{budget_s - spent:.0f} s left of --{'dense-' if arm == 'dense' else ''}"
+                   "budget-s" if over_budget else "--stop-by clock time"))
             continue
         bar = None
         if progress:
@@ -151,7 +165,6 @@ def run_arm(arm, workdir, contexts, depths, *, chunk, budget_s, seed, train_exam
         if bar is not None:
             bar.close()
         spent += cell["wall_s"]
-        last = cell
         out["cells"].append(cell)
         out["spent_s"] = spent
         if save is not None:
@@ -223,11 +236,13 @@ def _define():
     flags.DEFINE_float("budget-s", 1500.0, "Wall-time budget of the sparse arm's cells.")
     flags.DEFINE_float("dense-budget-s", 600.0, "Wall-time budget of the dense arm's cells.")
     flags.DEFINE_integer("train-examples", 64, "Examples scored at the training length.")
+    flags.DEFINE_string("stop-by", "", "UTC clock time HH:MM (today): a cell runs only if its "
+                        "projected prefill ends before it; '' = no limit.")
     flags.DEFINE_string("out", "benchmarks/long_context", "Directory of retrieval.json / .png.")
     flags.DEFINE_integer("seed", 0, "Needle seed.")
     flags.DEFINE_bool("progress", True, "Show a progress bar of the prefill position.")
     for name in ("sparse-workdir", "dense-workdir", "dense-chunk", "budget-s", "dense-budget-s",
-                 "train-examples"):
+                 "train-examples", "stop-by"):
         flags.DEFINE_alias(name.replace("-", "_"), name)
 
 
@@ -262,7 +277,17 @@ def check_args(a) -> dict:
     for name, v in (("budget-s", a.budget_s), ("dense-budget-s", a.dense_budget_s)):
         if v <= 0:
             raise UserError(f"--{name}={v} is invalid: must be > 0")
-    return {"arms": arms, "contexts": contexts, "depths": depths}
+    stop_by = None
+    if a.stop_by:
+        try:
+            hh, mm = (int(x) for x in a.stop_by.split(":"))
+            if not (0 <= hh < 24 and 0 <= mm < 60):
+                raise ValueError
+        except ValueError:
+            raise UserError(f"--stop-by={a.stop_by!r} is invalid: a UTC clock time HH:MM")
+        day = time.gmtime()
+        stop_by = calendar.timegm((day.tm_year, day.tm_mon, day.tm_mday, hh, mm, 0))
+    return {"arms": arms, "contexts": contexts, "depths": depths, "stop_by": stop_by}
 
 
 def main(argv):
@@ -289,7 +314,8 @@ def main(argv):
             path.write_text(json.dumps(record, indent=1))
         r = run_arm(arm, getattr(a, f"{arm}_workdir"), s["contexts"], s["depths"],
                     chunk=a.chunk if arm == "sparse" else a.dense_chunk, budget_s=budget,
-                    seed=a.seed, train_examples=a.train_examples, progress=a.progress, save=save)
+                    seed=a.seed, train_examples=a.train_examples, progress=a.progress,
+                    stop_by=s["stop_by"], save=save)
         save({**r, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     png = plot(record, out_dir / "retrieval.png")
     print(f"wrote {path} and {png}")
