@@ -50,6 +50,7 @@ import numpy as np
 from absl import flags
 
 from sparse_lm.analysis.accounting import kv_cache_bytes
+from sparse_lm import presets
 from sparse_lm.config import ModelConfig
 from sparse_lm.inference import Decoder, cache_bytes, full_attention_config, init_full_kv_cache
 from sparse_lm.inference.dense import full_kv_cache_bytes
@@ -66,19 +67,8 @@ FLAGS = flags.FLAGS
 
 # ------------------------------------------------------------------------------ the model
 def lc_small() -> ModelConfig:
-    """`lc_small`: 3 layers (SWA, CSA, HCA), width 64, 4 heads x 32 over one K=V head, window
-    128; CSA ratio 4 with top-16 over an indexer of 4 heads x 16; HCA ratio 128; MoE 4 experts
-    top-2 (the first layer hash-routed; the platform's expert matmuls, `moe_impl=None`); mHC 4
-    streams; fp32. YaRN factor 16 over 64K original
-    positions, so max_context = 1M (16 x 65536)."""
-    return ModelConfig(
-        vocab_size=256, hidden_size=64, num_layers=3, num_heads=4, head_dim=32, rope_head_dim=16,
-        q_lora_rank=64, o_groups=1, o_lora_rank=32, sliding_window=128,
-        layer_prefix=("swa",), layer_cycle=("csa", "hca"), layer_tail=(),
-        compress_ratio_csa=4, compress_ratio_hca=128, index_n_heads=4, index_head_dim=16,
-        index_topk=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
-        num_hash_layers=1, yarn=True, yarn_factor=16.0, yarn_original_max_position=65536,
-        max_context=1 << 20, mtp_depth=0, moe_impl=None, dtype="float32", param_dtype="float32")
+    """`lc_small` (defined in `sparse_lm.presets.lc_small`, shared with configs/needle_lc.py)."""
+    return ModelConfig.from_dict(presets.lc_small())
 
 
 MODELS = {"lc_small": lc_small}

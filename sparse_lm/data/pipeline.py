@@ -14,6 +14,9 @@ arrays built from each process's shard.
   align        document start alignment; 0 = the model's largest compress ratio
   chunk_docs   in-memory sources: cut documents into pieces of seq_len + 1 tokens before shuffling
   synthetic_docs, synthetic_length
+  synthetic_needles  synthetic:needle: needles per example (distinct keys; one is asked)
+  synthetic_filler   synthetic:needle filler: "words" (random words) | "stdlib" (slices of the
+                     stdlib corpus's train split, the long-context prompt's filler)
   seed         shuffling seed
 """
 from __future__ import annotations
@@ -33,6 +36,9 @@ SOURCES = ("stdlib", "tfds:<name>", "synthetic:needle", "synthetic:recall", "syn
            "files:<glob>", "jsonl:<path>", "parquet:<path>", "arrayrecord:<glob>")
 
 
+FILLERS = ("words", "stdlib")
+
+
 def make_source(data_cfg, split: str):
     """The document source named by `data_cfg.source` for one split."""
     src = str(data_cfg.source)
@@ -49,11 +55,37 @@ def make_source(data_cfg, split: str):
         seed = int(data_cfg.seed) + (0 if split == data_cfg.train_split else 1_000_003)
         n = int(data_cfg.synthetic_docs) if split == data_cfg.train_split else max(
             64, int(data_cfg.synthetic_docs) // 50)
-        return SyntheticSource(task, n, int(data_cfg.synthetic_length), seed=seed)
+        needles = int(data_cfg.get("synthetic_needles", 1))
+        filler = str(data_cfg.get("synthetic_filler", "words"))
+        if filler not in FILLERS:
+            raise DataError(f"data.synthetic_filler={filler!r} is invalid: allowed values "
+                            f"{FILLERS}")
+        if needles < 1 or (needles > 1 and task != "needle"):
+            raise DataError(f"data.synthetic_needles={needles} is invalid: an integer >= 1, "
+                            f"and 1 unless data.source='synthetic:needle'")
+        if filler != "words" and task != "needle":
+            raise DataError(f"data.synthetic_filler={filler!r} is invalid for {src!r}: only "
+                            "synthetic:needle has filler (use 'words')")
+        pool = stdlib_pool() if filler == "stdlib" else None
+        return SyntheticSource(task, n, int(data_cfg.synthetic_length), seed=seed, pool=pool,
+                               needles=needles)
     if src.partition(":")[0] in FILE_KINDS:
         return FileSource(src, "train" if split == data_cfg.train_split else "validation",
                           text_key=str(data_cfg.text_key), val_fraction=float(data_cfg.val_fraction))
     raise DataError(f"data.source={src!r} is invalid: allowed values {SOURCES}")
+
+
+def stdlib_pool(max_bytes: int = 4_000_000) -> np.ndarray:
+    """The stdlib corpus's train split, files concatenated in path order, up to max_bytes: the
+    filler needles are hidden in (random slices of it)."""
+    corpus = StdlibCorpus("train")
+    parts, n = [], 0
+    for i in range(len(corpus)):
+        parts.append(np.asarray(corpus[i], np.uint8))
+        n += len(parts[-1])
+        if n >= max_bytes:
+            break
+    return np.concatenate(parts)[:max_bytes]
 
 
 def resolve_align(data_cfg, model_cfg) -> int:

@@ -42,24 +42,45 @@ def _filler(rng, n: int, pool: np.ndarray | None) -> np.ndarray:
 
 
 def needle_example(rng: np.random.Generator, length: int, *, depth: float | None = None,
-                   pool: np.ndarray | None = None, key_len: int = 4, value_len: int = 6):
-    """(tokens [length] int32, answer_mask [length] bool, needle_start) for one needle example."""
-    key = _rand(rng, _LETTERS, key_len)
-    value = _rand(rng, _DIGITS, value_len)
-    needle = b"\n# key " + key + b" = " + value + b"\n"
-    question = b"\n# key " + key + b" = "
-    n_fill = length - len(needle) - len(question) - len(value)
+                   pool: np.ndarray | None = None, key_len: int = 4, value_len: int = 6,
+                   needles: int = 1):
+    """(tokens [length] int32, answer_mask [length] bool, needle_start) for one needle example.
+
+    `needles` needles with distinct keys at random depths (the asked one at `depth` when given);
+    the question asks for one of them, drawn uniformly, so with needles > 1 the answer needs the
+    key matched, not just the last `= ` copied. needle_start: where the asked needle starts."""
+    if needles < 1:
+        raise ValueError(f"needles={needles} is invalid: must be an integer >= 1")
+    keys: list[bytes] = []
+    while len(keys) < needles:
+        k = _rand(rng, _LETTERS, key_len)
+        if k not in keys:
+            keys.append(k)
+    values = [_rand(rng, _DIGITS, value_len) for _ in keys]
+    asked = int(rng.integers(0, needles)) if needles > 1 else 0
+    texts = [b"\n# key " + k + b" = " + v + b"\n" for k, v in zip(keys, values)]
+    question = b"\n# key " + keys[asked] + b" = "
+    n_fill = length - sum(len(t) for t in texts) - len(question) - value_len
     if n_fill < 0:
         raise ValueError(f"length={length} is too short for a needle example "
                          f"(needs >= {length - n_fill})")
-    depth = float(rng.random()) if depth is None else depth
-    at = int(round(depth * n_fill))
+    # (one needle: the same draws as before needles existed, so recorded examples stay put)
+    depths = [depth if i == asked and depth is not None else float(rng.random())
+              for i in range(needles)]
+    cuts = [int(round(d * n_fill)) for d in depths]
     fill = _filler(rng, n_fill, pool)
-    seq = np.concatenate([fill[:at], np.frombuffer(needle, np.uint8), fill[at:],
-                          np.frombuffer(question + value, np.uint8)]).astype(np.int32)
+    pieces, at, start = [], 0, 0
+    for i in sorted(range(needles), key=lambda i: (cuts[i], i)):
+        pieces.append(fill[at:cuts[i]])
+        if i == asked:
+            start = sum(len(p) for p in pieces)
+        pieces.append(np.frombuffer(texts[i], np.uint8))
+        at = cuts[i]
+    pieces += [fill[at:], np.frombuffer(question + values[asked], np.uint8)]
+    seq = np.concatenate(pieces).astype(np.int32)
     mask = np.zeros(length, bool)
-    mask[length - len(value):] = True
-    return seq, mask, at
+    mask[length - value_len:] = True
+    return seq, mask, start
 
 
 def recall_example(rng: np.random.Generator, length: int, *, key_len: int = 3, value_len: int = 2):
@@ -98,16 +119,20 @@ def repeat_example(rng: np.random.Generator, length: int, *, min_period: int = 2
 
 
 def make_examples(task: str, n: int, length: int, *, seed: int = 0,
-                  pool: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """n examples: {"tokens" [n, length] int32, "answer_mask" [n, length] bool}. Needle depths
-    are spread evenly over [0, 1] so every length tests near and far needles alike."""
+                  pool: np.ndarray | None = None, needles: int = 1) -> dict[str, np.ndarray]:
+    """n examples: {"tokens" [n, length] int32, "answer_mask" [n, length] bool}. The asked
+    needle's depths are spread evenly over [0, 1] so every length tests near and far needles
+    alike; `needles` per example (the needle task only)."""
     if task not in TASKS:
         raise ValueError(f"task={task!r} is invalid: allowed values {TASKS}")
+    if needles < 1 or (needles > 1 and task != "needle"):
+        raise ValueError(f"needles={needles} is invalid: >= 1, and 1 unless task='needle'")
     toks, masks = [], []
     for i in range(n):
         rng = np.random.default_rng([seed, length, i])
         if task == "needle":
-            t, m, _ = needle_example(rng, length, depth=(i + 0.5) / n, pool=pool)
+            t, m, _ = needle_example(rng, length, depth=(i + 0.5) / n, pool=pool,
+                                     needles=needles)
         elif task == "recall":
             t, m, _ = recall_example(rng, length)
         else:
@@ -121,10 +146,13 @@ class SyntheticSource:
     """A document source of `num_docs` synthetic examples (for training on the tasks)."""
 
     def __init__(self, task: str, num_docs: int, length: int, *, seed: int = 0,
-                 pool: np.ndarray | None = None):
+                 pool: np.ndarray | None = None, needles: int = 1):
         if task not in TASKS:
             raise ValueError(f"task={task!r} is invalid: allowed values {TASKS}")
+        if needles < 1 or (needles > 1 and task != "needle"):
+            raise ValueError(f"needles={needles} is invalid: >= 1, and 1 unless task='needle'")
         self.task, self.num_docs, self.length, self.seed, self.pool = task, num_docs, length, seed, pool
+        self.needles = needles
 
     def __len__(self) -> int:
         return self.num_docs
@@ -132,7 +160,7 @@ class SyntheticSource:
     def __getitem__(self, i: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, 7919, i])
         if self.task == "needle":
-            return needle_example(rng, self.length, pool=self.pool)[0]
+            return needle_example(rng, self.length, pool=self.pool, needles=self.needles)[0]
         if self.task == "recall":
             return recall_example(rng, self.length)[0]
         return repeat_example(rng, self.length)[0]
@@ -142,7 +170,9 @@ class SyntheticSource:
 
     @property
     def fingerprint(self) -> str:
-        return f"synthetic-{self.task}-{self.num_docs}x{self.length}-seed{self.seed}"
+        extra = (f"-needles{self.needles}" if self.needles > 1 else "") + (
+            f"-pool{len(self.pool)}" if self.pool is not None else "")
+        return f"synthetic-{self.task}-{self.num_docs}x{self.length}-seed{self.seed}{extra}"
 
     def describe(self) -> dict:
         return {"source": f"synthetic:{self.task}", "documents": self.num_docs,

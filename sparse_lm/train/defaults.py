@@ -39,6 +39,8 @@ def base(model_preset: str = "tiny") -> ml_collections.ConfigDict:
         chunk_docs=True,            # in-memory sources: cut documents into seq_len+1 pieces
         synthetic_docs=20000,
         synthetic_length=512,
+        synthetic_needles=1,        # synthetic:needle: needles per example (distinct keys)
+        synthetic_filler="words",   # synthetic:needle filler: "words" (random) | "stdlib" (code)
         seed=0,
     ))
 

@@ -60,13 +60,14 @@ def split_bpb(model, batches, *, sparse: bool, implementation=None) -> float:
 
 
 def needle_accuracy(model, lengths, n_examples: int, *, sparse: bool, pool=None, seed: int = 0,
-                    batch: int = 8, implementation=None, task: str = "needle") -> dict[int, dict]:
+                    batch: int = 8, implementation=None, task: str = "needle",
+                    needles: int = 1) -> dict[int, dict]:
     """{length: {"exact": share of examples with every answer byte right (greedy, teacher
-    forced), "bytes": share of answer bytes right}}."""
+    forced), "bytes": share of answer bytes right}}; `needles` per example (task "needle")."""
     fwd = logits_fn(model, sparse=sparse, implementation=implementation)
     out = {}
     for length in lengths:
-        ex = make_examples(task, n_examples, int(length), seed=seed, pool=pool)
+        ex = make_examples(task, n_examples, int(length), seed=seed, pool=pool, needles=needles)
         exact, right, total = 0, 0, 0
         for i in range(0, n_examples, batch):
             toks = ex["tokens"][i:i + batch]

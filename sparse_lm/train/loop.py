@@ -186,7 +186,8 @@ def make_tx(config):
 DATA_POSITION_FIELDS = ("train.batch_size", "train.seq_len", "data.source", "data.data_dir",
                         "data.text_key", "data.train_split", "data.val_fraction",
                         "data.stdlib_root", "data.align", "data.chunk_docs",
-                        "data.synthetic_docs", "data.synthetic_length", "data.seed")
+                        "data.synthetic_docs", "data.synthetic_length", "data.synthetic_needles",
+                        "data.synthetic_filler", "data.seed")
 
 
 def data_position(run: Run, corpus: dict) -> dict:
