@@ -52,6 +52,7 @@ from absl import flags
 from sparse_lm.analysis.accounting import kv_cache_bytes
 from sparse_lm import presets
 from sparse_lm.config import ModelConfig
+from sparse_lm.data.synthetic import needle_question, needle_text
 from sparse_lm.inference import Decoder, cache_bytes, full_attention_config, init_full_kv_cache
 from sparse_lm.inference.dense import full_kv_cache_bytes
 from sparse_lm.model.transformer import build_model
@@ -100,8 +101,8 @@ def build_prompt(length: int, depths: list[float], seed: int = 0):
         key = bytes(rng.choice(list(b"abcdefghijklmnopqrstuvwxyz"), 4).tolist())
         value = bytes(rng.choice(list(b"0123456789"), 6).tolist())
         needles.append({"depth": d, "key": key.decode(), "value": value.decode(),
-                        "text": b"\n# key " + key + b" = " + value + b"\n"})
-    question = b"\n# key " + needles[0]["key"].encode() + b" = " if needles else b""
+                        "text": needle_text(key, value)})
+    question = needle_question(needles[0]["key"].encode()) if needles else b""
     n_fill = length - len(question) - sum(len(n["text"]) for n in needles)
     if n_fill < 1:
         raise UserError(f"--context={length} is too short for {len(depths)} needles")

@@ -41,6 +41,21 @@ def _filler(rng, n: int, pool: np.ndarray | None) -> np.ndarray:
     return np.frombuffer(b"".join(words)[:n], np.uint8)
 
 
+def needle_question(key: bytes) -> bytes:
+    """The question that asks for the needle of `key`: a newline, `# key `, the key, ` = `."""
+    return b"\n# key " + key + b" = "
+
+
+def needle_text(key: bytes, value: bytes) -> bytes:
+    """One needle as it sits in the filler: its question's bytes, the value, a newline."""
+    return needle_question(key) + value + b"\n"
+
+
+def _check_needles(task: str, needles: int) -> None:
+    if needles < 1 or (needles > 1 and task != "needle"):
+        raise ValueError(f"needles={needles} is invalid: >= 1, and 1 unless task='needle'")
+
+
 def needle_example(rng: np.random.Generator, length: int, *, depth: float | None = None,
                    pool: np.ndarray | None = None, key_len: int = 4, value_len: int = 6,
                    needles: int = 1):
@@ -58,8 +73,8 @@ def needle_example(rng: np.random.Generator, length: int, *, depth: float | None
             keys.append(k)
     values = [_rand(rng, _DIGITS, value_len) for _ in keys]
     asked = int(rng.integers(0, needles)) if needles > 1 else 0
-    texts = [b"\n# key " + k + b" = " + v + b"\n" for k, v in zip(keys, values)]
-    question = b"\n# key " + keys[asked] + b" = "
+    texts = [needle_text(k, v) for k, v in zip(keys, values)]
+    question = needle_question(keys[asked])
     n_fill = length - sum(len(t) for t in texts) - len(question) - value_len
     if n_fill < 0:
         raise ValueError(f"length={length} is too short for a needle example "
@@ -125,8 +140,7 @@ def make_examples(task: str, n: int, length: int, *, seed: int = 0,
     alike; `needles` per example (the needle task only)."""
     if task not in TASKS:
         raise ValueError(f"task={task!r} is invalid: allowed values {TASKS}")
-    if needles < 1 or (needles > 1 and task != "needle"):
-        raise ValueError(f"needles={needles} is invalid: >= 1, and 1 unless task='needle'")
+    _check_needles(task, needles)
     toks, masks = [], []
     for i in range(n):
         rng = np.random.default_rng([seed, length, i])
@@ -149,8 +163,7 @@ class SyntheticSource:
                  pool: np.ndarray | None = None, needles: int = 1):
         if task not in TASKS:
             raise ValueError(f"task={task!r} is invalid: allowed values {TASKS}")
-        if needles < 1 or (needles > 1 and task != "needle"):
-            raise ValueError(f"needles={needles} is invalid: >= 1, and 1 unless task='needle'")
+        _check_needles(task, needles)
         self.task, self.num_docs, self.length, self.seed, self.pool = task, num_docs, length, seed, pool
         self.needles = needles
 

@@ -18,12 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparse_lm.data.synthetic import needle_question
 from sparse_lm.inference.cache import Cache
 
 
 def question(key: str) -> np.ndarray:
     """The question of a needle: `\\n# key XXXX = ` as int32 bytes [13 for a 4-letter key]."""
-    return np.frombuffer(b"\n# key " + key.encode() + b" = ", np.uint8).astype(np.int32)
+    return np.frombuffer(needle_question(key.encode()), np.uint8).astype(np.int32)
 
 
 def score_answer(decoded: Sequence[int], value: str) -> dict:
