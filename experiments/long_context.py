@@ -269,11 +269,10 @@ def _dense_lengths(context: int) -> list[int]:
     return out + [context]
 
 
-def run_dense(cfg, tokens, *, context, chunk, decode_tokens, seed, budget_s, bar,
-              filled_decode: bool = True) -> dict:
+def run_dense(cfg, tokens, *, context, chunk, decode_tokens, seed, budget_s, bar) -> dict:
     """The dense arm up its length ladder while the next prefill is projected to fit; then,
-    if that stopped short of the context (and `filled_decode`), its decode at the context on a
-    filled cache (`dense_decode_on_filled_cache`)."""
+    if that stopped short of the context, its decode at the context on a filled cache
+    (`dense_decode_on_filled_cache`)."""
     rows, spent, skipped = [], 0.0, None
     for n in _dense_lengths(context):
         if rows:
@@ -316,7 +315,7 @@ def run_dense(cfg, tokens, *, context, chunk, decode_tokens, seed, budget_s, bar
         b, a = np.polyfit([r["context"] for r in rows],
                           [r["decode_ms_per_token"] for r in rows], 1)
         out["decode_ms_per_token_extrapolated_lsq"] = float(a + b * context)
-    if filled_decode and last["context"] < context:
+    if last["context"] < context:
         out["filled_cache"] = dense_decode_on_filled_cache(cfg, context, decode_tokens, seed)
     return out
 
