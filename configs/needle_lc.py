@@ -7,9 +7,11 @@ on synthetic needle retrieval at 512 bytes, for the retrieval-by-context-length 
 
 Each 513-byte example (one packed row) holds 3 needles `# key XXXX = 123456` with distinct keys
 at random depths in slices of the stdlib corpus (the long-context prompt's filler) and asks for
-one of them, so the answer needs the key matched. The loss is next-byte prediction over the
-whole row (the filler too). The first `sparse_start_step` steps run CSA dense while its indexer
-learns by KL (the warm-up), the rest top-16. configs/needle_lc_dense.py is the same model with
+one of them, so the answer needs the key matched. The loss counts the 6 answer bytes alone
+(`data.synthetic_loss="answers"`): over the whole row (the filler too) they were 1% of it, and
+1000 steps at that loss left both arms at chance (docs/logs/retrieval_training.md). The first
+`sparse_start_step` steps run CSA dense while its indexer learns by KL (the warm-up), the rest
+top-16. configs/needle_lc_dense.py is the same model with
 every layer full causal attention over the row: the dense arm.
 """
 import ml_collections
@@ -24,7 +26,8 @@ def get_config() -> ml_collections.ConfigDict:
     c = base()
     c.model = presets.lc_small()
     c.data.update(dict(source="synthetic:needle", synthetic_length=SEQ_LEN + 1,
-                       synthetic_needles=3, synthetic_filler="stdlib", synthetic_docs=50000))
+                       synthetic_needles=3, synthetic_filler="stdlib", synthetic_docs=50000,
+                       synthetic_loss="answers"))
     # ~1 s a step on 2 CPU cores: the 20-minute budget of an arm
     c.train.update(dict(steps=1000, batch_size=8, seq_len=SEQ_LEN, sparse_start_step=250,
                         log_every=25, eval_every=0, eval_batches=8, checkpoint_every=250,

@@ -6,6 +6,7 @@ checkpointable position and prefetching in a worker thread.
          (aligned to the compression grid, segment ids, this process's shard, a new shuffle
          every epoch)
       -> .batch(local_batch)         {"tokens", "segment_ids"} [local_batch, seq_len + 1] int32
+                                     (+ "target_mask" bool for a source that marks its targets)
       -> ThreadPrefetchIterDataset   the next batches are packed while the step runs
 
 `iterator.get_state()` is the packer's position (epoch, cursor, offset: JSON-able ints) as of the
@@ -30,18 +31,34 @@ def documents(source, tokenizer, *, chunk_len: int | None = None) -> grain.MapDa
     (identity) tokenization; other tokenizers tokenize the whole source once, in parallel, so
     that pieces are cut in tokens.
     """
+    encode = _masked_encoder(source, tokenizer) or tokenizer.encode_document
     if chunk_len is None:
-        return grain.MapDataset.source(source).map(tokenizer.encode_document)
+        return grain.MapDataset.source(source).map(encode)
     if not hasattr(source, "lengths"):
         raise ValueError("chunking needs an in-memory source (with lengths())")
     if isinstance(tokenizer, ByteTokenizer):                 # tokens are the bytes themselves
-        return grain.MapDataset.source(Chunked(source, chunk_len)).map(tokenizer.encode_document)
+        return grain.MapDataset.source(Chunked(source, chunk_len)).map(encode)
     tokens = tokenizer.encode_documents([source[i] for i in range(len(source))])
     return grain.MapDataset.source(Chunked(InMemoryDocuments(tokens), chunk_len))
 
 
+def _masked_encoder(source, tokenizer):
+    """The encoder of a source whose documents are {"tokens", "target_mask"}, else None."""
+    if not getattr(source, "target_masks", False):
+        return None
+    if not isinstance(tokenizer, ByteTokenizer):
+        raise ValueError(f"{type(source).__name__} marks its target bytes (target_mask), which "
+                         f"needs data.tokenizer='bytes' (one token per byte), not "
+                         f"{tokenizer.describe()['tokenizer']!r}")
+
+    def encode(doc):
+        return {"tokens": tokenizer.encode_document(doc["tokens"]),
+                "target_mask": np.asarray(doc["target_mask"], bool)}
+    return encode
+
+
 class PackedRows(grain.IterDataset):
-    """Rows {"tokens", "segment_ids"} [seq_len + 1] int32 of `docs`, packed by `Packer` (the one
+    """Rows {"tokens", "segment_ids"[, "target_mask"]} [seq_len + 1] of `docs`, packed by `Packer` (the one
     packer: alignment, segments, per-process shard and per-epoch shuffle are its logic)."""
 
     def __init__(self, docs: grain.MapDataset, *, seq_len: int, align: int, seed: int,
@@ -67,7 +84,7 @@ class PackedRowsIterator(grain.DatasetIterator):
         row = self.packer.next_row()
         if row is None:
             raise StopIteration
-        return {"tokens": row[0], "segment_ids": row[1]}
+        return row
 
     def get_state(self) -> dict:
         return self.packer.state.to_dict()

@@ -7,6 +7,11 @@ its own grid: compression windows never straddle two documents). The gap before 
 is padding: token 0, segment id 0, never a target. Segment ids of documents count from 1 within a
 row. A document longer than the space left continues in the next row as a new segment.
 
+A document is a 1-D token array, or {"tokens", "target_mask"} (both [n]) for a source that says
+which of its tokens are trained on (the synthetic tasks' answers: `data.synthetic_loss="answers"`).
+Rows of such a source carry "target_mask" [seq_len + 1] bool too: token t is a target only where
+it is set (padding: never); every document of the source must then be of that form.
+
 The whole reading position is `PackerState` (epoch, cursor into the epoch's document order,
 offset inside the current document): three integers that a checkpoint stores, so a resumed run
 produces exactly the batches the interrupted one would have.
@@ -24,7 +29,8 @@ import numpy as np
 
 
 class DocumentSource(Protocol):
-    """Random-access documents as 1-D integer arrays (byte tokens for the built-in sources)."""
+    """Random-access documents as 1-D integer arrays (byte tokens for the built-in sources), or
+    {"tokens", "target_mask"} dicts of two [n] arrays."""
 
     def __len__(self) -> int: ...
 
@@ -67,8 +73,11 @@ class Chunked:
         return len(self.doc)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        s = int(self.start[i])
-        return self.source[int(self.doc[i])][s:s + self.max_len]
+        cut = slice(int(self.start[i]), int(self.start[i]) + self.max_len)
+        doc = self.source[int(self.doc[i])]
+        if isinstance(doc, dict):
+            return {k: v[cut] for k, v in doc.items()}
+        return doc[cut]
 
 
 @dataclasses.dataclass
@@ -108,6 +117,7 @@ class Packer:
         self.process_index = process_index
         self.state = PackerState()
         self._order_epoch, self._order = None, None
+        self.masked = isinstance(source[int(self.docs[0])], dict)
 
     def _order_for(self, epoch: int) -> np.ndarray:
         if self._order_epoch != epoch:
@@ -122,8 +132,23 @@ class Packer:
     def exhausted(self) -> bool:
         return self.epochs is not None and self.state.epoch >= self.epochs
 
-    def _next_piece(self, space: int) -> np.ndarray | None:
-        """Up to `space` tokens of the current document; advances the state. None at the end."""
+    def _document(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
+        doc = self.source[i]
+        if isinstance(doc, dict) != self.masked:
+            raise ValueError(f"document {i} is {'a dict' if isinstance(doc, dict) else 'an array'}"
+                             f" but the source's first is not: a source gives every document "
+                             f"with a target_mask or none")
+        if not self.masked:
+            return np.asarray(doc), None
+        toks, mask = np.asarray(doc["tokens"]), np.asarray(doc["target_mask"], bool)
+        if mask.shape != toks.shape:
+            raise ValueError(f"document {i}: target_mask {mask.shape} does not match tokens "
+                             f"{toks.shape}")
+        return toks, mask
+
+    def _next_piece(self, space: int):
+        """(up to `space` tokens of the current document, their target mask or None); advances
+        the state. None at the end."""
         st = self.state
         while True:
             if self.exhausted():
@@ -132,38 +157,49 @@ class Packer:
             if st.cursor >= len(order):
                 st.epoch, st.cursor, st.offset = st.epoch + 1, 0, 0
                 continue
-            doc = np.asarray(self.source[int(order[st.cursor])])
+            doc, mask = self._document(int(order[st.cursor]))
             if st.offset >= len(doc):          # empty document (or fully consumed)
                 st.cursor, st.offset = st.cursor + 1, 0
                 continue
-            piece = doc[st.offset:st.offset + space]
+            cut = slice(st.offset, st.offset + space)
+            piece = doc[cut]
             if st.offset + len(piece) >= len(doc):
                 st.cursor, st.offset = st.cursor + 1, 0
             else:
                 st.offset += len(piece)
-            return piece
+            return piece, None if mask is None else mask[cut]
 
-    def next_row(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """(tokens [seq_len + 1] int32, segment_ids [seq_len + 1] int32), or None when a bounded
-        pass is over (a partly filled last row is still returned)."""
+    def _empty_row(self) -> dict[str, np.ndarray]:
         n = self.seq_len + 1
-        tokens = np.zeros(n, np.int32)
-        segs = np.zeros(n, np.int32)
+        row = {"tokens": np.zeros(n, np.int32), "segment_ids": np.zeros(n, np.int32)}
+        if self.masked:
+            row["target_mask"] = np.zeros(n, bool)
+        return row
+
+    def next_row(self) -> dict[str, np.ndarray] | None:
+        """{"tokens", "segment_ids"} [seq_len + 1] int32 (+ "target_mask" bool for a masked
+        source), or None when a bounded pass is over (a partly filled last row is still
+        returned)."""
+        row = self._empty_row()
         pos, seg = 0, 0
         while pos < self.seq_len:       # documents start at aligned positions < seq_len
-            piece = self._next_piece(n - pos)
-            if piece is None:
+            got = self._next_piece(self.seq_len + 1 - pos)
+            if got is None:
                 break
+            piece, mask = got
             seg += 1
-            tokens[pos:pos + len(piece)] = piece
-            segs[pos:pos + len(piece)] = seg
-            pos = -(-(pos + len(piece)) // self.align) * self.align
+            end = pos + len(piece)
+            row["tokens"][pos:end] = piece
+            row["segment_ids"][pos:end] = seg
+            if mask is not None:
+                row["target_mask"][pos:end] = mask
+            pos = -(-end // self.align) * self.align
         if seg == 0:
             return None
-        return tokens, segs
+        return row
 
     def next_batch(self, rows: int) -> dict[str, np.ndarray] | None:
-        """{"tokens", "segment_ids"}: [rows, seq_len + 1] int32. A bounded pass pads its last
+        """The rows of `next_row` stacked: [rows, seq_len + 1] each. A bounded pass pads its last
         batch with empty rows (segment 0: no targets); None once nothing is left."""
         out = []
         for _ in range(rows):
@@ -173,17 +209,16 @@ class Packer:
             out.append(r)
         if not out:
             return None
-        while len(out) < rows:
-            out.append((np.zeros(self.seq_len + 1, np.int32), np.zeros(self.seq_len + 1, np.int32)))
-        return {"tokens": np.stack([t for t, _ in out]), "segment_ids": np.stack([s for _, s in out])}
+        out += [self._empty_row() for _ in range(rows - len(out))]
+        return {k: np.stack([r[k] for r in out]) for k in out[0]}
 
 
-def targets_and_masks(tokens, segment_ids, offset: int):
+def targets_and_masks(tokens, segment_ids, offset: int, target_mask=None):
     """Targets `offset` tokens ahead and where they count, for rows of seq_len + 1 tokens.
 
     tokens, segment_ids [B, S+1] -> (targets [B, S], mask [B, S] bool): position t predicts
-    token t+offset iff both are in the same (non-padding) document. numpy or jax arrays in,
-    jax arrays out.
+    token t+offset iff both are in the same (non-padding) document and, given target_mask
+    [B, S+1] bool, token t+offset is marked a target. numpy or jax arrays in, jax arrays out.
     """
     if offset < 1:
         raise ValueError(f"offset={offset} is invalid: must be >= 1")
@@ -192,7 +227,16 @@ def targets_and_masks(tokens, segment_ids, offset: int):
     tgt = jnp.pad(jnp.asarray(tokens)[:, offset:], pad)
     seg_t = jnp.pad(jnp.asarray(segment_ids)[:, offset:], pad)    # padding segment 0: masked
     seg_in = jnp.asarray(segment_ids)[:, :s]
-    return tgt, (seg_in > 0) & (seg_t == seg_in)
+    mask = (seg_in > 0) & (seg_t == seg_in)
+    if target_mask is not None:
+        mask = mask & jnp.pad(jnp.asarray(target_mask, bool)[:, offset:], pad)
+    return tgt, mask
+
+
+def batch_targets(batch, offset: int):
+    """`targets_and_masks` of a packed batch {"tokens", "segment_ids"[, "target_mask"]}."""
+    return targets_and_masks(batch["tokens"], batch["segment_ids"], offset,
+                             batch.get("target_mask"))
 
 
 def packing_efficiency(batch: dict[str, np.ndarray]) -> float:

@@ -17,6 +17,8 @@ arrays built from each process's shard.
   synthetic_needles  synthetic:needle: needles per example (distinct keys; one is asked)
   synthetic_filler   synthetic:needle filler: "words" (random words) | "stdlib" (slices of the
                      stdlib corpus's train split, the long-context prompt's filler)
+  synthetic_loss     "all" (every byte is a target) | "answers" (only the answer bytes: rows
+                     carry a "target_mask" and the loss counts those bytes alone)
   seed         shuffling seed
 """
 from __future__ import annotations
@@ -28,7 +30,7 @@ from sparse_lm.data import grain_pipeline
 from sparse_lm.data.file_sources import KINDS as FILE_KINDS, FileSource
 from sparse_lm.data.packing import Packer
 from sparse_lm.data.stdlib_corpus import StdlibCorpus
-from sparse_lm.data.synthetic import TASKS, SyntheticSource
+from sparse_lm.data.synthetic import LOSSES as SYNTHETIC_LOSSES, TASKS, SyntheticSource
 from sparse_lm.data.tfds_source import DataError, TfdsSource
 from sparse_lm.data.tokenizer import ByteTokenizer
 
@@ -66,9 +68,13 @@ def make_source(data_cfg, split: str):
         if filler != "words" and task != "needle":
             raise DataError(f"data.synthetic_filler={filler!r} is invalid for {src!r}: only "
                             "synthetic:needle has filler (use 'words')")
+        loss = str(data_cfg.get("synthetic_loss", "all"))
+        if loss not in SYNTHETIC_LOSSES:
+            raise DataError(f"data.synthetic_loss={loss!r} is invalid: allowed values "
+                            f"{SYNTHETIC_LOSSES}")
         pool = stdlib_pool() if filler == "stdlib" else None
         return SyntheticSource(task, n, int(data_cfg.synthetic_length), seed=seed, pool=pool,
-                               needles=needles)
+                               needles=needles, loss=loss)
     if src.partition(":")[0] in FILE_KINDS:
         return FileSource(src, "train" if split == data_cfg.train_split else "validation",
                           text_key=str(data_cfg.text_key), val_fraction=float(data_cfg.val_fraction))

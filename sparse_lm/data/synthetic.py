@@ -156,27 +156,41 @@ def make_examples(task: str, n: int, length: int, *, seed: int = 0,
     return {"tokens": np.stack(toks), "answer_mask": np.stack(masks)}
 
 
+LOSSES = ("all", "answers")
+
+
 class SyntheticSource:
-    """A document source of `num_docs` synthetic examples (for training on the tasks)."""
+    """A document source of `num_docs` synthetic examples (for training on the tasks).
+
+    loss="all": documents are token arrays and every byte is a target; "answers": documents are
+    {"tokens", "target_mask"} with only the answer bytes as targets (`answer_mask`)."""
 
     def __init__(self, task: str, num_docs: int, length: int, *, seed: int = 0,
-                 pool: np.ndarray | None = None, needles: int = 1):
+                 pool: np.ndarray | None = None, needles: int = 1, loss: str = "all"):
         if task not in TASKS:
             raise ValueError(f"task={task!r} is invalid: allowed values {TASKS}")
+        if loss not in LOSSES:
+            raise ValueError(f"loss={loss!r} is invalid: allowed values {LOSSES}")
         _check_needles(task, needles)
         self.task, self.num_docs, self.length, self.seed, self.pool = task, num_docs, length, seed, pool
-        self.needles = needles
+        self.needles, self.loss = needles, loss
+        self.target_masks = loss == "answers"
 
     def __len__(self) -> int:
         return self.num_docs
 
-    def __getitem__(self, i: int) -> np.ndarray:
+    def example(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens [length] int32, answer_mask [length] bool) of document i."""
         rng = np.random.default_rng([self.seed, 7919, i])
         if self.task == "needle":
-            return needle_example(rng, self.length, pool=self.pool, needles=self.needles)[0]
+            return needle_example(rng, self.length, pool=self.pool, needles=self.needles)[:2]
         if self.task == "recall":
-            return recall_example(rng, self.length)[0]
-        return repeat_example(rng, self.length)[0]
+            return recall_example(rng, self.length)[:2]
+        return repeat_example(rng, self.length)[:2]
+
+    def __getitem__(self, i: int):
+        tokens, answers = self.example(i)
+        return {"tokens": tokens, "target_mask": answers} if self.target_masks else tokens
 
     def lengths(self) -> np.ndarray:
         return np.full(self.num_docs, self.length, np.int64)
@@ -184,9 +198,10 @@ class SyntheticSource:
     @property
     def fingerprint(self) -> str:
         extra = (f"-needles{self.needles}" if self.needles > 1 else "") + (
-            f"-pool{len(self.pool)}" if self.pool is not None else "")
+            f"-pool{len(self.pool)}" if self.pool is not None else "") + (
+            "-answers" if self.target_masks else "")
         return f"synthetic-{self.task}-{self.num_docs}x{self.length}-seed{self.seed}{extra}"
 
     def describe(self) -> dict:
         return {"source": f"synthetic:{self.task}", "documents": self.num_docs,
-                "length": self.length, "fingerprint": self.fingerprint}
+                "length": self.length, "loss": self.loss, "fingerprint": self.fingerprint}

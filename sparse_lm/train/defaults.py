@@ -41,6 +41,7 @@ def base(model_preset: str = "tiny") -> ml_collections.ConfigDict:
         synthetic_length=512,
         synthetic_needles=1,        # synthetic:needle: needles per example (distinct keys)
         synthetic_filler="words",   # synthetic:needle filler: "words" (random) | "stdlib" (code)
+        synthetic_loss="all",       # "all" bytes are targets | "answers" only (a target mask)
         seed=0,
     ))
 

@@ -16,11 +16,13 @@ import numpy as np
 from flax import nnx
 
 from sparse_lm.data import pipeline
+from sparse_lm.data.packing import batch_targets
 from sparse_lm.data.synthetic import make_examples
 from sparse_lm.config import ConfigError
 from sparse_lm.data.tfds_source import DataError
 from sparse_lm.data.tokenizer import ByteTokenizer
 from sparse_lm.train import metrics as metrics_lib
+from sparse_lm.train.losses import cross_entropy
 from sparse_lm.train.loop import _atomic_write, _open_source, load_for_eval
 
 LN2 = math.log(2.0)
@@ -39,21 +41,20 @@ def logits_fn(model, *, sparse: bool, implementation=None):
 
 
 def split_bpb(model, batches, *, sparse: bool, implementation=None) -> float:
-    """Bits per byte of next-token prediction over packed batches ({"tokens", "segment_ids"})."""
+    """Bits per byte of next-token prediction over packed batches ({"tokens", "segment_ids"
+    [, "target_mask"]}: the targets the training loss counts)."""
     graphdef, state = nnx.split(model)
 
     @jax.jit
-    def f(state, tokens, segs):
+    def f(state, batch):
         m = nnx.merge(graphdef, state)
-        logits = m(tokens[:, :-1], segment_ids=segs[:, :-1], sparse=sparse,
-                   implementation=implementation).astype(jnp.float32)
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-        mask = (segs[:, :-1] > 0) & (segs[:, 1:] == segs[:, :-1])
-        return jnp.sum(jnp.where(mask, nll, 0.0)), jnp.sum(mask)
+        logits = m(batch["tokens"][:, :-1], segment_ids=batch["segment_ids"][:, :-1],
+                   sparse=sparse, implementation=implementation)
+        ce, n = cross_entropy(logits, *batch_targets(batch, 1))
+        return ce * n, n
     tot = n = 0.0
     for b in batches:
-        a, c = jax.device_get(f(state, jnp.asarray(b["tokens"]), jnp.asarray(b["segment_ids"])))
+        a, c = jax.device_get(f(state, {k: jnp.asarray(v) for k, v in b.items()}))
         tot += float(a)
         n += float(c)
     return tot / max(n, 1.0) / LN2

@@ -14,7 +14,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from sparse_lm.data.packing import targets_and_masks
+from sparse_lm.data.packing import batch_targets
 from sparse_lm.ops.chunking import map_sequence_chunks
 
 LN2 = math.log(2.0)
@@ -80,12 +80,12 @@ def indexer_term(indexer_kl: jax.Array) -> jax.Array:
 def total_loss(out, batch, *, mtp_weight, balance_alpha: float, indexer_weight: float):
     """(scalar loss, dict of fp32 scalar metrics) from a `ModelOutput` (with logits, or with the
     head's inputs: `head_cross_entropy`) and a packed batch {"tokens", "segment_ids"} of [B, S+1]."""
-    targets, mask = targets_and_masks(batch["tokens"], batch["segment_ids"], 1)
+    targets, mask = batch_targets(batch, 1)
     ce, n = head_cross_entropy(out, "main", targets, mask)
     loss = ce
     metrics = {"ce": ce, "bits_per_byte": ce / LN2, "target_tokens": n.astype(jnp.float32)}
     if has_mtp(out):
-        t2, m2 = targets_and_masks(batch["tokens"], batch["segment_ids"], 2)
+        t2, m2 = batch_targets(batch, 2)
         mtp, _ = head_cross_entropy(out, "mtp", t2, m2)
         loss = loss + mtp_weight * mtp
         metrics["mtp_ce"] = mtp

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from sparse_lm.data.packing import targets_and_masks
+from sparse_lm.data.packing import batch_targets
 from sparse_lm.model.selectors import advance_selector_clocks
 from sparse_lm.train.losses import has_mtp, head_cross_entropy, total_loss
 
@@ -152,12 +152,12 @@ def eval_step(params, buffers, batch, *, graphdef, sparse: bool, implementation=
     """Sums for exact averaging over batches: ce_sum, tokens, mtp_ce_sum, mtp_tokens,
     indexer_recall (mean over batch rows, per layer)."""
     out = _forward(graphdef, params, buffers, batch, sparse=sparse, implementation=implementation)
-    t1, m1 = targets_and_masks(batch["tokens"], batch["segment_ids"], 1)
+    t1, m1 = batch_targets(batch, 1)
     ce, n = head_cross_entropy(out, "main", t1, m1)
     res = {"ce_sum": ce * n, "tokens": n.astype(jnp.float32), "indexer_recall": out.indexer_recall,
            "expert_counts": out.expert_counts}
     if has_mtp(out):
-        t2, m2 = targets_and_masks(batch["tokens"], batch["segment_ids"], 2)
+        t2, m2 = batch_targets(batch, 2)
         ce2, n2 = head_cross_entropy(out, "mtp", t2, m2)
         res.update(mtp_ce_sum=ce2 * n2, mtp_tokens=n2.astype(jnp.float32))
     return res

@@ -138,6 +138,51 @@ def test_targets_stay_inside_documents():
     assert np.asarray(m2).tolist() == [[True, False, False, False, True, True, False, False]]
 
 
+def test_answer_only_synthetic_rows_mark_exactly_the_answer_bytes_as_targets():
+    from sparse_lm.data import grain_pipeline, tokenizer
+    src = synthetic.SyntheticSource("needle", 5, 48, seed=3, loss="answers")
+    docs = grain_pipeline.documents(src, tokenizer.ByteTokenizer())
+    b = packing.Packer(docs, seq_len=48, align=16, shuffle=False, epochs=1).next_batch(6)
+    assert set(b) == {"tokens", "segment_ids", "target_mask"}
+    for r in range(5):      # one 48-byte document per row (align 16): its answer is bytes 42..47
+        toks, answers = src.example(r)
+        assert b["tokens"][r, :48].tolist() == toks.tolist()
+        assert b["target_mask"][r].tolist() == answers.tolist() + [False]
+    assert not b["target_mask"][5].any()                        # the padding row
+    _, mask = packing.batch_targets(b, 1)
+    assert np.asarray(mask).sum(axis=1).tolist() == [6] * 5 + [0]
+    assert np.flatnonzero(np.asarray(mask)[0]).tolist() == list(range(41, 47))
+    # The same documents with every byte a target: no mask in the rows, 47 targets each.
+    plain = grain_pipeline.documents(synthetic.SyntheticSource("needle", 5, 48, seed=3),
+                                     tokenizer.ByteTokenizer())
+    b2 = packing.Packer(plain, seq_len=48, align=16, shuffle=False, epochs=1).next_batch(6)
+    assert set(b2) == {"tokens", "segment_ids"}
+    assert np.array_equal(b2["tokens"], b["tokens"])
+    assert np.asarray(packing.batch_targets(b2, 1)[1]).sum() == 5 * 47
+
+
+def test_target_masks_need_every_document_masked_and_a_byte_tokenizer(tmp_path):
+    class Mixed(ListSource):
+        def __getitem__(self, i):
+            d = self.docs[i]
+            return {"tokens": d, "target_mask": np.ones(len(d), bool)} if i == 0 else d
+    p = packing.Packer(Mixed(_docs(3, seed=0)), seq_len=8, align=1, shuffle=False, epochs=1)
+    with pytest.raises(ValueError, match="every document with a target_mask or none"):
+        while p.next_batch(2) is not None:
+            pass
+    with pytest.raises(ValueError, match="synthetic_loss='bogus' is invalid"):
+        pipeline.make_source(_needle_cfg(synthetic_loss="bogus"), "train")
+    with pytest.raises(ValueError, match="loss='x' is invalid"):
+        synthetic.SyntheticSource("needle", 2, 48, loss="x")
+
+
+def _needle_cfg(**kw):
+    import ml_collections
+    return ml_collections.ConfigDict(dict(dict(
+        source="synthetic:needle", synthetic_docs=4, synthetic_length=48, seed=0,
+        train_split="train", synthetic_needles=1, synthetic_filler="words"), **kw))
+
+
 def test_chunked_pieces_reassemble_documents():
     src = ListSource(_docs(10, seed=2))
     ch = packing.Chunked(src, 7)

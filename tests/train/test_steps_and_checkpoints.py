@@ -85,6 +85,21 @@ def test_loss_counts_only_same_document_targets_and_weights_the_terms():
     assert float(m["bits_per_byte"]) == pytest.approx(float(ce) / np.log(2), rel=1e-6)
 
 
+def test_loss_counts_only_marked_targets_when_the_batch_has_a_target_mask():
+    rng = np.random.default_rng(1)
+    logits = jnp.asarray(rng.normal(size=(1, 4, 5)), jnp.float32)
+    batch = {"tokens": jnp.asarray([[1, 2, 3, 4, 0]]), "segment_ids": jnp.asarray([[1] * 5]),
+             "target_mask": jnp.asarray([[False, False, True, False, True]])}
+    out = ModelOutput(logits, logits, expert_counts=jnp.zeros((2, 4)),
+                      balance_loss=jnp.zeros(2), indexer_kl=jnp.zeros(2),
+                      indexer_recall=jnp.zeros(2))
+    _, m = losses.total_loss(out, batch, mtp_weight=0.3, balance_alpha=0.0, indexer_weight=0.0)
+    logp = jax.nn.log_softmax(logits[0])
+    assert float(m["ce"]) == pytest.approx(float(-(logp[1, 3] + logp[3, 0]) / 2), rel=1e-6)
+    assert float(m["target_tokens"]) == 2.0
+    assert float(m["mtp_ce"]) == pytest.approx(float(-(logp[0, 3] + logp[2, 0]) / 2), rel=1e-6)
+
+
 def _small_state():
     cfg = tiny_config(num_layers=3, layer_prefix=("swa",), layer_tail=(), num_hash_layers=1)
     model = build_model(cfg, seed=0)
