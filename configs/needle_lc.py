@@ -11,8 +11,8 @@ one of them, so the answer needs the key matched. The loss counts the 6 answer b
 (`data.synthetic_loss="answers"`): over the whole row (the filler too) they were 1% of it, and
 1000 steps at that loss left both arms at chance (docs/logs/retrieval_training.md). The first
 `sparse_start_step` steps run CSA dense while its indexer learns by KL (the warm-up), the rest
-top-16. configs/needle_lc_dense.py is the same model with
-every layer full causal attention over the row: the dense arm.
+top-16. configs/needle_lc_dense.py is the same model with every layer full causal attention
+over the row: the dense arm.
 """
 import ml_collections
 

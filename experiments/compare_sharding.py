@@ -67,8 +67,9 @@ _DENSE = flags.DEFINE_bool("dense", False, "Compile the indexer warm-up stage (C
 _ATTENTION = flags.DEFINE_string(
     "attention", "", "Comma-separated attention paths to compile side by side: xla (the XLA "
     "math), pallas (the TPU kernels inside shard_map; under presets that split the sequence "
-    "at each shard's query offset), auto (the target's preference: kernels where per-device tiles fit). Empty: "
-    "the config's model.attention_impl. Each row says its path and counts its kernel calls.")
+    "at each shard's query offset), auto (the target's preference: kernels where per-device "
+    "tiles fit). Empty: the config's model.attention_impl. Each row says its path and counts "
+    "its kernel calls.")
 _OUT = flags.DEFINE_string("out", "runs/compare_sharding", "Output directory.")
 _MEASURED = flags.DEFINE_string("measured", "", "JSON file of measured step times to merge.")
 _KEEP_HLO = flags.DEFINE_bool("keep_hlo", False, "Also write each compiled HLO text to <out>/hlo/.")

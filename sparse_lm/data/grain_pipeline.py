@@ -58,8 +58,9 @@ def _masked_encoder(source, tokenizer):
 
 
 class PackedRows(grain.IterDataset):
-    """Rows {"tokens", "segment_ids"[, "target_mask"]} [seq_len + 1] of `docs`, packed by `Packer` (the one
-    packer: alignment, segments, per-process shard and per-epoch shuffle are its logic)."""
+    """Rows {"tokens", "segment_ids"[, "target_mask"]} [seq_len + 1] of `docs`, packed by
+    `Packer` (the one packer: alignment, segments, per-process shard and per-epoch shuffle are
+    its logic)."""
 
     def __init__(self, docs: grain.MapDataset, *, seq_len: int, align: int, seed: int,
                  process_index: int = 0, process_count: int = 1, shuffle: bool = True,

@@ -174,7 +174,11 @@ class SyntheticSource:
         _check_needles(task, needles)
         self.task, self.num_docs, self.length, self.seed, self.pool = task, num_docs, length, seed, pool
         self.needles, self.loss = needles, loss
-        self.target_masks = loss == "answers"
+
+    @property
+    def target_masks(self) -> bool:
+        """Whether documents carry a target mask (read by `grain_pipeline.documents`)."""
+        return self.loss == "answers"
 
     def __len__(self) -> int:
         return self.num_docs
