@@ -1,9 +1,8 @@
 """The dense arm of configs/needle_lc.py: the same `lc_small` with every layer a full causal
 attention over the 512-byte row (`sparse_lm.inference.dense.full_attention_config`: window-only
-layers, window = seq_len), trained on the same data with the same schedule.
-
-    nice -n 5 flock /tmp/heavy.lock .venv/bin/python -m experiments.train \
-        --config=configs/needle_lc_dense.py --workdir=/tmp/retrieval/dense
+layers, window = seq_len), trained on the same data with the same two-stage curriculum (the
+commands in configs/needle_lc.py's docstring with this config, less the sparse_start_step
+overrides).
 """
 import ml_collections
 
