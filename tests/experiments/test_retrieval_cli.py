@@ -33,4 +33,6 @@ def test_projection_follows_the_measured_power():
     assert rt.projected_s("dense", one, 4000) == pytest.approx(32.0)       # quadratic
     grew = one + [{"context": 2000, "prefill_s": 2.0 * 2 ** 1.5}]
     assert rt.projected_s("sparse", grew, 4000) == pytest.approx(2.0 * 4 ** 1.5)
+    flat = one + [{"context": 4000, "prefill_s": 7.0}]       # near-linear short dense cells
+    assert rt.projected_s("dense", flat, 16000) == pytest.approx(7.0 * 16)   # still quadratic
     assert rt.check_args(_args(stop_by="14:45"))["stop_by"] % 86400 == 14 * 3600 + 45 * 60
