@@ -9,10 +9,11 @@ one of them, so the answer needs the key matched. The loss counts the 6 answer b
 indexer learns by KL (the warm-up), the rest top-16. configs/needle_lc_dense.py is the same
 model with every layer full causal attention over the row: the dense arm.
 
-Trained from scratch at 513 bytes the model does not learn the lookup in 3000 steps (the answer
-loss stays at the digit prior, docs/logs/retrieval_training.md). A two-stage curriculum does:
-stage 1 at 129 bytes (the whole row inside the 128-byte window, 32 rows a step), stage 2 here
-at 513 bytes from stage 1's weights (both ~12 minutes on 2 CPU cores for the sparse arm):
+Trained from scratch at 513 bytes the model does not learn the lookup (the answer loss stayed
+at the digit prior for 3000 steps sparse, 1000 dense; docs/logs/retrieval_training.md). A
+two-stage curriculum does: stage 1 at 129 bytes (the whole row inside the 128-byte window, 32
+rows a step), stage 2 here at 513 bytes from stage 1's weights (both ~12 minutes on 2 CPU cores
+for the sparse arm):
 
     python -m experiments.train --config=configs/needle_lc.py --workdir=/tmp/retrieval/short \
         --config.data.synthetic_length=129 --config.train.seq_len=128 \

@@ -19,10 +19,11 @@ decoded greedily, scored exact / per digit).
           (`full_attention_config`, the same weights) over a full KV cache.
 
 The wall-time budget is stated up front and enforced per arm: a context runs only while its
-prefill, projected from the arm's last ones (`projected_s`: sparse by the power of the context the last
-two grew with, clamped to [1, 2], linear after one cell; dense always quadratic),
+prefill, projected from the arm's last ones (`projected_s`: dense quadratic; sparse linear
+after one cell, then by the power of the context the last two grew with, clamped to [1, 2]),
 fits in what is left of `--budget-s` (sparse) / `--dense-budget-s` (dense), and ends before the
-`--stop-by` clock time when given; a skipped cell is recorded with its projection and reason. Wall time is recorded per cell. Before the grid, each arm's
+`--stop-by` clock time when given; a skipped cell is recorded with its projection and reason.
+Wall time is recorded per cell. Before the grid, each arm's
 accuracy at its training length (teacher forced, `needle_accuracy`, the training distribution:
 3 needles in stdlib filler) is measured. Each arm's rows are merged into
 `<out>/retrieval.json` (running one arm keeps the other's record); the plot is
@@ -108,16 +109,18 @@ def run_cell(arm, model, context, depths, *, chunk, seed, bar) -> dict:
 
 
 def projected_s(arm: str, cells: list[dict], context: int) -> float | None:
-    """The prefill seconds of `context` projected from the arm's last cell: with two cells, by
-    the power of the context their prefills grew with, clamped to [1, 2] for sparse; dense is
-    always quadratic (its short cells grow near-linearly while compile and projections dominate,
-    and a fitted power then ran its 128K cell 315 s past the budget); None before the first
-    cell."""
+    """The prefill seconds of `context` projected from the arm's last cell; None before the
+    first. Dense: quadratic (its short cells grow near-linearly while compile and projections
+    dominate, so a fitted power underestimates the long ones). Sparse: linear after one cell,
+    then the power of the context the last two prefills grew with, clamped to [1, 2]."""
     if not cells:
         return None
     last = cells[-1]
-    power = 2.0 if arm == "dense" else 1.0
-    if len(cells) > 1 and arm != "dense":
+    if arm == "dense":
+        power = 2.0
+    elif len(cells) == 1:
+        power = 1.0
+    else:
         prev = cells[-2]
         power = float(np.clip(np.log(last["prefill_s"] / prev["prefill_s"])
                               / np.log(last["context"] / prev["context"]), 1.0, 2.0))
